@@ -1,1 +1,101 @@
-//! TODO
+//! A peer: one remote node, its Noise session (boringtun's `Tunn`), its endpoint and its
+//! traffic counters. The engine locks a peer only around one `Tunn` call and the copy of its
+//! output, never across a syscall.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use boringtun::noise::{rate_limiter::RateLimiter, Tunn};
+use parking_lot::Mutex;
+
+use crate::key::Key;
+
+/// Where a peer is reached: its address, and the local address it last sent to (replies
+/// leave from there, so a multi-homed node answers from the address the peer used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub local_ip: Option<IpAddr>,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            local_ip: None,
+        }
+    }
+}
+
+/// One peer. `slot` doubles as boringtun's 24-bit peer index, so incoming messages find their
+/// peer from the receiver index alone.
+pub struct Peer {
+    pub public_key: Key,
+    pub slot: u32,
+    pub(crate) state: Mutex<PeerState>,
+}
+
+/// The mutable part of a peer, behind its lock.
+pub(crate) struct PeerState {
+    /// `None` while the device has no private key, or forever for a low-order public key.
+    pub tunn: Option<Box<Tunn>>,
+    pub endpoint: Option<Endpoint>,
+    pub preshared_key: Option<Key>,
+    /// Seconds; 0 = off. Kept here rather than in `Tunn` so that changing it keeps the session.
+    pub persistent_keepalive: u16,
+    /// Engine ticks (milliseconds of engine time) when we last sent anything to this peer.
+    pub last_sent_ms: u64,
+    /// Send one keepalive at the next timer tick (persistent keepalive just turned on).
+    pub keepalive_due: bool,
+    pub last_handshake: Option<SystemTime>,
+    /// Wire bytes of WireGuard messages, as `wg show` reports them.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub low_order: bool,
+}
+
+impl Peer {
+    pub(crate) fn new(public_key: Key, slot: u32) -> Peer {
+        Peer {
+            public_key,
+            slot,
+            state: Mutex::new(PeerState {
+                tunn: None,
+                endpoint: None,
+                preshared_key: None,
+                persistent_keepalive: 0,
+                last_sent_ms: 0,
+                keepalive_due: false,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                low_order: public_key.is_low_order_public(),
+            }),
+        }
+    }
+}
+
+impl PeerState {
+    /// Builds a fresh Noise state for this peer (no session). Called when the peer is created,
+    /// when the device's private key changes, and when the preshared key changes.
+    pub(crate) fn reset_tunn(
+        &mut self,
+        public_key: &Key,
+        slot: u32,
+        private_key: Option<&Key>,
+        rate_limiter: &Arc<RateLimiter>,
+    ) {
+        self.tunn = match private_key {
+            Some(private) if !self.low_order => Some(Box::new(Tunn::new(
+                x25519_dalek::StaticSecret::from(private.0),
+                x25519_dalek::PublicKey::from(public_key.0),
+                self.preshared_key.map(|k| k.0),
+                None,
+                slot,
+                Some(rate_limiter.clone()),
+            ))),
+            _ => None,
+        };
+    }
+}

@@ -1,1 +1,249 @@
-//! TODO
+//! The UDP side: one IPv4 and one IPv6 socket on the listen port (either may be missing when
+//! the host lacks that family), batched receive (`recvmmsg`, UDP GRO) and per-datagram source
+//! address control through `quinn-udp`, large socket buffers, and the fwmark (`SO_MARK`).
+
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::peer::Endpoint;
+
+/// Socket buffer size asked for with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (wireguard-go uses
+/// 7 MiB; without it bursts die as receive-buffer errors).
+pub const SOCKET_BUFFER_BYTES: usize = 7 << 20;
+
+/// One bound socket and quinn-udp's per-socket state.
+pub struct BoundSocket {
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl BoundSocket {
+    fn bind(addr: SocketAddr, fwmark: u32) -> io::Result<BoundSocket> {
+        let domain = if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        force_buffer(&socket, libc::SO_RCVBUFFORCE, SOCKET_BUFFER_BYTES);
+        force_buffer(&socket, libc::SO_SNDBUFFORCE, SOCKET_BUFFER_BYTES);
+        if fwmark != 0 {
+            socket.set_mark(fwmark)?;
+        }
+        socket.bind(&addr.into())?;
+        let socket: UdpSocket = socket.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        Ok(BoundSocket { socket, state })
+    }
+
+    pub fn local_port(&self) -> io::Result<u16> {
+        Ok(self.socket.local_addr()?.port())
+    }
+
+    /// Receives up to `bufs.len()` datagrams (each may be a GRO batch: see `meta.stride`).
+    pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        self.state.recv(UdpSockRef::from(&self.socket), bufs, meta)
+    }
+
+    /// Sends `contents` to `to`; with `segment_size`, `contents` is several datagrams of that
+    /// size sent with one syscall (UDP GSO). Transient errors are swallowed by quinn-udp
+    /// (UDP is lossy anyway); only `WouldBlock` comes back.
+    pub fn send(
+        &self,
+        to: &Endpoint,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: to.addr,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: to.local_ip,
+        };
+        self.state.send(UdpSockRef::from(&self.socket), &transmit)
+    }
+
+    pub fn set_mark(&self, fwmark: u32) -> io::Result<()> {
+        socket2::SockRef::from(&self.socket).set_mark(fwmark)
+    }
+
+    /// How many datagrams one GSO send may carry (1 without GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// How many datagrams one GRO receive may return coalesced (1 without GRO).
+    pub fn gro_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+}
+
+impl AsRawFd for BoundSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) {
+    let value = bytes as libc::c_int;
+    // SAFETY: a plain int option on a socket we own.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        // Without CAP_NET_ADMIN: take what the sysctl limits allow.
+        let _ = if option == libc::SO_RCVBUFFORCE {
+            socket.set_recv_buffer_size(bytes)
+        } else {
+            socket.set_send_buffer_size(bytes)
+        };
+    }
+}
+
+/// The listen sockets of a device: IPv4 and IPv6 on one port.
+pub struct UdpSockets {
+    pub v4: Option<BoundSocket>,
+    pub v6: Option<BoundSocket>,
+    port: u16,
+}
+
+impl UdpSockets {
+    /// Binds both families on `port` (0 = a random port, the same for both). Fails only when
+    /// neither family can be bound, or when the port is taken.
+    pub fn bind(port: u16, fwmark: u32) -> io::Result<UdpSockets> {
+        // With a random port, the IPv6 bind may find "our" port taken: retry a few times.
+        let mut last_err = None;
+        for _ in 0..8 {
+            let v4 = BoundSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), fwmark);
+            let v4 = match v4 {
+                Ok(s) => Some(s),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
+                // No IPv4 on this host: IPv6 alone will do.
+                Err(_) => None,
+            };
+            let chosen = match &v4 {
+                Some(s) => s.local_port()?,
+                None => port,
+            };
+            match BoundSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, chosen)), fwmark) {
+                Ok(v6) => {
+                    let port = v6.local_port()?;
+                    return Ok(UdpSockets {
+                        v4,
+                        v6: Some(v6),
+                        port,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && port == 0 && v4.is_some() => {
+                    last_err = Some(e);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
+                Err(e) => match v4 {
+                    // No IPv6 on this host: IPv4 alone will do.
+                    Some(v4) => {
+                        return Ok(UdpSockets {
+                            port: chosen,
+                            v4: Some(v4),
+                            v6: None,
+                        })
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("could not bind the listen port")))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The socket for a destination's family.
+    pub fn for_endpoint(&self, to: &Endpoint) -> Option<&BoundSocket> {
+        if to.addr.is_ipv4() {
+            self.v4.as_ref()
+        } else {
+            self.v6.as_ref()
+        }
+    }
+
+    pub fn send(&self, to: &Endpoint, datagram: &[u8]) -> io::Result<()> {
+        match self.for_endpoint(to) {
+            Some(socket) => socket.send(to, datagram, None),
+            None => Err(io::Error::from(io::ErrorKind::AddrNotAvailable)),
+        }
+    }
+
+    pub fn set_mark(&self, fwmark: u32) -> io::Result<()> {
+        for socket in self.v4.iter().chain(self.v6.iter()) {
+            socket.set_mark(fwmark)?;
+        }
+        Ok(())
+    }
+
+    pub fn sockets(&self) -> impl Iterator<Item = &BoundSocket> {
+        self.v4.iter().chain(self.v6.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_port_is_shared_by_both_families() {
+        let sockets = UdpSockets::bind(0, 0).expect("bind");
+        assert_ne!(sockets.port(), 0);
+        for s in sockets.sockets() {
+            assert_eq!(s.local_port().unwrap(), sockets.port());
+        }
+    }
+
+    #[test]
+    fn taken_port_is_an_error() {
+        let first = UdpSockets::bind(0, 0).expect("bind");
+        let err = UdpSockets::bind(first.port(), 0)
+            .err()
+            .expect("second bind must fail");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn datagrams_cross_loopback_with_their_local_address() {
+        let a = UdpSockets::bind(0, 0).expect("bind a");
+        let b = UdpSockets::bind(0, 0).expect("bind b");
+        let to = Endpoint::new(SocketAddr::from((Ipv4Addr::LOCALHOST, b.port())));
+        a.send(&to, b"hello").expect("send");
+        let socket = b.v4.as_ref().expect("v4");
+        let mut buf = [0u8; 1500];
+        let mut meta = [RecvMeta::default()];
+        let n = loop {
+            match socket.recv(&mut [IoSliceMut::new(&mut buf)], &mut meta) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        };
+        assert_eq!(n, 1);
+        assert_eq!(&buf[..meta[0].len], b"hello");
+        assert_eq!(meta[0].addr.port(), a.port());
+        assert_eq!(meta[0].dst_ip, Some(Ipv4Addr::LOCALHOST.into()));
+    }
+}

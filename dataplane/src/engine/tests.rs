@@ -1,0 +1,634 @@
+//! Two engines wired back to back in memory: every behaviour of the packet path without a
+//! socket or a TUN in sight.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use etherparse::PacketBuilder;
+use ipnet::IpNet;
+
+use super::*;
+use crate::config::{DeviceUpdate, PeerUpdate};
+
+/// Output of one engine call, owned so tests can shuffle it around.
+#[derive(Default)]
+struct Captured {
+    sent: Vec<(Endpoint, Vec<u8>)>,
+    tun: Vec<Vec<u8>>,
+}
+
+impl Transmit for Captured {
+    fn send(&mut self, to: &Endpoint, datagram: &[u8]) {
+        self.sent.push((*to, datagram.to_vec()));
+    }
+    fn write_tun(&mut self, packet: &[u8]) {
+        self.tun.push(packet.to_vec());
+    }
+}
+
+struct Node {
+    engine: Engine,
+    private: Key,
+    public: Key,
+    addr: SocketAddr,
+    scratch: Box<[u8; SCRATCH_LEN]>,
+}
+
+impl Node {
+    fn new(addr: &str) -> Node {
+        let private = Key::generate_private();
+        let engine = Engine::new(DEFAULT_MTU);
+        engine
+            .apply(&DeviceUpdate {
+                private_key: Some(Some(private)),
+                ..Default::default()
+            })
+            .unwrap();
+        Node {
+            engine,
+            private,
+            public: private.public_key(),
+            addr: addr.parse().unwrap(),
+            scratch: new_scratch(),
+        }
+    }
+
+    fn add_peer(&self, other: &Node, allowed: &[&str]) {
+        let mut peer = PeerUpdate::new(other.public);
+        peer.endpoint = Some(other.addr);
+        peer.allowed_ips = allowed
+            .iter()
+            .map(|a| AllowedIpChange::Add(a.parse().unwrap()))
+            .collect();
+        self.engine
+            .apply(&DeviceUpdate {
+                peers: vec![peer],
+                ..Default::default()
+            })
+            .unwrap();
+    }
+
+    fn from_tun(&mut self, packet: &[u8]) -> Captured {
+        let mut buf = vec![0u8; packet.len() + 64];
+        buf[..packet.len()].copy_from_slice(packet);
+        let mut out = Captured::default();
+        self.engine
+            .batch()
+            .handle_tun_packet(&mut buf, packet.len(), &mut self.scratch, &mut out);
+        out
+    }
+
+    fn from_net(&mut self, from: SocketAddr, datagram: &[u8]) -> Captured {
+        let mut out = Captured::default();
+        self.engine.batch().handle_datagram(
+            from,
+            Some(self.addr.ip()),
+            datagram,
+            &mut self.scratch,
+            &mut out,
+        );
+        out
+    }
+
+    fn peer(&self, key: &Key) -> PeerSnapshot {
+        self.engine
+            .peer_snapshots()
+            .1
+            .into_iter()
+            .find(|p| p.public_key == *key)
+            .expect("peer exists")
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        self.engine.stats().dropped(reason)
+    }
+}
+
+/// Delivers everything `out` sends, back and forth between a and b, until both are quiet.
+/// Returns what reached each side's TUN.
+fn pump(
+    a: &mut Node,
+    b: &mut Node,
+    first: Captured,
+    first_from_a: bool,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut a_tun = Vec::new();
+    let mut b_tun = Vec::new();
+    let mut queue: Vec<(bool, Vec<u8>)> = Vec::new();
+    let absorb = |out: Captured,
+                  from_a: bool,
+                  queue: &mut Vec<(bool, Vec<u8>)>,
+                  a_tun: &mut Vec<Vec<u8>>,
+                  b_tun: &mut Vec<Vec<u8>>| {
+        if from_a {
+            a_tun.extend(out.tun);
+        } else {
+            b_tun.extend(out.tun);
+        }
+        queue.extend(out.sent.into_iter().map(|(_, d)| (from_a, d)));
+    };
+    absorb(first, first_from_a, &mut queue, &mut a_tun, &mut b_tun);
+    let mut rounds = 0;
+    while !queue.is_empty() {
+        rounds += 1;
+        assert!(rounds < 1000, "ping-pong never settles");
+        let (from_a, datagram) = queue.remove(0);
+        if from_a {
+            let out = b.from_net(a.addr, &datagram);
+            absorb(out, false, &mut queue, &mut a_tun, &mut b_tun);
+        } else {
+            let out = a.from_net(b.addr, &datagram);
+            absorb(out, true, &mut queue, &mut a_tun, &mut b_tun);
+        }
+    }
+    (a_tun, b_tun)
+}
+
+fn ping_v4(src: &str, dst: &str, seq: u16, payload: usize) -> Vec<u8> {
+    let src: Ipv4Addr = src.parse().unwrap();
+    let dst: Ipv4Addr = dst.parse().unwrap();
+    let builder = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).icmpv4_echo_request(7, seq);
+    let body = vec![0xab; payload];
+    let mut out = Vec::new();
+    builder.write(&mut out, &body).unwrap();
+    out
+}
+
+fn ping_v6(src: &str, dst: &str, seq: u16) -> Vec<u8> {
+    let src: Ipv6Addr = src.parse().unwrap();
+    let dst: Ipv6Addr = dst.parse().unwrap();
+    let builder = PacketBuilder::ipv6(src.octets(), dst.octets(), 64).icmpv6_echo_request(7, seq);
+    let mut out = Vec::new();
+    builder.write(&mut out, &[0x5a; 56]).unwrap();
+    out
+}
+
+fn pair() -> (Node, Node) {
+    let a = Node::new("198.18.0.1:51820");
+    let b = Node::new("198.18.0.2:51820");
+    a.add_peer(&b, &["198.19.2.0/24", "fd00:19:2::/64"]);
+    b.add_peer(&a, &["198.19.1.0/24", "fd00:19:1::/64"]);
+    (a, b)
+}
+
+#[test]
+fn first_packet_handshakes_then_arrives_intact() {
+    let (mut a, mut b) = pair();
+    let packet = ping_v4("198.19.1.2", "198.19.2.2", 1, 56);
+    let out = a.from_tun(&packet);
+    assert_eq!(out.sent.len(), 1, "a handshake initiation goes out");
+    assert_eq!(out.sent[0].1.len(), 148);
+    assert_eq!(out.sent[0].0.addr, b.addr);
+    let (_, b_tun) = pump(&mut a, &mut b, out, true);
+    assert_eq!(b_tun, vec![packet], "the queued packet arrives unpadded");
+
+    let v6 = ping_v6("fd00:19:1::2", "fd00:19:2::2", 2);
+    let out = a.from_tun(&v6);
+    let (_, b_tun) = pump(&mut a, &mut b, out, true);
+    assert_eq!(b_tun, vec![v6]);
+    assert!(a.peer(&b.public).last_handshake.is_some());
+    assert!(b.peer(&a.public).last_handshake.is_some());
+}
+
+#[test]
+fn transfer_counters_are_wire_exact() {
+    // The selftest's numbers: after a handshake and 10 pings of 84 bytes, the initiator has
+    // received 92 + 10 × 128 and sent 148 + 10 × 128.
+    let (mut a, mut b) = pair();
+    for seq in 0..10 {
+        let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", seq, 56));
+        let (_, b_tun) = pump(&mut a, &mut b, out, true);
+        assert_eq!(b_tun.len(), 1);
+        let request = &b_tun[0];
+        assert_eq!(request.len(), 84);
+        let reply = ping_v4("198.19.2.2", "198.19.1.2", seq, 56);
+        let out = b.from_tun(&reply);
+        let (a_tun, _) = pump(&mut a, &mut b, out, false);
+        assert_eq!(a_tun.len(), 1);
+    }
+    let seen_by_a = a.peer(&b.public);
+    assert_eq!(seen_by_a.rx_bytes, 1372);
+    assert_eq!(seen_by_a.tx_bytes, 1428);
+    let seen_by_b = b.peer(&a.public);
+    assert_eq!(seen_by_b.rx_bytes, 1428);
+    assert_eq!(seen_by_b.tx_bytes, 1372);
+}
+
+#[test]
+fn padding_rounds_plaintext_to_16_but_not_past_the_mtu() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    // 20 + 8 + 13 = 41 bytes → padded to 48 → 80 on the wire.
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 1, 13));
+    assert_eq!(out.sent[0].1.len(), 48 + 32);
+    // Exactly the MTU: no padding beyond it.
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 2, DEFAULT_MTU - 28));
+    assert_eq!(out.sent[0].1.len(), DEFAULT_MTU + 32);
+    // 1410 bytes → 1424 would pass the MTU: capped at 1420.
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 3, 1410 - 28));
+    assert_eq!(out.sent[0].1.len(), DEFAULT_MTU + 32);
+}
+
+#[test]
+fn no_route_drops_and_answers_host_unreachable() {
+    let (mut a, _b) = pair();
+    let packet = ping_v4("198.19.1.2", "198.19.77.1", 1, 56);
+    let out = a.from_tun(&packet);
+    assert!(out.sent.is_empty(), "nothing leaves without a route");
+    assert_eq!(a.drops(DropReason::NoRoute), 1);
+    assert_eq!(out.tun.len(), 1, "ICMP host unreachable goes back");
+    let icmp = &out.tun[0];
+    assert_eq!(
+        crate::packet::destination(icmp),
+        Some("198.19.1.2".parse().unwrap())
+    );
+    assert_eq!(icmp[20], 3, "ICMP destination unreachable");
+    assert_eq!(icmp[21], 1, "code: host unreachable");
+}
+
+#[test]
+fn too_big_with_df_answers_fragmentation_needed() {
+    let (mut a, _b) = pair();
+    let mut packet = ping_v4("198.19.1.2", "198.19.2.2", 1, 1500);
+    packet[6] |= 0x40; // DF
+                       // Header checksum is stale after setting DF; the engine does not validate it.
+    let out = a.from_tun(&packet);
+    assert!(out.sent.is_empty());
+    assert_eq!(a.drops(DropReason::TooBig), 1);
+    assert_eq!(out.tun.len(), 1);
+    let icmp = &out.tun[0];
+    assert_eq!((icmp[20], icmp[21]), (3, 4));
+    assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), DEFAULT_MTU as u16);
+
+    let v6 = {
+        let builder = PacketBuilder::ipv6(
+            "fd00:19:1::2".parse::<Ipv6Addr>().unwrap().octets(),
+            "fd00:19:2::2".parse::<Ipv6Addr>().unwrap().octets(),
+            64,
+        )
+        .icmpv6_echo_request(1, 1);
+        let mut out = Vec::new();
+        builder.write(&mut out, &[0u8; 2000]).unwrap();
+        out
+    };
+    let out = a.from_tun(&v6);
+    assert_eq!(out.tun.len(), 1, "IPv6 always gets packet too big");
+    assert_eq!(out.tun[0][40], 2);
+}
+
+#[test]
+fn inner_source_must_belong_to_the_sending_peer() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    // b sends a packet claiming a source that a gave to nobody / to another peer.
+    let c = Node::new("198.18.0.3:51820");
+    a.add_peer(&c, &["198.19.3.0/24"]);
+    let spoofed = ping_v4("198.19.3.9", "198.19.1.2", 1, 56);
+    // b routes 198.19.1.0/24 to a, so it encrypts this for a.
+    let out = b.from_tun(&spoofed);
+    assert_eq!(out.sent.len(), 1);
+    let roamed_from: SocketAddr = "198.18.0.22:4000".parse().unwrap();
+    let delivered = a.from_net(roamed_from, &out.sent[0].1);
+    assert!(delivered.tun.is_empty(), "spoofed inner source is dropped");
+    assert_eq!(a.drops(DropReason::NotAllowed), 1);
+    assert_eq!(
+        a.peer(&b.public).endpoint,
+        Some(roamed_from),
+        "an authenticated packet still roams the endpoint"
+    );
+}
+
+#[test]
+fn endpoint_roams_and_replies_leave_from_the_address_used() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    let out = b.from_tun(&ping_v4("198.19.2.2", "198.19.1.2", 1, 56));
+    let new_addr: SocketAddr = "[fd00:18::2]:9999".parse().unwrap();
+    let mut got = Captured::default();
+    a.engine.batch().handle_datagram(
+        new_addr,
+        Some("fd00:18::1".parse().unwrap()),
+        &out.sent[0].1,
+        &mut a.scratch,
+        &mut got,
+    );
+    assert_eq!(got.tun.len(), 1);
+    assert_eq!(a.peer(&b.public).endpoint, Some(new_addr));
+    let reply = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 2, 56));
+    assert_eq!(reply.sent[0].0.addr, new_addr);
+    assert_eq!(
+        reply.sent[0].0.local_ip,
+        Some("fd00:18::1".parse().unwrap())
+    );
+}
+
+#[test]
+fn replayed_data_is_delivered_once() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 1, 56));
+    let datagram = out.sent[0].1.clone();
+    assert_eq!(b.from_net(a.addr, &datagram).tun.len(), 1);
+    assert_eq!(b.from_net(a.addr, &datagram).tun.len(), 0);
+    assert_eq!(b.drops(DropReason::Replay), 1);
+}
+
+#[test]
+fn garbage_datagrams_are_counted_and_change_nothing() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    let before = b.peer(&a.public);
+    for junk in [
+        &[][..],
+        &[1, 0, 0, 0][..],
+        &[4, 0, 0, 0, 0, 0, 0, 0][..],
+        &[0xff; 148][..],
+    ] {
+        let out = b.from_net(a.addr, junk);
+        assert!(out.sent.is_empty() && out.tun.is_empty());
+    }
+    let mut forged = vec![0u8; 148];
+    forged[0] = 1;
+    assert!(b.from_net(a.addr, &forged).sent.is_empty());
+    let mut data = vec![0u8; 64];
+    data[0] = 4;
+    assert!(b
+        .from_net("198.18.0.66:1".parse().unwrap(), &data)
+        .tun
+        .is_empty());
+    assert_eq!(b.peer(&a.public), before, "no state changed");
+    assert!(b.drops(DropReason::MalformedDatagram) >= 3);
+}
+
+#[test]
+fn handshake_from_an_unknown_key_gets_no_answer() {
+    let (mut a, _b) = pair();
+    let mut stranger = Node::new("198.18.0.9:51820");
+    stranger.add_peer(&a, &["198.19.1.0/24"]);
+    let out = stranger.from_tun(&ping_v4("198.19.9.2", "198.19.1.2", 0, 56));
+    let reply = a.from_net(stranger.addr, &out.sent[0].1);
+    assert!(reply.sent.is_empty());
+    assert_eq!(a.drops(DropReason::UnknownPeer), 1);
+}
+
+#[test]
+fn low_order_peer_keys_are_accepted_but_never_sent_to() {
+    let a = Node::new("198.18.0.1:51820");
+    let mut a = a;
+    let mut low = PeerUpdate::new(Key::ZERO);
+    low.endpoint = Some("198.18.0.5:51820".parse().unwrap());
+    low.allowed_ips = vec![AllowedIpChange::Add("198.19.5.0/24".parse().unwrap())];
+    low.persistent_keepalive = Some(1);
+    a.engine
+        .apply(&DeviceUpdate {
+            peers: vec![low],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(a.engine.peer_count(), 1);
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.5.2", 0, 56));
+    assert!(out.sent.is_empty());
+    assert_eq!(a.drops(DropReason::LowOrderKey), 1);
+    let mut timers = Captured::default();
+    a.engine.tick(Instant::now(), &mut a.scratch, &mut timers);
+    assert!(timers.sent.is_empty(), "no keepalive or handshake either");
+}
+
+#[test]
+fn own_public_key_as_peer_is_ignored() {
+    let a = Node::new("198.18.0.1:51820");
+    let mut me = PeerUpdate::new(a.public);
+    me.allowed_ips = vec![AllowedIpChange::Add("198.19.1.0/24".parse().unwrap())];
+    a.engine
+        .apply(&DeviceUpdate {
+            peers: vec![me],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(a.engine.peer_count(), 0);
+    // And setting a private key whose public key is a peer's removes that peer.
+    let b = Node::new("198.18.0.2:51820");
+    a.add_peer(&b, &["198.19.2.0/24"]);
+    assert_eq!(a.engine.peer_count(), 1);
+    a.engine
+        .apply(&DeviceUpdate {
+            private_key: Some(Some(b.private)),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(a.engine.peer_count(), 0);
+}
+
+#[test]
+fn private_key_change_allows_an_immediate_new_handshake() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    let new_key = Key::generate_private();
+    a.engine
+        .apply(&DeviceUpdate {
+            private_key: Some(Some(new_key)),
+            ..Default::default()
+        })
+        .unwrap();
+    a.public = new_key.public_key();
+    // b learns a's new key (as an operator would with `wg set`).
+    b.engine
+        .apply(&DeviceUpdate {
+            replace_peers: true,
+            ..Default::default()
+        })
+        .unwrap();
+    b.add_peer(&a, &["198.19.1.0/24"]);
+    let packet = ping_v4("198.19.1.2", "198.19.2.2", 1, 56);
+    let out = a.from_tun(&packet);
+    assert_eq!(out.sent[0].1.len(), 148, "a new handshake starts at once");
+    let (_, b_tun) = pump(&mut a, &mut b, out, true);
+    assert_eq!(b_tun, vec![packet]);
+}
+
+#[test]
+fn unchanged_private_key_keeps_sessions() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    a.engine
+        .apply(&DeviceUpdate {
+            private_key: Some(Some(a.private)),
+            ..Default::default()
+        })
+        .unwrap();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 1, 56));
+    assert_eq!(
+        out.sent[0].1[0], 4,
+        "still a data message, no new handshake"
+    );
+}
+
+/// The peer a destination routes to.
+fn routes_to(node: &Node, addr: &str) -> Option<Key> {
+    let config = node.engine.config.read();
+    let slot = config.allowed_ips.lookup(addr.parse().unwrap())?;
+    config.peer(slot).map(|p| p.public_key)
+}
+
+#[test]
+fn overlapping_allowed_ips_move_to_the_last_peer_that_claims_them() {
+    let (mut a, b) = pair();
+    let c = Node::new("198.18.0.3:51820");
+    a.add_peer(&c, &["198.19.2.128/25"]);
+    // The more specific prefix wins for its half.
+    assert_eq!(routes_to(&a, "198.19.2.200"), Some(c.public));
+    assert_eq!(routes_to(&a, "198.19.2.5"), Some(b.public));
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.200", 0, 56));
+    assert_eq!(out.sent[0].0.addr, c.addr);
+    // Claiming b's exact prefix moves it to c.
+    a.add_peer(&c, &["198.19.2.0/24"]);
+    assert_eq!(routes_to(&a, "198.19.2.5"), Some(c.public));
+    let b_prefixes: Vec<IpNet> = a.peer(&b.public).allowed_ips;
+    assert_eq!(b_prefixes, vec!["fd00:19:2::/64".parse::<IpNet>().unwrap()]);
+    // Removing a prefix that belongs to someone else leaves it alone.
+    let mut not_yours = PeerUpdate::new(b.public);
+    not_yours.allowed_ips = vec![AllowedIpChange::Remove("198.19.2.0/24".parse().unwrap())];
+    a.engine
+        .apply(&DeviceUpdate {
+            peers: vec![not_yours],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(a.peer(&c.public).allowed_ips.len(), 2);
+}
+
+#[test]
+fn update_only_and_remove() {
+    let a = Node::new("198.18.0.1:51820");
+    let b = Node::new("198.18.0.2:51820");
+    let mut only = PeerUpdate::new(b.public);
+    only.update_only = true;
+    a.engine
+        .apply(&DeviceUpdate {
+            peers: vec![only],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(a.engine.peer_count(), 0, "update_only never creates");
+    a.add_peer(&b, &["198.19.2.0/24"]);
+    let mut remove = PeerUpdate::new(b.public);
+    remove.remove = true;
+    a.engine
+        .apply(&DeviceUpdate {
+            peers: vec![remove],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(a.engine.peer_count(), 0);
+    assert_eq!(
+        a.engine
+            .config
+            .read()
+            .allowed_ips
+            .lookup("198.19.2.1".parse().unwrap()),
+        None
+    );
+}
+
+#[test]
+fn persistent_keepalive_switched_on_sends_at_once_and_then_periodically() {
+    let (mut a, mut b) = pair();
+    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    let mut keepalive = PeerUpdate::new(b.public);
+    keepalive.persistent_keepalive = Some(25);
+    let send_now = a
+        .engine
+        .apply(&DeviceUpdate {
+            peers: vec![keepalive],
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(send_now);
+    let start = Instant::now();
+    let mut out = Captured::default();
+    a.engine.tick(start, &mut a.scratch, &mut out);
+    assert_eq!(out.sent.len(), 1);
+    assert_eq!(
+        out.sent[0].1.len(),
+        32,
+        "a keepalive is an empty data message"
+    );
+    let mut out = Captured::default();
+    a.engine
+        .tick(start + Duration::from_secs(5), &mut a.scratch, &mut out);
+    assert!(out.sent.iter().all(|(_, d)| d.len() != 32 || d[0] != 4) || out.sent.is_empty());
+    let mut out = Captured::default();
+    a.engine
+        .tick(start + Duration::from_secs(26), &mut a.scratch, &mut out);
+    assert!(
+        out.sent.iter().any(|(_, d)| d.len() == 32),
+        "periodic keepalive"
+    );
+}
+
+#[test]
+fn initiations_under_load_get_cookie_replies() {
+    let (mut a, b) = pair();
+    let initiator = {
+        let mut tunn = Tunn::new(
+            x25519_dalek::StaticSecret::from(b.private.0),
+            x25519_dalek::PublicKey::from(a.public.0),
+            None,
+            None,
+            1,
+            None,
+        );
+        move |dst: &mut [u8]| -> Vec<u8> {
+            match tunn.format_handshake_initiation(dst, true) {
+                TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation"),
+            }
+        }
+    };
+    let mut make = initiator;
+    let mut buf = vec![0u8; 256];
+    let mut cookies = 0;
+    for _ in 0..(HANDSHAKES_PER_SECOND as usize) {
+        let init = make(&mut buf);
+        let out = a.from_net(b.addr, &init);
+        cookies += out.sent.iter().filter(|(_, d)| d.len() == 64).count();
+    }
+    assert!(
+        cookies > 0,
+        "a flood of initiations is answered with cookies"
+    );
+    assert!(a.drops(DropReason::UnderLoad) > 0);
+}
+
+#[test]
+fn no_private_key_means_nothing_is_sent() {
+    let engine = Engine::new(DEFAULT_MTU);
+    let b = Node::new("198.18.0.2:51820");
+    let mut peer = PeerUpdate::new(b.public);
+    peer.endpoint = Some(b.addr);
+    peer.allowed_ips = vec![AllowedIpChange::Add("198.19.2.0/24".parse().unwrap())];
+    engine
+        .apply(&DeviceUpdate {
+            peers: vec![peer],
+            ..Default::default()
+        })
+        .unwrap();
+    let packet = ping_v4("198.19.1.2", "198.19.2.2", 0, 56);
+    let mut buf = packet.clone();
+    buf.resize(packet.len() + 16, 0);
+    let mut out = Captured::default();
+    let mut scratch = new_scratch();
+    engine
+        .batch()
+        .handle_tun_packet(&mut buf, packet.len(), &mut scratch, &mut out);
+    assert!(out.sent.is_empty());
+    assert_eq!(engine.stats().dropped(DropReason::NoPrivateKey), 1);
+    let _ = IpAddr::from(Ipv4Addr::LOCALHOST);
+}
