@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{Packet, TunnResult};
 use parking_lot::{RwLock, RwLockReadGuard};
 
 use crate::allowed_ips::AllowedIps;

@@ -7,6 +7,7 @@ use etherparse::PacketBuilder;
 use ipnet::IpNet;
 
 use super::*;
+use boringtun::noise::Tunn;
 use crate::config::{DeviceUpdate, PeerUpdate};
 
 /// Output of one engine call, owned so tests can shuffle it around.
