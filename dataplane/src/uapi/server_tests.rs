@@ -1,0 +1,726 @@
+//! Tests of the UAPI socket over real UNIX sockets in temporary directories, against the
+//! in-memory [`MemoryDevice`]; and, when `wg` is installed and we are root, against the real
+//! `wg` in `/var/run/wireguard`.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::process::Command;
+use std::time::SystemTime;
+
+use super::*;
+use crate::config::{DeviceSnapshot, PeerSnapshot};
+use crate::key::Key;
+use crate::uapi::test_device::{MemoryDevice, BUSY_PORT};
+
+static DIR_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh directory under the system temp dir, removed on drop (also on panic).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let seq = DIR_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("tsk-uapi-{}-{seq}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running server; stops it and waits for it on drop.
+struct Running {
+    device: Arc<MemoryDevice>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<ServeExit>>,
+    path: PathBuf,
+}
+
+impl Running {
+    fn start(server: UapiServer) -> Running {
+        let device = Arc::new(MemoryDevice::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = server.path().to_path_buf();
+        let handle = server.serve(device.clone(), stop.clone()).unwrap();
+        Running {
+            device,
+            stop,
+            handle: Some(handle),
+            path,
+        }
+    }
+
+    fn connect(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    fn finish(mut self) -> ServeExit {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Sends `request` and reads one reply (everything up to and including the blank line).
+fn op(stream: &mut UnixStream, request: &str) -> String {
+    stream.write_all(request.as_bytes()).unwrap();
+    read_reply(stream)
+}
+
+fn read_reply(stream: &mut UnixStream) -> String {
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 65536];
+    while !reply.ends_with(b"\n\n") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "EOF before the end of the reply: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+        reply.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(reply).unwrap()
+}
+
+/// True when the server closed the connection (reads EOF).
+fn closed(stream: &mut UnixStream) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(stream.read(&mut buf), Ok(0))
+}
+
+fn key(byte: u8) -> Key {
+    Key([byte; 32])
+}
+
+#[test]
+fn several_operations_on_one_connection() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let mut c = r.connect();
+    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
+    let set = format!(
+        "set=1\nprivate_key={}\nlisten_port=51820\npublic_key={}\nallowed_ip=198.19.1.0/24\n\n",
+        key(0x11).to_hex(),
+        key(2).to_hex()
+    );
+    assert_eq!(op(&mut c, &set), "errno=0\n\n");
+    let got = op(&mut c, "get=1\n\n");
+    let mut want = String::new();
+    format_get(&r.device.snapshot(), &mut want);
+    assert_eq!(got, want);
+    assert!(got.contains("listen_port=51820\n"));
+    assert!(got.contains("allowed_ip=198.19.1.0/24\n"));
+    assert_eq!(op(&mut c, "set=1\nlisten_port=51821\n\n"), "errno=0\n\n");
+    assert_eq!(r.device.snapshot().listen_port, 51821);
+    assert_eq!(r.device.updates.lock().unwrap().len(), 2);
+    assert_eq!(r.finish(), ServeExit::Stopped);
+}
+
+#[test]
+fn empty_probe_connection_is_harmless() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    for _ in 0..3 {
+        drop(r.connect());
+    }
+    let mut c = r.connect();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert!(closed(&mut c));
+    let mut c = r.connect();
+    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
+    assert!(r.device.updates.lock().unwrap().is_empty());
+}
+
+#[test]
+fn eof_terminates_a_set() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    // With the last line's newline and without it.
+    for (request, port) in [("set=1\nlisten_port=7\n", 7), ("set=1\nlisten_port=8", 8)] {
+        let mut c = r.connect();
+        c.write_all(request.as_bytes()).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_reply(&mut c), "errno=0\n\n");
+        assert!(closed(&mut c));
+        assert_eq!(r.device.snapshot().listen_port, port);
+    }
+}
+
+#[test]
+fn malformed_set_changes_nothing_and_keeps_the_connection() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let mut c = r.connect();
+    let bad = format!(
+        "set=1\nlisten_port=9\npublic_key={}\nallowed_ip=198.19.1.0/24\nbogus=1\nallowed_ip=198.19.2.0/24\n\n",
+        key(2).to_hex()
+    );
+    assert_eq!(op(&mut c, &bad), format!("errno=-{}\n\n", libc::EINVAL));
+    assert_eq!(r.device.snapshot(), DeviceSnapshot::default());
+    assert!(r.device.updates.lock().unwrap().is_empty());
+    // A line far over the limit is discarded, not buffered, and also refused.
+    let long = format!("set=1\nlisten_port=9\nfwmark={}\n\n", "1".repeat(1 << 20));
+    assert_eq!(op(&mut c, &long), format!("errno=-{}\n\n", libc::EINVAL));
+    assert!(r.device.updates.lock().unwrap().is_empty());
+    // The stream stayed in step: the next operation works.
+    assert_eq!(op(&mut c, "set=1\nlisten_port=9\n\n"), "errno=0\n\n");
+    assert_eq!(r.device.snapshot().listen_port, 9);
+}
+
+#[test]
+fn device_errors_are_negative_errnos() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let mut c = r.connect();
+    let reply = op(&mut c, &format!("set=1\nlisten_port={BUSY_PORT}\n\n"));
+    assert_eq!(reply, format!("errno=-{}\n\n", libc::EADDRINUSE));
+}
+
+#[test]
+fn unknown_operation_closes_the_connection() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    for request in ["bogus=1\n\n", "get=2\n\n", "\n", "GET=1\n\n"] {
+        let mut c = r.connect();
+        c.write_all(request.as_bytes()).unwrap();
+        assert!(closed(&mut c), "{request:?}");
+    }
+    let mut c = r.connect();
+    c.write_all(format!("{}\n", "x".repeat(MAX_LINE_LEN * 2)).as_bytes())
+        .unwrap();
+    assert!(closed(&mut c));
+}
+
+#[test]
+fn get_with_trailing_data_is_refused() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let mut c = r.connect();
+    assert_eq!(
+        op(&mut c, "get=1\nlisten_port=1\n\n"),
+        format!("errno=-{}\n\n", libc::EINVAL)
+    );
+    assert!(closed(&mut c));
+}
+
+#[test]
+fn big_config_round_trips_over_the_socket() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let mut set = format!(
+        "set=1\nreplace_peers=true\npublic_key={}\n",
+        key(1).to_hex()
+    );
+    for i in 0..30_000u32 {
+        set.push_str(&format!(
+            "allowed_ip=fd00:{:x}:{:x}::/48\n",
+            i >> 16,
+            i & 0xffff
+        ));
+    }
+    for p in 2..=40u8 {
+        set.push_str(&format!(
+            "public_key={}\nallowed_ip=198.19.{p}.0/24\n",
+            key(p).to_hex()
+        ));
+    }
+    set.push('\n');
+    let mut c = r.connect();
+    assert_eq!(op(&mut c, &set), "errno=0\n\n");
+    let got = op(&mut c, "get=1\n\n");
+    assert_eq!(got.matches("public_key=").count(), 40);
+    assert_eq!(got.matches("allowed_ip=").count(), 30_000 + 39);
+    assert!(got.contains("allowed_ip=fd00:0:752f::/48\n"));
+    assert!(got.ends_with("allowed_ip=198.19.40.0/24\nerrno=0\n\n"));
+}
+
+#[test]
+fn socket_and_directory_modes() {
+    let dir = TempDir::new();
+    let sub = dir.0.join("run").join("wireguard");
+    let server = UapiServer::bind_in(&sub, "tsk0").unwrap();
+    assert_eq!(server.path(), sub.join("tsk0.sock"));
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&sub), 0o755);
+    assert_eq!(mode(server.path()), 0o600);
+    assert!(fs::symlink_metadata(server.path())
+        .unwrap()
+        .file_type()
+        .is_socket());
+    // Nothing but the socket is left in the directory (the staging dir is gone).
+    let names: Vec<_> = fs::read_dir(&sub)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("tsk0.sock")]);
+    // The public name reaches the listener that was bound under the staging name.
+    UnixStream::connect(server.path()).unwrap();
+    let path = server.path().to_path_buf();
+    drop(server);
+    assert!(!path.exists(), "the socket is removed on drop");
+}
+
+#[test]
+fn stale_socket_is_replaced() {
+    let dir = TempDir::new();
+    let path = dir.0.join("tsk0.sock");
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    assert_eq!(
+        UnixStream::connect(&path).unwrap_err().raw_os_error(),
+        Some(libc::ECONNREFUSED)
+    );
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let mut c = r.connect();
+    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
+}
+
+#[test]
+fn live_socket_is_refused() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let err = UapiServer::bind_in(&dir.0, "tsk0").unwrap_err();
+    assert!(
+        matches!(&err, UapiError::InUse { path } if *path == r.path),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&r.path.display().to_string()), "{msg}");
+    assert!(msg.contains("another process"), "{msg}");
+    // The first server is untouched by the refused attempt (and its probe connection).
+    let mut c = r.connect();
+    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
+}
+
+#[test]
+fn other_files_are_not_replaced() {
+    let dir = TempDir::new();
+    let path = dir.0.join("tsk0.sock");
+    fs::write(&path, b"keep me").unwrap();
+    let err = UapiServer::bind_in(&dir.0, "tsk0").unwrap_err();
+    assert!(matches!(err, UapiError::NotASocket { .. }), "{err:?}");
+    assert_eq!(fs::read(&path).unwrap(), b"keep me");
+}
+
+#[test]
+fn invalid_names_are_refused() {
+    let dir = TempDir::new();
+    for name in [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "a:b",
+        "a b",
+        "sixteen-chars-xx",
+        "a\0b",
+    ] {
+        let err = UapiServer::bind_in(&dir.0, name).unwrap_err();
+        assert!(
+            matches!(err, UapiError::InvalidName { .. }),
+            "{name:?}: {err:?}"
+        );
+    }
+    UapiServer::bind_in(&dir.0, "fifteen-chars-x").unwrap();
+}
+
+#[test]
+fn ownership_is_lost_when_the_file_is_deleted() {
+    let dir = TempDir::new();
+    let server = UapiServer::bind_in(&dir.0, "tsk0").unwrap();
+    let watch = server.watch();
+    assert!(server.still_owned() && watch.still_owned());
+    fs::remove_file(server.path()).unwrap();
+    assert!(!server.still_owned() && !watch.still_owned());
+}
+
+#[test]
+fn ownership_is_lost_when_the_file_is_replaced_and_the_new_one_survives() {
+    let dir = TempDir::new();
+    let server = UapiServer::bind_in(&dir.0, "tsk0").unwrap();
+    fs::remove_file(server.path()).unwrap();
+    let other = UnixListener::bind(server.path()).unwrap();
+    assert!(!server.still_owned());
+    let path = server.path().to_path_buf();
+    drop(server);
+    assert!(
+        path.exists(),
+        "a socket bound by someone else is left alone"
+    );
+    drop(other);
+}
+
+#[test]
+fn serving_ends_when_the_socket_is_deleted() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    // An open idle connection must not delay the exit.
+    let _idle = r.connect();
+    fs::remove_file(&r.path).unwrap();
+    let start = Instant::now();
+    while !r.handle.as_ref().unwrap().is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "server did not notice"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut r = r;
+    assert_eq!(
+        r.handle.take().unwrap().join().unwrap(),
+        ServeExit::SocketLost
+    );
+}
+
+#[test]
+fn stop_is_prompt_with_open_connections_and_removes_the_socket() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let mut busy = r.connect();
+    busy.write_all(b"set=1\nlisten_port=5\n").unwrap(); // a set left unfinished
+    let _idle = r.connect();
+    thread::sleep(Duration::from_millis(200));
+    let path = r.path.clone();
+    let start = Instant::now();
+    assert_eq!(r.finish(), ServeExit::Stopped);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(!path.exists());
+    assert!(closed(&mut busy));
+}
+
+#[test]
+fn idle_clients_are_dropped() {
+    let dir = TempDir::new();
+    let server = UapiServer::bind_in(&dir.0, "tsk0")
+        .unwrap()
+        .with_idle_timeout(Duration::from_millis(300));
+    let r = Running::start(server);
+    let mut c = r.connect();
+    let start = Instant::now();
+    assert!(closed(&mut c));
+    assert!(start.elapsed() >= Duration::from_millis(250));
+}
+
+#[test]
+fn connections_over_the_cap_are_closed() {
+    let dir = TempDir::new();
+    let server = UapiServer::bind_in(&dir.0, "tsk0")
+        .unwrap()
+        .with_max_connections(1);
+    let r = Running::start(server);
+    let mut first = r.connect();
+    assert_eq!(op(&mut first, "get=1\n\n"), "errno=0\n\n");
+    let mut second = r.connect();
+    assert!(closed(&mut second));
+    drop(first);
+    // Once the first is gone, a new connection is served again.
+    let start = Instant::now();
+    loop {
+        let mut c = r.connect();
+        let mut buf = [0u8; 64];
+        // Until the first connection's slot is freed, the server closes at once (EPIPE).
+        if c.write_all(b"get=1\n\n").is_ok() && matches!(c.read(&mut buf), Ok(n) if n > 0) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn line_reader_splits_and_bounds_lines() {
+    let flags = StopFlags {
+        external: Arc::new(AtomicBool::new(false)),
+        internal: Arc::new(AtomicBool::new(false)),
+    };
+    let input = format!(
+        "a=1\n\n{}\n{}\nlast",
+        "x".repeat(MAX_LINE_LEN),
+        "y".repeat(MAX_LINE_LEN + 1)
+    );
+    let mut r = LineReader::new(input.as_bytes(), flags, DEFAULT_IDLE_TIMEOUT);
+    let mut line = Vec::new();
+    let mut next = |line: &mut Vec<u8>| r.next_line(line).unwrap();
+    assert_eq!(next(&mut line), Line::Text);
+    assert_eq!(line, b"a=1");
+    assert_eq!(next(&mut line), Line::Text);
+    assert!(line.is_empty());
+    assert_eq!(next(&mut line), Line::Text);
+    assert_eq!(line.len(), MAX_LINE_LEN);
+    assert_eq!(next(&mut line), Line::TooLong);
+    assert_eq!(next(&mut line), Line::Text);
+    assert_eq!(line, b"last");
+    assert_eq!(next(&mut line), Line::Eof);
+}
+
+// ---- the real `wg` ----
+
+/// Skips (or, under `TAILSK8S_REQUIRE_NETNS=1`, fails) when the real `wg` cannot be used.
+fn wg_usable() -> bool {
+    let problem = if Command::new("wg").arg("--version").output().is_err() {
+        Some("`wg` (wireguard-tools) is not installed")
+    } else if unsafe { libc::geteuid() } != 0 {
+        Some("not root (wg needs /var/run/wireguard)")
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(why) if std::env::var("TAILSK8S_REQUIRE_NETNS").as_deref() == Ok("1") => {
+            panic!("TAILSK8S_REQUIRE_NETNS=1 but {why}")
+        }
+        Some(why) => {
+            eprintln!("skipping the real-wg test: {why}");
+            false
+        }
+    }
+}
+
+fn wg(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("wg").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn wg_ok(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = wg(args);
+    assert!(ok, "wg {args:?} failed: {stderr}");
+    stdout
+}
+
+fn peer_of<'a>(state: &'a DeviceSnapshot, public_key: &Key) -> &'a PeerSnapshot {
+    state
+        .peers
+        .iter()
+        .find(|p| p.public_key == *public_key)
+        .unwrap_or_else(|| panic!("peer {public_key:?} missing"))
+}
+
+#[test]
+fn real_wg_drives_the_server() {
+    if !wg_usable() {
+        return;
+    }
+    let name = format!("tsku{}", std::process::id());
+    let files = TempDir::new();
+    let r = Running::start(UapiServer::bind(&name).unwrap());
+    let private = Key::generate_private();
+    // An unclamped spelling of the private key: `wg` must read back the clamped one.
+    let mut unclamped = private;
+    unclamped.0[0] |= 7;
+    let psk = Key([0x5a; 32]);
+    let peers: Vec<Key> = (0..41)
+        .map(|_| Key::generate_private().public_key())
+        .collect();
+    let key_file = files.0.join("private");
+    fs::write(&key_file, unclamped.to_base64()).unwrap();
+    let psk_file = files.0.join("psk");
+    fs::write(&psk_file, psk.to_base64()).unwrap();
+    let p0 = peers[0].to_base64();
+
+    // wg set
+    wg_ok(&[
+        "set",
+        &name,
+        "private-key",
+        key_file.to_str().unwrap(),
+        "listen-port",
+        "51820",
+        "fwmark",
+        "0x20",
+        "peer",
+        &p0,
+        "preshared-key",
+        psk_file.to_str().unwrap(),
+        "endpoint",
+        "198.18.0.2:51820",
+        "persistent-keepalive",
+        "25",
+        "allowed-ips",
+        "198.19.1.0/24,fd00:1::/64",
+    ]);
+    let state = r.device.snapshot();
+    assert_eq!(state.private_key, Some(private));
+    assert_eq!(state.listen_port, 51820);
+    assert_eq!(state.fwmark, 0x20);
+    let p = peer_of(&state, &peers[0]);
+    assert_eq!(p.preshared_key, Some(psk));
+    assert_eq!(p.endpoint, Some("198.18.0.2:51820".parse().unwrap()));
+    assert_eq!(p.persistent_keepalive, 25);
+    assert_eq!(
+        p.allowed_ips,
+        vec![
+            "198.19.1.0/24".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap()
+        ]
+    );
+
+    // wg show: absolute handshake time and counters.
+    let handshake = SystemTime::now() - Duration::from_secs(5);
+    let handshake_sec = handshake
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    r.device.set_handshake(0, handshake, 1372, 1428);
+    let dump = wg_ok(&["show", &name, "dump"]);
+    let mut lines = dump.lines();
+    let device: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(
+        device,
+        vec![
+            private.to_base64(),
+            private.public_key().to_base64(),
+            "51820".into(),
+            "0x20".into()
+        ]
+    );
+    let peer: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(
+        peer,
+        vec![
+            p0.clone(),
+            psk.to_base64(),
+            "198.18.0.2:51820".into(),
+            "198.19.1.0/24,fd00:1::/64".into(),
+            handshake_sec.to_string(),
+            "1372".into(),
+            "1428".into(),
+            "25".into()
+        ]
+    );
+    let human = wg_ok(&["show", &name]);
+    assert!(human.contains("seconds ago"), "{human}");
+    assert!(!human.contains("years"), "{human}");
+
+    // wg showconf
+    let conf = wg_ok(&["showconf", &name]);
+    assert!(
+        conf.contains(&format!("PrivateKey = {}", private.to_base64())),
+        "{conf}"
+    );
+    assert!(conf.contains("ListenPort = 51820"), "{conf}");
+    assert!(conf.contains("FwMark = 0x20"), "{conf}");
+    assert!(
+        conf.contains("AllowedIPs = 198.19.1.0/24, fd00:1::/64"),
+        "{conf}"
+    );
+
+    // wg setconf: 40 peers, one with 30,000 prefixes; replaces peers[0].
+    let mut setconf = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = 51821\n",
+        private.to_base64()
+    );
+    setconf.push_str(&format!(
+        "[Peer]\nPublicKey = {}\nEndpoint = [fd00::3]:51822\n",
+        peers[1].to_base64()
+    ));
+    for chunk in 0..300u32 {
+        let list: Vec<String> = (0..100u32)
+            .map(|i| {
+                let n = chunk * 100 + i;
+                format!("fd00:{:x}:{:x}::/48", n >> 16, n & 0xffff)
+            })
+            .collect();
+        setconf.push_str(&format!("AllowedIPs = {}\n", list.join(", ")));
+    }
+    for (i, p) in peers[2..40].iter().enumerate() {
+        setconf.push_str(&format!(
+            "[Peer]\nPublicKey = {}\nAllowedIPs = 198.19.{}.0/24\n",
+            p.to_base64(),
+            i + 10
+        ));
+    }
+    let conf_file = files.0.join("setconf.conf");
+    fs::write(&conf_file, &setconf).unwrap();
+    wg_ok(&["setconf", &name, conf_file.to_str().unwrap()]);
+    let state = r.device.snapshot();
+    assert_eq!(state.listen_port, 51821);
+    assert_eq!(state.fwmark, 0, "setconf sends fwmark=0");
+    assert_eq!(state.peers.len(), 39);
+    assert!(state.peers.iter().all(|p| p.public_key != peers[0]));
+    assert_eq!(peer_of(&state, &peers[1]).allowed_ips.len(), 30_000);
+    let shown = wg_ok(&["showconf", &name]);
+    assert_eq!(
+        shown.matches("/48").count(),
+        30_000,
+        "wg read back everything"
+    );
+    assert!(
+        shown.contains("Endpoint = [fd00::3]:51822"),
+        "IPv6 endpoint"
+    );
+
+    // wg addconf: adds the 40th peer, keeps the rest.
+    let add_file = files.0.join("addconf.conf");
+    fs::write(
+        &add_file,
+        format!(
+            "[Peer]\nPublicKey = {}\nAllowedIPs = 198.19.200.0/24\n",
+            peers[40].to_base64()
+        ),
+    )
+    .unwrap();
+    wg_ok(&["addconf", &name, add_file.to_str().unwrap()]);
+    assert_eq!(r.device.snapshot().peers.len(), 40);
+
+    // wg syncconf: a get, then a diff, back to the setconf file.
+    wg_ok(&["syncconf", &name, conf_file.to_str().unwrap()]);
+    let state = r.device.snapshot();
+    assert_eq!(state.peers.len(), 39);
+    assert!(state.peers.iter().all(|p| p.public_key != peers[40]));
+
+    // wg set … remove, and an empty allowed-ips list.
+    wg_ok(&["set", &name, "peer", &peers[2].to_base64(), "remove"]);
+    wg_ok(&[
+        "set",
+        &name,
+        "peer",
+        &peers[3].to_base64(),
+        "allowed-ips",
+        "",
+    ]);
+    let state = r.device.snapshot();
+    assert_eq!(state.peers.len(), 38);
+    assert!(peer_of(&state, &peers[3]).allowed_ips.is_empty());
+
+    // An error from the device reaches the user as the errno's text.
+    let (ok, _, stderr) = wg(&["set", &name, "listen-port", &BUSY_PORT.to_string()]);
+    assert!(!ok);
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+
+    // private-key /dev/null removes the key.
+    wg_ok(&["set", &name, "private-key", "/dev/null"]);
+    assert_eq!(r.device.snapshot().private_key, None);
+    let dump = wg_ok(&["show", &name, "dump"]);
+    assert!(dump.starts_with("(none)\t(none)\t"), "{dump}");
+
+    // `wg show` lists the interface while it lives.
+    assert!(wg_ok(&["show", "interfaces"])
+        .split_whitespace()
+        .any(|n| n == name));
+    let path = r.path.clone();
+    assert_eq!(r.finish(), ServeExit::Stopped);
+    assert!(!path.exists());
+}
