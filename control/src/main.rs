@@ -1,1 +1,19 @@
-fn main(){}
+//! The `tailsk8s` binary: parse the command line, set up logging, run, and show any error as
+//! one line on stderr with exit status 1. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tailsk8s::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = cli::init_tracing(cli.log_level.as_deref()).and_then(|()| cli::run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tailsk8s: error: {}", cli::one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
