@@ -53,6 +53,14 @@ pub struct RouterArgs {
     /// Name of the TUN interface [default: tsk0, or `interface` from the config file].
     #[arg(value_name = "IFNAME", value_parser = parse_ifname)]
     pub ifname: Option<String>,
+    /// Packet workers, each with one TUN queue and one UDP socket pair [default: one per
+    /// core, or `workers` from the config file].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Run without TUN offloads and UDP GSO/GRO (for kernels or drivers where they
+    /// misbehave); overrides `offload` in the config file.
+    #[arg(long)]
+    pub no_offload: bool,
 }
 
 /// `tailsk8s demo`
@@ -202,16 +210,22 @@ mod tests {
             router_args(&["router"]),
             RouterArgs {
                 config: None,
-                ifname: None
+                ifname: None,
+                workers: None,
+                no_offload: false,
             }
         );
         assert_eq!(
             router_args(&["router", "--config", "/etc/r.toml", "tsk1"]),
             RouterArgs {
                 config: Some("/etc/r.toml".into()),
-                ifname: Some("tsk1".into())
+                ifname: Some("tsk1".into()),
+                workers: None,
+                no_offload: false,
             }
         );
+        let fast = router_args(&["router", "--workers", "4", "--no-offload"]);
+        assert_eq!((fast.workers, fast.no_offload), (Some(4), true));
         let cli = parse(&["router", "tsk2", "--log-level", "debug"]).unwrap();
         assert_eq!(cli.log_level.as_deref(), Some("debug"));
         let cli = parse(&["--log-level", "warn", "genkey"]).unwrap();
@@ -235,6 +249,8 @@ mod tests {
         assert!(parse(&["router", "much-too-long-name"]).is_err());
         assert!(parse(&["router", "tsk0", "tsk1"]).is_err());
         assert!(parse(&["router", "--config"]).is_err());
+        assert!(parse(&["router", "--workers", "0"]).is_err());
+        assert!(parse(&["router", "--workers", "257"]).is_err());
     }
 
     fn config_with_interface(interface: Option<&str>) -> RouterConfig {
@@ -250,10 +266,12 @@ mod tests {
         let none = RouterArgs {
             config: None,
             ifname: None,
+            workers: None,
+            no_offload: false,
         };
         let tsk1 = RouterArgs {
-            config: None,
             ifname: Some("tsk1".into()),
+            ..none.clone()
         };
         let file_tsk1 = config_with_interface(Some("tsk1"));
         let file_none = config_with_interface(None);

@@ -7,6 +7,8 @@
 //! listen_port = 51820                                 # optional; default 51820, 0 = random
 //! mtu = 1420                                          # optional; default 1420, 1280..=65455
 //! fwmark = 0x10000000                                 # optional; default DEFAULT_FWMARK, 0 = none
+//! workers = 0                                         # optional; packet workers, 0 = one per core
+//! offload = true                                      # optional; TUN TSO/GRO + UDP GSO/GRO
 //!
 //! [[peer]]
 //! public_key = "base64"
@@ -59,6 +61,8 @@ pub const DEFAULT_MTU: u32 = 1420;
 pub const MIN_MTU: u32 = 1280;
 /// Largest MTU whose encrypted packets (+80 bytes) still fit a 65535-byte datagram.
 pub const MAX_MTU: u32 = 65535 - 80;
+/// Most packet workers (TUN queues) a device may have; the kernel allows 256 queues.
+pub const MAX_WORKERS: usize = 256;
 /// Linux IFNAMSIZ minus the terminating NUL.
 const MAX_IFNAME_LEN: usize = 15;
 /// A config file larger than this is certainly not a router config; refuse to read it all.
@@ -167,6 +171,8 @@ pub enum ConfigProblem {
     EndpointPortZero,
     #[error("mtu {value} is out of range {MIN_MTU}..={MAX_MTU}")]
     MtuOutOfRange { value: u32 },
+    #[error("workers = {value} is too many (at most 256: one TUN queue each)")]
+    TooManyWorkers { value: usize },
     #[error("bad interface name `{value}`: {reason}")]
     BadInterface { value: String, reason: &'static str },
     #[error("{field} must not be empty")]
@@ -185,6 +191,8 @@ struct RawFile {
     listen_port: Option<u16>,
     mtu: Option<Spanned<u32>>,
     fwmark: Option<u32>,
+    workers: Option<Spanned<usize>>,
+    offload: Option<bool>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -218,6 +226,10 @@ pub struct RouterConfig {
     /// The mark of the router's UDP socket; 0 = none. Also keeps the router's own encrypted
     /// traffic out of the routing table for the peers' allowed IPs (see [`crate::routes`]).
     pub fwmark: u32,
+    /// Packet workers (one TUN queue + one UDP socket pair each); 0 = one per core.
+    pub workers: usize,
+    /// TUN offloads and UDP GSO/GRO; `false` for kernels and drivers where they misbehave.
+    pub offload: bool,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -402,6 +414,18 @@ impl Context<'_> {
             None => DEFAULT_MTU,
         };
         let private_key_file = self.resolve("private_key_file", &raw.private_key_file)?;
+        let workers = match raw.workers {
+            Some(w) if *w.get_ref() > MAX_WORKERS => {
+                return Err(self.error(
+                    w.span(),
+                    ConfigProblem::TooManyWorkers {
+                        value: *w.get_ref(),
+                    },
+                ));
+            }
+            Some(w) => w.into_inner(),
+            None => 0,
+        };
 
         let mut peers = Vec::with_capacity(raw.peers.len());
         let mut peer_lines: BTreeMap<Key, usize> = BTreeMap::new();
@@ -417,6 +441,8 @@ impl Context<'_> {
             listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
             mtu,
             fwmark: raw.fwmark.unwrap_or(DEFAULT_FWMARK),
+            workers,
+            offload: raw.offload.unwrap_or(true),
             peers,
         })
     }

@@ -52,8 +52,7 @@ pub fn run(args: &RouterArgs) -> anyhow::Result<()> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())
-            .context("installing signal handlers")?;
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
 
     // The socket first: a live one means another daemon owns this name, and nothing may be
@@ -67,6 +66,11 @@ pub fn run(args: &RouterArgs) -> anyhow::Result<()> {
         },
         listen_port: config.as_ref().map_or(0, |c| c.listen_port),
         fwmark: config.as_ref().map_or(0, |c| c.fwmark),
+        workers: match args.workers {
+            Some(n) => usize::from(n),
+            None => config.as_ref().map_or(0, |c| c.workers),
+        },
+        offload: !args.no_offload && config.as_ref().is_none_or(|c| c.offload),
     };
     let device = Device::start(&options)?;
     let mut routes = None;

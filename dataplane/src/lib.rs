@@ -4,16 +4,18 @@
 //! from the TUN", "a datagram came from that address" and "time passed", and it hands back
 //! what to write where through a [`engine::Transmit`] sink. No sockets, threads or clocks
 //! live inside it. Around it sit thin Linux drivers (`tun`, `udp`), the worker loops that
-//! tie them together (`device`), and the UAPI server that `wg` talks to (`uapi`).
+//! tie them together (`workers`, `device`), and the UAPI server that `wg` talks to (`uapi`).
 
 pub mod allowed_ips;
 pub mod config;
 pub mod device;
 pub mod engine;
 pub mod key;
+pub mod outbox;
 pub mod packet;
 pub mod peer;
 pub mod stats;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
+pub mod workers;

@@ -3,7 +3,6 @@
 //! sockets. Offloads and multiple queues come with the fast path.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 
 use thiserror::Error;
 use tun_rs::{DeviceBuilder, SyncDevice};
@@ -41,46 +40,69 @@ pub fn check_ifname(name: &str) -> Result<(), TunError> {
     }
 }
 
-/// A TUN device opened by this process.
+/// Headroom every TUN write buffer keeps in front of its packet for the virtio-net header.
+pub const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// How a TUN device was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunOptions {
+    pub mtu: u16,
+    /// Queues to open (`IFF_MULTI_QUEUE` when more than one): one per worker.
+    pub queues: usize,
+    /// Ask for `IFF_VNET_HDR` + TSO/USO offloads; falls back to plain packets if refused.
+    pub offload: bool,
+}
+
+/// A TUN device opened by this process: one file descriptor per queue.
 pub struct Tun {
-    device: SyncDevice,
+    queues: Vec<SyncDevice>,
     name: String,
+    offload: bool,
 }
 
 impl Tun {
-    /// Creates the TUN `name` (down, no addresses) with the given MTU.
-    pub fn create(name: &str, mtu: u16) -> Result<Tun, TunError> {
+    /// Creates the TUN `name` (down, no addresses).
+    pub fn create(name: &str, options: TunOptions) -> Result<Tun, TunError> {
         check_ifname(name)?;
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err(TunError::NoDevice);
         }
-        let device = DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .packet_information(false)
-            .build_sync()
-            .map_err(|source| match source.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) => TunError::NotPermitted {
-                    name: name.to_string(),
-                },
-                Some(libc::EBUSY) | Some(libc::EEXIST) => TunError::Busy {
-                    name: name.to_string(),
-                },
-                Some(libc::ENOENT) | Some(libc::ENODEV) => TunError::NoDevice,
-                _ => TunError::Io {
+        let queues = options.queues.max(1);
+        let open = |offload: bool| {
+            DeviceBuilder::new()
+                .name(name)
+                .mtu(options.mtu)
+                .packet_information(false)
+                .offload(offload)
+                .multi_queue(queues > 1)
+                .build_sync()
+        };
+        let (first, offload) = match open(options.offload) {
+            Ok(device) => (device, options.offload),
+            Err(e) if options.offload && !is_setup_error(&e) => {
+                // Vendor kernels and some drivers refuse TUNSETOFFLOAD: run without it.
+                tracing::warn!(interface = name, error = %e, "TUN offloads refused; running without them");
+                (open(false).map_err(|e| tun_error(name, e))?, false)
+            }
+            Err(e) => return Err(tun_error(name, e)),
+        };
+        let mut devices = vec![first];
+        for _ in 1..queues {
+            let queue = devices[0].try_clone().map_err(|e| tun_error(name, e))?;
+            devices.push(queue);
+        }
+        for device in &devices {
+            device
+                .set_nonblocking(true)
+                .map_err(|source| TunError::Io {
                     name: name.to_string(),
                     source,
-                },
-            })?;
-        device
-            .set_nonblocking(true)
-            .map_err(|source| TunError::Io {
-                name: name.to_string(),
-                source,
-            })?;
+                })?;
+        }
         Ok(Tun {
-            device,
+            queues: devices,
             name: name.to_string(),
+            offload,
         })
     }
 
@@ -88,27 +110,31 @@ impl Tun {
         &self.name
     }
 
-    /// Reads one packet; `WouldBlock` when none is waiting.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.device.recv(buf)
+    /// Whether reads carry virtio-net headers (superpackets) and writes may be coalesced.
+    pub fn offload(&self) -> bool {
+        self.offload
     }
 
-    /// Writes one packet.
-    pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.device.send(packet)
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Queue `index` (wrapping, so any index is valid).
+    pub fn queue(&self, index: usize) -> &SyncDevice {
+        &self.queues[index % self.queues.len()]
     }
 
     /// Sets the link up or down.
     pub fn set_up(&self, up: bool) -> io::Result<()> {
-        self.device.enabled(up)
+        self.queues[0].enabled(up)
     }
 
     pub fn mtu(&self) -> io::Result<u16> {
-        self.device.mtu()
+        self.queues[0].mtu()
     }
 
     pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
-        self.device.set_mtu(mtu)
+        self.queues[0].set_mtu(mtu)
     }
 
     /// Whether the interface still exists (it is gone after `ip link del`).
@@ -117,9 +143,27 @@ impl Tun {
     }
 }
 
-impl AsRawFd for Tun {
-    fn as_raw_fd(&self) -> RawFd {
-        self.device.as_raw_fd()
+/// Errors that would recur without offloads too (permissions, no device, bad name).
+fn is_setup_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::EACCES | libc::EBUSY | libc::EEXIST | libc::ENOENT | libc::ENODEV)
+    )
+}
+
+fn tun_error(name: &str, source: io::Error) -> TunError {
+    match source.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => TunError::NotPermitted {
+            name: name.to_string(),
+        },
+        Some(libc::EBUSY) | Some(libc::EEXIST) => TunError::Busy {
+            name: name.to_string(),
+        },
+        Some(libc::ENOENT) | Some(libc::ENODEV) => TunError::NoDevice,
+        _ => TunError::Io {
+            name: name.to_string(),
+            source,
+        },
     }
 }
 

@@ -22,7 +22,7 @@ pub struct BoundSocket {
 }
 
 impl BoundSocket {
-    fn bind(addr: SocketAddr, fwmark: u32) -> io::Result<BoundSocket> {
+    fn bind(addr: SocketAddr, fwmark: u32, reuse_port: bool) -> io::Result<BoundSocket> {
         let domain = if addr.is_ipv4() {
             Domain::IPV4
         } else {
@@ -36,6 +36,9 @@ impl BoundSocket {
         force_buffer(&socket, libc::SO_SNDBUFFORCE, SOCKET_BUFFER_BYTES);
         if fwmark != 0 {
             socket.set_mark(fwmark)?;
+        }
+        if reuse_port {
+            socket.set_reuse_port(true)?;
         }
         socket.bind(&addr.into())?;
         let socket: UdpSocket = socket.into();
@@ -114,63 +117,48 @@ fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) {
     }
 }
 
-/// The listen sockets of a device: IPv4 and IPv6 on one port.
-pub struct UdpSockets {
+/// One IPv4 and one IPv6 socket on the listen port (either may be missing when the host
+/// lacks that family).
+pub struct SocketPair {
     pub v4: Option<BoundSocket>,
     pub v6: Option<BoundSocket>,
-    port: u16,
 }
 
-impl UdpSockets {
-    /// Binds both families on `port` (0 = a random port, the same for both). Fails only when
-    /// neither family can be bound, or when the port is taken.
-    pub fn bind(port: u16, fwmark: u32) -> io::Result<UdpSockets> {
-        // With a random port, the IPv6 bind may find "our" port taken: retry a few times.
-        let mut last_err = None;
-        for _ in 0..8 {
-            let v4 = BoundSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), fwmark);
-            let v4 = match v4 {
-                Ok(s) => Some(s),
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-                // No IPv4 on this host: IPv6 alone will do.
-                Err(_) => None,
-            };
-            let chosen = match &v4 {
-                Some(s) => s.local_port()?,
-                None => port,
-            };
-            match BoundSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, chosen)), fwmark) {
-                Ok(v6) => {
-                    let port = v6.local_port()?;
-                    return Ok(UdpSockets {
-                        v4,
-                        v6: Some(v6),
-                        port,
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse && port == 0 && v4.is_some() => {
-                    last_err = Some(e);
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-                Err(e) => match v4 {
-                    // No IPv6 on this host: IPv4 alone will do.
-                    Some(v4) => {
-                        return Ok(UdpSockets {
-                            port: chosen,
-                            v4: Some(v4),
-                            v6: None,
-                        })
-                    }
-                    None => return Err(e),
-                },
-            }
-        }
-        Err(last_err.unwrap_or_else(|| io::Error::other("could not bind the listen port")))
+impl SocketPair {
+    fn bind(port: u16, fwmark: u32, reuse_port: bool) -> io::Result<SocketPair> {
+        let v4 = match BoundSocket::bind(
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            fwmark,
+            reuse_port,
+        ) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
+            // No IPv4 on this host: IPv6 alone will do.
+            Err(_) => None,
+        };
+        let port = match &v4 {
+            Some(s) => s.local_port()?,
+            None => port,
+        };
+        let v6 = match BoundSocket::bind(
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            fwmark,
+            reuse_port,
+        ) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
+            Err(e) if v4.is_none() => return Err(e),
+            // No IPv6 on this host: IPv4 alone will do.
+            Err(_) => None,
+        };
+        Ok(SocketPair { v4, v6 })
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
+    fn port(&self) -> io::Result<u16> {
+        match (&self.v4, &self.v6) {
+            (Some(s), _) | (None, Some(s)) => s.local_port(),
+            (None, None) => Err(io::Error::from(io::ErrorKind::AddrNotAvailable)),
+        }
     }
 
     /// The socket for a destination's family.
@@ -182,22 +170,87 @@ impl UdpSockets {
         }
     }
 
-    pub fn send(&self, to: &Endpoint, datagram: &[u8]) -> io::Result<()> {
+    pub fn send(
+        &self,
+        to: &Endpoint,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
         match self.for_endpoint(to) {
-            Some(socket) => socket.send(to, datagram, None),
+            Some(socket) => socket.send(to, contents, segment_size),
             None => Err(io::Error::from(io::ErrorKind::AddrNotAvailable)),
         }
     }
 
+    pub fn sockets(&self) -> impl Iterator<Item = &BoundSocket> {
+        self.v4.iter().chain(self.v6.iter())
+    }
+}
+
+/// The listen sockets of a device: one [`SocketPair`] per worker, all on one port through
+/// `SO_REUSEPORT`, so the kernel spreads peers' flows over the workers.
+pub struct UdpSockets {
+    workers: Vec<SocketPair>,
+    port: u16,
+}
+
+impl UdpSockets {
+    /// Binds `workers` socket pairs on `port` (0 = a random port, the same for all). Fails when
+    /// the port is taken by anyone, or when no family can be bound.
+    pub fn bind(port: u16, fwmark: u32, workers: usize) -> io::Result<UdpSockets> {
+        let workers = workers.max(1);
+        // SO_REUSEPORT would let us join another root process's group on a fixed port; a
+        // plain bind first proves the port is free (as the kernel's own wg would refuse).
+        if port != 0 {
+            drop(SocketPair::bind(port, 0, false)?);
+        }
+        // With a random port the IPv6 bind may find "our" port taken: retry a few times.
+        let mut last_err = None;
+        for _ in 0..8 {
+            let first = match SocketPair::bind(port, fwmark, workers > 1) {
+                Ok(first) => first,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && port == 0 => {
+                    last_err = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let chosen = first.port()?;
+            let mut pairs = vec![first];
+            for _ in 1..workers {
+                pairs.push(SocketPair::bind(chosen, fwmark, true)?);
+            }
+            return Ok(UdpSockets {
+                workers: pairs,
+                port: chosen,
+            });
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("could not bind the listen port")))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The sockets of worker `index` (wrapping, so any index is valid).
+    pub fn worker(&self, index: usize) -> &SocketPair {
+        &self.workers[index % self.workers.len()]
+    }
+
+    pub fn send(&self, to: &Endpoint, datagram: &[u8]) -> io::Result<()> {
+        self.worker(0).send(to, datagram, None)
+    }
+
     pub fn set_mark(&self, fwmark: u32) -> io::Result<()> {
-        for socket in self.v4.iter().chain(self.v6.iter()) {
+        for socket in self.sockets() {
             socket.set_mark(fwmark)?;
         }
         Ok(())
     }
 
+    /// Every socket of every worker.
     pub fn sockets(&self) -> impl Iterator<Item = &BoundSocket> {
-        self.v4.iter().chain(self.v6.iter())
+        self.workers.iter().flat_map(|w| w.sockets())
     }
 }
 
@@ -207,7 +260,7 @@ mod tests {
 
     #[test]
     fn random_port_is_shared_by_both_families() {
-        let sockets = UdpSockets::bind(0, 0).expect("bind");
+        let sockets = UdpSockets::bind(0, 0, 2).expect("bind");
         assert_ne!(sockets.port(), 0);
         for s in sockets.sockets() {
             assert_eq!(s.local_port().unwrap(), sockets.port());
@@ -216,8 +269,8 @@ mod tests {
 
     #[test]
     fn taken_port_is_an_error() {
-        let first = UdpSockets::bind(0, 0).expect("bind");
-        let err = UdpSockets::bind(first.port(), 0)
+        let first = UdpSockets::bind(0, 0, 2).expect("bind");
+        let err = UdpSockets::bind(first.port(), 0, 1)
             .err()
             .expect("second bind must fail");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
@@ -225,11 +278,11 @@ mod tests {
 
     #[test]
     fn datagrams_cross_loopback_with_their_local_address() {
-        let a = UdpSockets::bind(0, 0).expect("bind a");
-        let b = UdpSockets::bind(0, 0).expect("bind b");
+        let a = UdpSockets::bind(0, 0, 1).expect("bind a");
+        let b = UdpSockets::bind(0, 0, 1).expect("bind b");
         let to = Endpoint::new(SocketAddr::from((Ipv4Addr::LOCALHOST, b.port())));
         a.send(&to, b"hello").expect("send");
-        let socket = b.v4.as_ref().expect("v4");
+        let socket = b.worker(0).v4.as_ref().expect("v4");
         let mut buf = [0u8; 1500];
         let mut meta = [RecvMeta::default()];
         let n = loop {

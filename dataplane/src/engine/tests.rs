@@ -7,8 +7,8 @@ use etherparse::PacketBuilder;
 use ipnet::IpNet;
 
 use super::*;
-use boringtun::noise::Tunn;
 use crate::config::{DeviceUpdate, PeerUpdate};
+use boringtun::noise::Tunn;
 
 /// Output of one engine call, owned so tests can shuffle it around.
 #[derive(Default)]
@@ -68,7 +68,7 @@ impl Node {
             .unwrap();
     }
 
-    fn from_tun(&mut self, packet: &[u8]) -> Captured {
+    fn tun_in(&mut self, packet: &[u8]) -> Captured {
         let mut buf = vec![0u8; packet.len() + 64];
         buf[..packet.len()].copy_from_slice(packet);
         let mut out = Captured::default();
@@ -78,7 +78,7 @@ impl Node {
         out
     }
 
-    fn from_net(&mut self, from: SocketAddr, datagram: &[u8]) -> Captured {
+    fn net_in(&mut self, from: SocketAddr, datagram: &[u8]) -> Captured {
         let mut out = Captured::default();
         self.engine.batch().handle_datagram(
             from,
@@ -134,10 +134,10 @@ fn pump(
         assert!(rounds < 1000, "ping-pong never settles");
         let (from_a, datagram) = queue.remove(0);
         if from_a {
-            let out = b.from_net(a.addr, &datagram);
+            let out = b.net_in(a.addr, &datagram);
             absorb(out, false, &mut queue, &mut a_tun, &mut b_tun);
         } else {
-            let out = a.from_net(b.addr, &datagram);
+            let out = a.net_in(b.addr, &datagram);
             absorb(out, true, &mut queue, &mut a_tun, &mut b_tun);
         }
     }
@@ -175,7 +175,7 @@ fn pair() -> (Node, Node) {
 fn first_packet_handshakes_then_arrives_intact() {
     let (mut a, mut b) = pair();
     let packet = ping_v4("198.19.1.2", "198.19.2.2", 1, 56);
-    let out = a.from_tun(&packet);
+    let out = a.tun_in(&packet);
     assert_eq!(out.sent.len(), 1, "a handshake initiation goes out");
     assert_eq!(out.sent[0].1.len(), 148);
     assert_eq!(out.sent[0].0.addr, b.addr);
@@ -183,7 +183,7 @@ fn first_packet_handshakes_then_arrives_intact() {
     assert_eq!(b_tun, vec![packet], "the queued packet arrives unpadded");
 
     let v6 = ping_v6("fd00:19:1::2", "fd00:19:2::2", 2);
-    let out = a.from_tun(&v6);
+    let out = a.tun_in(&v6);
     let (_, b_tun) = pump(&mut a, &mut b, out, true);
     assert_eq!(b_tun, vec![v6]);
     assert!(a.peer(&b.public).last_handshake.is_some());
@@ -196,13 +196,13 @@ fn transfer_counters_are_wire_exact() {
     // received 92 + 10 × 128 and sent 148 + 10 × 128.
     let (mut a, mut b) = pair();
     for seq in 0..10 {
-        let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", seq, 56));
+        let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", seq, 56));
         let (_, b_tun) = pump(&mut a, &mut b, out, true);
         assert_eq!(b_tun.len(), 1);
         let request = &b_tun[0];
         assert_eq!(request.len(), 84);
         let reply = ping_v4("198.19.2.2", "198.19.1.2", seq, 56);
-        let out = b.from_tun(&reply);
+        let out = b.tun_in(&reply);
         let (a_tun, _) = pump(&mut a, &mut b, out, false);
         assert_eq!(a_tun.len(), 1);
     }
@@ -217,16 +217,16 @@ fn transfer_counters_are_wire_exact() {
 #[test]
 fn padding_rounds_plaintext_to_16_but_not_past_the_mtu() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
     // 20 + 8 + 13 = 41 bytes → padded to 48 → 80 on the wire.
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 1, 13));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 1, 13));
     assert_eq!(out.sent[0].1.len(), 48 + 32);
     // Exactly the MTU: no padding beyond it.
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 2, DEFAULT_MTU - 28));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 2, DEFAULT_MTU - 28));
     assert_eq!(out.sent[0].1.len(), DEFAULT_MTU + 32);
     // 1410 bytes → 1424 would pass the MTU: capped at 1420.
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 3, 1410 - 28));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 3, 1410 - 28));
     assert_eq!(out.sent[0].1.len(), DEFAULT_MTU + 32);
 }
 
@@ -234,7 +234,7 @@ fn padding_rounds_plaintext_to_16_but_not_past_the_mtu() {
 fn no_route_drops_and_answers_host_unreachable() {
     let (mut a, _b) = pair();
     let packet = ping_v4("198.19.1.2", "198.19.77.1", 1, 56);
-    let out = a.from_tun(&packet);
+    let out = a.tun_in(&packet);
     assert!(out.sent.is_empty(), "nothing leaves without a route");
     assert_eq!(a.drops(DropReason::NoRoute), 1);
     assert_eq!(out.tun.len(), 1, "ICMP host unreachable goes back");
@@ -253,7 +253,7 @@ fn too_big_with_df_answers_fragmentation_needed() {
     let mut packet = ping_v4("198.19.1.2", "198.19.2.2", 1, 1500);
     packet[6] |= 0x40; // DF
                        // Header checksum is stale after setting DF; the engine does not validate it.
-    let out = a.from_tun(&packet);
+    let out = a.tun_in(&packet);
     assert!(out.sent.is_empty());
     assert_eq!(a.drops(DropReason::TooBig), 1);
     assert_eq!(out.tun.len(), 1);
@@ -272,7 +272,7 @@ fn too_big_with_df_answers_fragmentation_needed() {
         builder.write(&mut out, &[0u8; 2000]).unwrap();
         out
     };
-    let out = a.from_tun(&v6);
+    let out = a.tun_in(&v6);
     assert_eq!(out.tun.len(), 1, "IPv6 always gets packet too big");
     assert_eq!(out.tun[0][40], 2);
 }
@@ -280,17 +280,17 @@ fn too_big_with_df_answers_fragmentation_needed() {
 #[test]
 fn inner_source_must_belong_to_the_sending_peer() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
     // b sends a packet claiming a source that a gave to nobody / to another peer.
     let c = Node::new("198.18.0.3:51820");
     a.add_peer(&c, &["198.19.3.0/24"]);
     let spoofed = ping_v4("198.19.3.9", "198.19.1.2", 1, 56);
     // b routes 198.19.1.0/24 to a, so it encrypts this for a.
-    let out = b.from_tun(&spoofed);
+    let out = b.tun_in(&spoofed);
     assert_eq!(out.sent.len(), 1);
     let roamed_from: SocketAddr = "198.18.0.22:4000".parse().unwrap();
-    let delivered = a.from_net(roamed_from, &out.sent[0].1);
+    let delivered = a.net_in(roamed_from, &out.sent[0].1);
     assert!(delivered.tun.is_empty(), "spoofed inner source is dropped");
     assert_eq!(a.drops(DropReason::NotAllowed), 1);
     assert_eq!(
@@ -303,9 +303,9 @@ fn inner_source_must_belong_to_the_sending_peer() {
 #[test]
 fn endpoint_roams_and_replies_leave_from_the_address_used() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
-    let out = b.from_tun(&ping_v4("198.19.2.2", "198.19.1.2", 1, 56));
+    let out = b.tun_in(&ping_v4("198.19.2.2", "198.19.1.2", 1, 56));
     let new_addr: SocketAddr = "[fd00:18::2]:9999".parse().unwrap();
     let mut got = Captured::default();
     a.engine.batch().handle_datagram(
@@ -317,7 +317,7 @@ fn endpoint_roams_and_replies_leave_from_the_address_used() {
     );
     assert_eq!(got.tun.len(), 1);
     assert_eq!(a.peer(&b.public).endpoint, Some(new_addr));
-    let reply = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 2, 56));
+    let reply = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 2, 56));
     assert_eq!(reply.sent[0].0.addr, new_addr);
     assert_eq!(
         reply.sent[0].0.local_ip,
@@ -328,19 +328,19 @@ fn endpoint_roams_and_replies_leave_from_the_address_used() {
 #[test]
 fn replayed_data_is_delivered_once() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 1, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 1, 56));
     let datagram = out.sent[0].1.clone();
-    assert_eq!(b.from_net(a.addr, &datagram).tun.len(), 1);
-    assert_eq!(b.from_net(a.addr, &datagram).tun.len(), 0);
+    assert_eq!(b.net_in(a.addr, &datagram).tun.len(), 1);
+    assert_eq!(b.net_in(a.addr, &datagram).tun.len(), 0);
     assert_eq!(b.drops(DropReason::Replay), 1);
 }
 
 #[test]
 fn garbage_datagrams_are_counted_and_change_nothing() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
     let before = b.peer(&a.public);
     for junk in [
@@ -349,16 +349,16 @@ fn garbage_datagrams_are_counted_and_change_nothing() {
         &[4, 0, 0, 0, 0, 0, 0, 0][..],
         &[0xff; 148][..],
     ] {
-        let out = b.from_net(a.addr, junk);
+        let out = b.net_in(a.addr, junk);
         assert!(out.sent.is_empty() && out.tun.is_empty());
     }
     let mut forged = vec![0u8; 148];
     forged[0] = 1;
-    assert!(b.from_net(a.addr, &forged).sent.is_empty());
+    assert!(b.net_in(a.addr, &forged).sent.is_empty());
     let mut data = vec![0u8; 64];
     data[0] = 4;
     assert!(b
-        .from_net("198.18.0.66:1".parse().unwrap(), &data)
+        .net_in("198.18.0.66:1".parse().unwrap(), &data)
         .tun
         .is_empty());
     assert_eq!(b.peer(&a.public), before, "no state changed");
@@ -370,8 +370,8 @@ fn handshake_from_an_unknown_key_gets_no_answer() {
     let (mut a, _b) = pair();
     let mut stranger = Node::new("198.18.0.9:51820");
     stranger.add_peer(&a, &["198.19.1.0/24"]);
-    let out = stranger.from_tun(&ping_v4("198.19.9.2", "198.19.1.2", 0, 56));
-    let reply = a.from_net(stranger.addr, &out.sent[0].1);
+    let out = stranger.tun_in(&ping_v4("198.19.9.2", "198.19.1.2", 0, 56));
+    let reply = a.net_in(stranger.addr, &out.sent[0].1);
     assert!(reply.sent.is_empty());
     assert_eq!(a.drops(DropReason::UnknownPeer), 1);
 }
@@ -391,7 +391,7 @@ fn low_order_peer_keys_are_accepted_but_never_sent_to() {
         })
         .unwrap();
     assert_eq!(a.engine.peer_count(), 1);
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.5.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.5.2", 0, 56));
     assert!(out.sent.is_empty());
     assert_eq!(a.drops(DropReason::LowOrderKey), 1);
     let mut timers = Captured::default();
@@ -427,7 +427,7 @@ fn own_public_key_as_peer_is_ignored() {
 #[test]
 fn private_key_change_allows_an_immediate_new_handshake() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
     let new_key = Key::generate_private();
     a.engine
@@ -446,7 +446,7 @@ fn private_key_change_allows_an_immediate_new_handshake() {
         .unwrap();
     b.add_peer(&a, &["198.19.1.0/24"]);
     let packet = ping_v4("198.19.1.2", "198.19.2.2", 1, 56);
-    let out = a.from_tun(&packet);
+    let out = a.tun_in(&packet);
     assert_eq!(out.sent[0].1.len(), 148, "a new handshake starts at once");
     let (_, b_tun) = pump(&mut a, &mut b, out, true);
     assert_eq!(b_tun, vec![packet]);
@@ -455,7 +455,7 @@ fn private_key_change_allows_an_immediate_new_handshake() {
 #[test]
 fn unchanged_private_key_keeps_sessions() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
     a.engine
         .apply(&DeviceUpdate {
@@ -463,7 +463,7 @@ fn unchanged_private_key_keeps_sessions() {
             ..Default::default()
         })
         .unwrap();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 1, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 1, 56));
     assert_eq!(
         out.sent[0].1[0], 4,
         "still a data message, no new handshake"
@@ -485,7 +485,7 @@ fn overlapping_allowed_ips_move_to_the_last_peer_that_claims_them() {
     // The more specific prefix wins for its half.
     assert_eq!(routes_to(&a, "198.19.2.200"), Some(c.public));
     assert_eq!(routes_to(&a, "198.19.2.5"), Some(b.public));
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.200", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.200", 0, 56));
     assert_eq!(out.sent[0].0.addr, c.addr);
     // Claiming b's exact prefix moves it to c.
     a.add_peer(&c, &["198.19.2.0/24"]);
@@ -540,7 +540,7 @@ fn update_only_and_remove() {
 #[test]
 fn persistent_keepalive_switched_on_sends_at_once_and_then_periodically() {
     let (mut a, mut b) = pair();
-    let out = a.from_tun(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
     let mut keepalive = PeerUpdate::new(b.public);
     keepalive.persistent_keepalive = Some(25);
@@ -598,7 +598,7 @@ fn initiations_under_load_get_cookie_replies() {
     let mut cookies = 0;
     for _ in 0..(HANDSHAKES_PER_SECOND as usize) {
         let init = make(&mut buf);
-        let out = a.from_net(b.addr, &init);
+        let out = a.net_in(b.addr, &init);
         cookies += out.sent.iter().filter(|(_, d)| d.len() == 64).count();
     }
     assert!(

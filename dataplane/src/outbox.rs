@@ -1,0 +1,255 @@
+//! The output of one batch: what the engine asked to send and write, copied into buffers that
+//! live as long as the worker (no allocation once they have grown to the working size), then
+//! flushed with as few syscalls as the kernel allows: runs of equal-size datagrams to one
+//! endpoint leave as one UDP GSO send, and packets for the TUN are GRO-coalesced per flow
+//! (through `tun-rs`) into superpackets when the TUN has offloads.
+
+use std::io;
+
+use tun_rs::{GROTable, SyncDevice};
+
+use crate::engine::Transmit;
+use crate::peer::Endpoint;
+use crate::stats::{DropReason, Stats};
+use crate::tun::TUN_HEADROOM;
+use crate::udp::SocketPair;
+
+/// Largest UDP payload one GSO send may carry (IPv4's limit; IPv6's is a little larger).
+const MAX_GSO_BYTES: usize = 65507;
+/// Room for one TUN packet, or a coalesced superpacket, after the headroom.
+const TUN_BUF_CAPACITY: usize = TUN_HEADROOM + 65536;
+
+/// See the module documentation.
+pub struct Outbox {
+    bytes: Vec<u8>,
+    datagrams: Vec<(Endpoint, usize, usize)>,
+    /// Packet buffers, each `[headroom | packet]`; the first `packet_count` are in use.
+    packets: Vec<Vec<u8>>,
+    packet_count: usize,
+    gro: GROTable,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            bytes: Vec::new(),
+            datagrams: Vec::new(),
+            packets: Vec::new(),
+            packet_count: 0,
+            gro: GROTable::new(),
+        }
+    }
+}
+
+impl Transmit for Outbox {
+    fn send(&mut self, to: &Endpoint, datagram: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(datagram);
+        self.datagrams.push((*to, start, self.bytes.len()));
+    }
+
+    fn write_tun(&mut self, packet: &[u8]) {
+        if self.packet_count == self.packets.len() {
+            self.packets.push(Vec::with_capacity(TUN_BUF_CAPACITY));
+        }
+        let buf = &mut self.packets[self.packet_count];
+        buf.clear();
+        buf.resize(TUN_HEADROOM, 0);
+        buf.extend_from_slice(packet);
+        self.packet_count += 1;
+    }
+}
+
+/// One UDP send: a run of datagrams to one endpoint, all `segment` bytes but the last.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Run<'a> {
+    pub to: Endpoint,
+    pub contents: &'a [u8],
+    /// `Some(size)` when the run holds more than one datagram.
+    pub segment: Option<usize>,
+}
+
+impl Outbox {
+    pub fn is_empty(&self) -> bool {
+        self.datagrams.is_empty() && self.packet_count == 0
+    }
+
+    /// Datagrams queued so far, one by one.
+    pub fn datagrams(&self) -> impl Iterator<Item = (&Endpoint, &[u8])> {
+        self.datagrams
+            .iter()
+            .map(|(to, a, b)| (to, &self.bytes[*a..*b]))
+    }
+
+    /// Packets queued for the TUN so far, one by one.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.packets[..self.packet_count]
+            .iter()
+            .map(|b| &b[TUN_HEADROOM..])
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.datagrams.clear();
+        self.packet_count = 0;
+    }
+
+    /// The queued datagrams grouped into GSO runs of at most `max_segments` datagrams.
+    pub fn runs(&self, max_segments: usize) -> impl Iterator<Item = Run<'_>> {
+        let max_segments = max_segments.max(1);
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            let (to, start, end) = *self.datagrams.get(i)?;
+            let segment = end - start;
+            let mut last_end = end;
+            let mut count = 1;
+            i += 1;
+            while let Some(&(next_to, next_start, next_end)) = self.datagrams.get(i) {
+                let len = next_end - next_start;
+                let fits = count < max_segments
+                    && next_to == to
+                    && next_start == last_end
+                    && len <= segment
+                    && next_end - start <= MAX_GSO_BYTES;
+                if !fits {
+                    break;
+                }
+                last_end = next_end;
+                count += 1;
+                i += 1;
+                if len < segment {
+                    // Only the last datagram of a GSO run may be shorter.
+                    break;
+                }
+            }
+            Some(Run {
+                to,
+                contents: &self.bytes[start..last_end],
+                segment: (count > 1).then_some(segment),
+            })
+        })
+    }
+
+    /// Makes the syscalls: TUN writes first (they feed local pods), then UDP sends. Returns an
+    /// error only when the TUN itself is gone.
+    pub fn flush(
+        &mut self,
+        tun: &SyncDevice,
+        sockets: &SocketPair,
+        max_segments: usize,
+        stats: &Stats,
+    ) -> io::Result<()> {
+        let mut result = Ok(());
+        if self.packet_count > 0 {
+            let count = self.packet_count;
+            if let Err(e) =
+                tun.send_multiple(&mut self.gro, &mut self.packets[..count], TUN_HEADROOM)
+            {
+                if e.raw_os_error() == Some(libc::EBADFD) {
+                    result = Err(e);
+                } else {
+                    stats.drop(DropReason::QueueFull);
+                }
+            }
+        }
+        for run in self.runs(max_segments) {
+            if send_with_retry(sockets, &run).is_err() {
+                stats.drop(DropReason::QueueFull);
+            }
+        }
+        self.clear();
+        result
+    }
+}
+
+fn send_with_retry(sockets: &SocketPair, run: &Run<'_>) -> io::Result<()> {
+    match sockets.send(&run.to, run.contents, run.segment) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // The socket buffer is full: give the NIC a moment, once.
+            if let Some(socket) = sockets.for_endpoint(&run.to) {
+                use std::os::fd::AsRawFd;
+                crate::workers::poll_fds(
+                    &[socket.as_raw_fd()],
+                    libc::POLLOUT,
+                    std::time::Duration::from_millis(10),
+                );
+            }
+            sockets.send(&run.to, run.contents, run.segment)
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(s: &str) -> Endpoint {
+        Endpoint::new(s.parse().unwrap())
+    }
+
+    #[test]
+    fn equal_datagrams_to_one_endpoint_form_one_run() {
+        let mut out = Outbox::default();
+        let a = ep("198.18.0.2:51820");
+        let b = ep("198.18.0.3:51820");
+        for _ in 0..5 {
+            out.send(&a, &[1; 100]);
+        }
+        out.send(&a, &[2; 40]); // shorter: ends the run
+        out.send(&a, &[3; 100]);
+        out.send(&b, &[4; 100]);
+        let runs: Vec<_> = out.runs(64).collect();
+        assert_eq!(runs.len(), 3);
+        assert_eq!(runs[0].contents.len(), 540);
+        assert_eq!(runs[0].segment, Some(100));
+        assert_eq!(runs[1].contents, &[3; 100][..]);
+        assert_eq!(runs[1].segment, None);
+        assert_eq!(runs[2].to, b);
+    }
+
+    #[test]
+    fn runs_respect_the_segment_limit_and_longer_datagrams_start_a_new_run() {
+        let mut out = Outbox::default();
+        let a = ep("[fd00:18::2]:51820");
+        for _ in 0..10 {
+            out.send(&a, &[0; 1452]);
+        }
+        out.send(&a, &[0; 1500]);
+        let sizes: Vec<_> = out.runs(4).map(|r| (r.contents.len(), r.segment)).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                (4 * 1452, Some(1452)),
+                (4 * 1452, Some(1452)),
+                (2 * 1452, Some(1452)),
+                (1500, None)
+            ]
+        );
+        // A GSO send never passes 64 KiB.
+        let mut out = Outbox::default();
+        for _ in 0..60 {
+            out.send(&a, &[0; 1452]);
+        }
+        assert!(out.runs(64).all(|r| r.contents.len() <= MAX_GSO_BYTES));
+        assert_eq!(
+            out.runs(64).map(|r| r.contents.len()).sum::<usize>(),
+            60 * 1452
+        );
+    }
+
+    #[test]
+    fn packets_keep_headroom_and_buffers_are_reused() {
+        let mut out = Outbox::default();
+        out.write_tun(&[9; 60]);
+        out.write_tun(&[8; 20]);
+        let got: Vec<_> = out.packets().map(|p| p.to_vec()).collect();
+        assert_eq!(got, vec![vec![9; 60], vec![8; 20]]);
+        let first = out.packets[0].as_ptr();
+        out.clear();
+        assert!(out.is_empty());
+        out.write_tun(&[7; 30]);
+        assert_eq!(out.packets[0].as_ptr(), first, "no new allocation");
+        assert_eq!(out.packets().next(), Some(&[7; 30][..]));
+    }
+}

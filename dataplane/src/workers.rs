@@ -1,0 +1,251 @@
+//! The threads of a running device. Each worker owns one TUN queue and one pair of
+//! `SO_REUSEPORT` UDP sockets, and runs two threads, one per direction:
+//!
+//! ```text
+//!  tun thread    poll queue ─► read superpackets, split to segments ─► engine (encrypt)
+//!                ─► outbox ─► UDP GSO sends
+//!  udp thread    poll sockets ─► recvmmsg + UDP GRO ─► engine (decrypt) ─► outbox
+//!                ─► GRO-coalesced TUN writes, UDP sends (handshake replies)
+//!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; follow the TUN's MTU
+//! ```
+//!
+//! A thread reads into its own buffers, holds the engine's read lock only while the engine
+//! fills its outbox, and makes the syscalls after releasing it.
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn_udp::RecvMeta;
+
+use crate::device::{ExitReason, Shared};
+use crate::engine::new_scratch;
+use crate::outbox::Outbox;
+use crate::stats::DropReason;
+use crate::udp::UdpSockets;
+
+/// Segments one TUN thread collects before handing them to the engine (one 64 KiB
+/// superpacket of 1380-byte segments is 48).
+const TUN_BATCH: usize = 128;
+/// Datagrams (each possibly a GRO run) one UDP thread reads per `recvmmsg`.
+const UDP_BATCH: usize = 32;
+/// Room for one packet, or one GRO-coalesced run of datagrams.
+const BUF_LEN: usize = 65536 + 64;
+/// How often threads wake to notice a stop request or new sockets.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Waits until one of `fds` (negative entries are ignored) is ready for `events` or the
+/// timeout passes.
+pub(crate) fn poll_fds(fds: &[i32], events: libc::c_short, timeout: Duration) -> bool {
+    let mut pollfds = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 4];
+    let n = fds.len().min(pollfds.len());
+    for (slot, fd) in pollfds.iter_mut().zip(fds) {
+        slot.fd = *fd;
+        slot.events = events;
+    }
+    // SAFETY: `pollfds[..n]` is a valid array of initialised pollfd structs.
+    let ready = unsafe {
+        libc::poll(
+            pollfds.as_mut_ptr(),
+            n as libc::nfds_t,
+            timeout.as_millis() as libc::c_int,
+        )
+    };
+    ready > 0
+}
+
+/// Follows socket replacements (a UAPI `listen_port` change) without taking a lock per batch.
+struct SocketView {
+    sockets: Arc<UdpSockets>,
+    generation: u64,
+}
+
+impl SocketView {
+    fn new(shared: &Shared) -> SocketView {
+        SocketView {
+            generation: shared.sockets_generation.load(Relaxed),
+            sockets: shared.sockets(),
+        }
+    }
+
+    fn refresh(&mut self, shared: &Shared) {
+        let current = shared.sockets_generation.load(Relaxed);
+        if current != self.generation {
+            self.sockets = shared.sockets();
+            self.generation = current;
+        }
+    }
+}
+
+fn max_segments(shared: &Shared, sockets: &UdpSockets, worker: usize) -> usize {
+    if !shared.udp_gso {
+        return 1;
+    }
+    sockets
+        .worker(worker)
+        .sockets()
+        .map(|s| s.max_gso_segments())
+        .min()
+        .unwrap_or(1)
+}
+
+pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
+    let queue = shared.tun.queue(worker);
+    let mut original = vec![0u8; BUF_LEN];
+    let mut bufs: Vec<Vec<u8>> = (0..TUN_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
+    let mut sizes = [0usize; TUN_BATCH];
+    let mut scratch = new_scratch();
+    let mut outbox = Outbox::default();
+    let mut view = SocketView::new(&shared);
+    let fd = queue.as_raw_fd();
+    while !shared.stop.load(Relaxed) {
+        if !poll_fds(&[fd], libc::POLLIN, POLL_INTERVAL) {
+            continue;
+        }
+        let mut count = 0;
+        // Keep room for a whole superpacket's segments.
+        while count + 64 <= TUN_BATCH {
+            match queue.recv_multiple(&mut original, &mut bufs[count..], &mut sizes[count..], 0) {
+                Ok(n) => count += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Not an OS error: a superpacket tun-rs could not split. Drop it, go on.
+                Err(e) if e.raw_os_error().is_none() => {
+                    shared.engine.stats().drop(DropReason::MalformedPacket);
+                }
+                Err(_) if !shared.tun.exists() => {
+                    shared.finish(ExitReason::TunGone);
+                    return;
+                }
+                Err(e) => {
+                    shared.finish(ExitReason::Failed(format!("reading the TUN: {e}")));
+                    return;
+                }
+            }
+        }
+        if count == 0 {
+            continue;
+        }
+        {
+            let mut batch = shared.engine.batch();
+            for (buf, len) in bufs.iter_mut().zip(sizes.iter()).take(count) {
+                batch.handle_tun_packet(buf, *len, &mut scratch, &mut outbox);
+            }
+        }
+        view.refresh(&shared);
+        let segments = max_segments(&shared, &view.sockets, worker);
+        if outbox
+            .flush(
+                queue,
+                view.sockets.worker(worker),
+                segments,
+                shared.engine.stats(),
+            )
+            .is_err()
+        {
+            shared.finish(ExitReason::TunGone);
+            return;
+        }
+    }
+}
+
+pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
+    let queue = shared.tun.queue(worker);
+    let mut bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
+    let mut metas = [RecvMeta::default(); UDP_BATCH];
+    let mut scratch = new_scratch();
+    let mut outbox = Outbox::default();
+    let mut view = SocketView::new(&shared);
+    while !shared.stop.load(Relaxed) {
+        view.refresh(&shared);
+        let sockets = view.sockets.clone();
+        let pair = sockets.worker(worker);
+        let mut fds = [-1; 2];
+        for (fd, socket) in fds.iter_mut().zip(pair.sockets()) {
+            *fd = socket.as_raw_fd();
+        }
+        if !poll_fds(&fds, libc::POLLIN, POLL_INTERVAL) {
+            continue;
+        }
+        let segments = max_segments(&shared, &sockets, worker);
+        for socket in pair.sockets() {
+            loop {
+                let received = {
+                    let mut iter = bufs.iter_mut();
+                    let mut slices: [IoSliceMut<'_>; UDP_BATCH] =
+                        std::array::from_fn(|_| match iter.next() {
+                            Some(b) => IoSliceMut::new(&mut b[..]),
+                            None => IoSliceMut::new(&mut []),
+                        });
+                    socket.recv(&mut slices, &mut metas)
+                };
+                let count = match received {
+                    Ok(count) => count,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // ICMP errors surface here as ECONNREFUSED and the like: not fatal.
+                    Err(_) => break,
+                };
+                {
+                    let mut batch = shared.engine.batch();
+                    for (meta, buf) in metas.iter().zip(bufs.iter()).take(count) {
+                        let from = canonical(meta.addr);
+                        let stride = meta.stride.max(1);
+                        for datagram in buf[..meta.len].chunks(stride) {
+                            batch.handle_datagram(
+                                from,
+                                meta.dst_ip,
+                                datagram,
+                                &mut scratch,
+                                &mut outbox,
+                            );
+                        }
+                    }
+                }
+                if outbox
+                    .flush(queue, pair, segments, shared.engine.stats())
+                    .is_err()
+                {
+                    shared.finish(ExitReason::TunGone);
+                    return;
+                }
+                if count < UDP_BATCH {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+pub(crate) fn timer_loop(shared: Arc<Shared>) {
+    let mut scratch = new_scratch();
+    let mut outbox = Outbox::default();
+    let mut last_mtu_check = Instant::now();
+    while !shared.stop.load(Relaxed) {
+        std::thread::sleep(POLL_INTERVAL);
+        shared.tick(&mut outbox, &mut scratch);
+        if last_mtu_check.elapsed() >= Duration::from_secs(1) {
+            last_mtu_check = Instant::now();
+            if !shared.tun.exists() {
+                shared.finish(ExitReason::TunGone);
+                return;
+            }
+            // `ip link set mtu` (wg-quick, operators) changes the tunnel MTU under us.
+            if let Ok(mtu) = shared.tun.mtu() {
+                if usize::from(mtu) != shared.engine.mtu() {
+                    shared.engine.set_mtu(usize::from(mtu));
+                }
+            }
+        }
+    }
+}
