@@ -1,0 +1,195 @@
+//! End-to-end tests of the `tailsk8s` binary: pod traffic between two tailsk8s routers, and
+//! interoperability with wireguard-go in both directions. The topology and checks are the
+//! ones tests/harness.rs proves with wireguard-go on both sides.
+//!
+//! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
+
+use std::net::IpAddr;
+
+use tailsk8s_e2e::{
+    ping, require_netns, tcp_transfer, EndpointFamily, Impl, Mesh, MeshOptions, Pod, Topology,
+    TopologyBuilder,
+};
+
+const MB: u64 = 1024 * 1024;
+
+/// Sends `bytes` from pod `from` to pod `to` over `v6` or IPv4 and checks content and
+/// source address.
+fn transfer(from: &Pod, to: &Pod, v6: bool, bytes: u64, what: &str) {
+    let report = tcp_transfer(from.netns(), to.netns(), to.ip(v6), bytes)
+        .unwrap_or_else(|e| panic!("{what}: transfer failed: {e:#}"));
+    report
+        .verify(from.ip(v6))
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    eprintln!(
+        "{what}: {} MB at {:.0} Mbit/s",
+        bytes / MB,
+        report.mbit_per_second()
+    );
+}
+
+/// Fails if any daemon of the mesh has exited (a crash that traffic did not reveal).
+fn assert_all_running(mesh: &mut Mesh) {
+    for device in mesh.devices_mut() {
+        let daemon = device.daemon_mut();
+        let exited = daemon.exited().unwrap();
+        assert!(
+            exited.is_none(),
+            "{} exited ({exited:?}):\n{}",
+            daemon.label(),
+            daemon.log()
+        );
+    }
+}
+
+fn two_nodes() -> Topology {
+    TopologyBuilder::new(2).build().unwrap()
+}
+
+#[test]
+fn tailsk8s_pair_carries_pod_traffic_intact_and_unnatted() {
+    if !require_netns() {
+        return;
+    }
+    let topo = two_nodes();
+    let mut mesh = Mesh::start(&topo, &[Impl::Tailsk8s, Impl::Tailsk8s]).unwrap();
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    let (a0, a1, b0, b1) = (&a.pods()[0], &a.pods()[1], &b.pods()[0], &b.pods()[1]);
+
+    for v6 in [false, true] {
+        ping(a0.netns(), b0.ip(v6), 3).unwrap();
+        ping(b1.netns(), a1.ip(v6), 3).unwrap();
+    }
+    transfer(a0, b0, false, 100 * MB, "tailsk8s → tailsk8s IPv4");
+    transfer(b1, a1, true, 10 * MB, "tailsk8s → tailsk8s IPv6");
+
+    let dump = mesh.devices()[0].dump().unwrap();
+    let peer = dump
+        .peer(mesh.devices()[1].public_key())
+        .expect("node 2 is a peer of node 1");
+    assert!(peer.latest_handshake.is_some(), "{peer:?}");
+    assert!(
+        peer.tx_bytes > 100 * MB && peer.rx_bytes > 10 * MB,
+        "{peer:?}"
+    );
+    assert_all_running(&mut mesh);
+}
+
+#[test]
+fn tailsk8s_reports_its_configuration_over_uapi() {
+    if !require_netns() {
+        return;
+    }
+    let topo = two_nodes();
+    let mut mesh = Mesh::start(&topo, &[Impl::Tailsk8s, Impl::WireguardGo]).unwrap();
+    let remote = &topo.nodes()[1];
+    let (ours, theirs) = (&mesh.devices()[0], &mesh.devices()[1]);
+
+    let dump = ours.dump().unwrap();
+    assert_eq!(
+        dump.interface.public_key.as_deref(),
+        Some(ours.public_key())
+    );
+    assert_eq!(
+        dump.interface.listen_port,
+        MeshOptions::default().listen_port
+    );
+    assert_eq!(dump.peers.len(), 1);
+    let peer = &dump.peers[0];
+    assert_eq!(peer.public_key, theirs.public_key());
+    assert_eq!(
+        peer.endpoint.map(|e| e.ip()),
+        Some(IpAddr::from(remote.underlay_v4()))
+    );
+    assert_eq!(peer.allowed_ips, remote.pod_cidrs());
+    assert_eq!(
+        peer.latest_handshake, None,
+        "no traffic yet, so no handshake"
+    );
+    // wireguard-go reads back the same picture of its side: both implementations agree.
+    let reference = theirs.dump().unwrap();
+    assert_eq!(reference.peers[0].public_key, ours.public_key());
+    assert_all_running(&mut mesh);
+}
+
+/// Interop: `first` is the node whose pod sends first, so its router initiates the
+/// handshake.
+fn interop(first: usize) {
+    let topo = two_nodes();
+    let mut mesh = Mesh::start(&topo, &[Impl::Tailsk8s, Impl::WireguardGo]).unwrap();
+    let nodes = topo.nodes();
+    let (initiator, responder) = (&nodes[first], &nodes[1 - first]);
+    let names = [
+        mesh.devices()[first].implementation().name(),
+        mesh.devices()[1 - first].implementation().name(),
+    ];
+
+    // Nothing has been sent yet: the first ping makes `initiator`'s router start the
+    // handshake. Then traffic flows both ways, over both families.
+    for (from, to, v6) in [
+        (initiator, responder, false),
+        (responder, initiator, false),
+        (responder, initiator, true),
+        (initiator, responder, true),
+    ] {
+        ping(from.pods()[0].netns(), to.pods()[1].ip(v6), 3).unwrap();
+    }
+    transfer(
+        &initiator.pods()[0],
+        &responder.pods()[0],
+        false,
+        20 * MB,
+        &format!("{} → {} IPv4", names[0], names[1]),
+    );
+    transfer(
+        &responder.pods()[1],
+        &initiator.pods()[1],
+        true,
+        20 * MB,
+        &format!("{} → {} IPv6", names[1], names[0]),
+    );
+    assert_all_running(&mut mesh);
+}
+
+#[test]
+fn interop_tailsk8s_initiates_to_wireguard_go() {
+    if !require_netns() {
+        return;
+    }
+    interop(0);
+}
+
+#[test]
+fn interop_wireguard_go_initiates_to_tailsk8s() {
+    if !require_netns() {
+        return;
+    }
+    interop(1);
+}
+
+#[test]
+fn tailsk8s_pair_over_an_ipv6_underlay() {
+    if !require_netns() {
+        return;
+    }
+    let topo = two_nodes();
+    let options = MeshOptions {
+        endpoints: EndpointFamily::V6,
+        ..Default::default()
+    };
+    let mut mesh = Mesh::start_with(&topo, &[Impl::Tailsk8s, Impl::Tailsk8s], &options).unwrap();
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    for v6 in [false, true] {
+        ping(a.pods()[0].netns(), b.pods()[1].ip(v6), 3).unwrap();
+    }
+    let dump = mesh.devices()[1].dump().unwrap();
+    assert_eq!(
+        dump.peers[0].endpoint.map(|e| e.ip()),
+        Some(IpAddr::from(a.underlay_v6()))
+    );
+    assert_all_running(&mut mesh);
+}
