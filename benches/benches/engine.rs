@@ -1,1 +1,553 @@
-fn main(){}
+//! Criterion microbenchmarks of the packet path, without sockets or a TUN:
+//!
+//! - `engine_roundtrip`: one IP packet of 64, 512 or 1420 bytes encapsulated by one
+//!   [`Engine`] and decapsulated by another (session established in memory, as in the
+//!   engine's own tests), in bytes/s and packets/s.
+//! - `superpacket_64k`: what the router does with one 64 KiB TCP superpacket read from an
+//!   offloading TUN: split it into 47 segments of 1420 bytes (tun-rs `gso_split`, the code
+//!   `recv_multiple` runs), and GRO-coalesce the decrypted segments again (tun-rs
+//!   `GROTable::apply_gro`, the code `send_multiple` runs); and the whole pipeline split →
+//!   encapsulate → decapsulate → coalesce.
+//! - `allowed_ips_10k`: longest-prefix lookups in an [`AllowedIps`] of 10,000 prefixes.
+//!
+//! Every setup checks that the path it measures does the work (the packet arrives, the
+//! segments coalesce), so a broken path fails loudly instead of measuring a shortcut.
+//! Short by design (3 s per benchmark, 20 samples): `cargo bench -p tailsk8s-benches`.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tailsk8s_dataplane::allowed_ips::AllowedIps;
+use tailsk8s_dataplane::config::{AllowedIpChange, DeviceUpdate, PeerUpdate};
+use tailsk8s_dataplane::engine::{new_scratch, Engine, Transmit, DEFAULT_MTU, SCRATCH_LEN};
+use tailsk8s_dataplane::key::Key;
+use tailsk8s_dataplane::peer::Endpoint;
+use tun_rs::{GROTable, VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN};
+
+/// Pod addresses on the two nodes, as in benches/iperf3.
+const POD_A: [u8; 4] = [198, 19, 1, 2];
+const POD_B: [u8; 4] = [198, 19, 2, 2];
+/// IPv4 + TCP headers without options.
+const TCP_HEADERS: usize = 40;
+/// The TCP segment size that fills the default tunnel MTU.
+const MSS: usize = DEFAULT_MTU - TCP_HEADERS;
+/// Segments in the largest superpacket the kernel hands a TUN with this MTU (64 KiB GSO limit).
+const SUPERPACKET_SEGMENTS: usize = (65536 - TCP_HEADERS) / MSS;
+/// Room per packet buffer: a full-size packet, WireGuard's padding, and headroom.
+const PACKET_BUF: usize = 2048;
+/// Capacity of a TUN packet buffer: tun-rs coalesces into a buffer only if it can hold the
+/// whole superpacket (and leaves the packets apart, silently, if not), so like the router's
+/// `Outbox` every buffer has room for 64 KiB behind its headroom.
+const TUN_BUF_CAPACITY: usize = VIRTIO_NET_HDR_LEN + 65536;
+/// The virtio-net header flag "complete the checksum from csum_start".
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+
+// ------------------------------------------------------------------ packets
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A 20-byte IPv4 header (DF set) with a correct header checksum.
+fn ipv4_header(total_len: usize, protocol: u8, id: u16) -> [u8; 20] {
+    let total = u16::try_from(total_len).expect("an IPv4 packet fits 64 KiB");
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[4..6].copy_from_slice(&id.to_be_bytes());
+    h[6] = 0x40; // don't fragment
+    h[8] = 64;
+    h[9] = protocol;
+    h[12..16].copy_from_slice(&POD_A);
+    h[16..20].copy_from_slice(&POD_B);
+    let sum = checksum(&h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+/// A UDP datagram from pod A to pod B, `len` bytes in all (UDP checksum 0: legal in IPv4).
+fn udp_packet(len: usize) -> Vec<u8> {
+    let mut p = ipv4_header(len, 17, 1).to_vec();
+    let udp_len = u16::try_from(len - 20).expect("fits");
+    p.extend_from_slice(&40000u16.to_be_bytes());
+    p.extend_from_slice(&5201u16.to_be_bytes());
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.resize(len, 0xab);
+    p
+}
+
+/// A TCP superpacket as an offloading TUN delivers it (without the virtio-net header, which
+/// is returned separately): `segments` × MSS of payload behind one IPv4 + TCP header (ACK).
+fn tcp_superpacket(segments: usize) -> (Vec<u8>, VirtioNetHdr) {
+    let len = TCP_HEADERS + segments * MSS;
+    let mut p = ipv4_header(len, 6, 1000).to_vec();
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&0x2000_0000u32.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset: 5 words
+    tcp[13] = 0x10; // ACK
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    p.extend_from_slice(&tcp);
+    p.extend((0..segments * MSS).map(|i| i as u8));
+    let hdr = VirtioNetHdr {
+        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+        hdr_len: TCP_HEADERS as u16,
+        gso_size: MSS as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    (p, hdr)
+}
+
+/// Splits a superpacket into `bufs` with tun-rs, as the router's TUN reader does. Returns
+/// the number of segments; their lengths are in `sizes`.
+fn split(input: &mut [u8], hdr: VirtioNetHdr, bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> usize {
+    tun_rs::gso_split(input, hdr, bufs, sizes, 0, false).expect("a well-formed superpacket")
+}
+
+// ------------------------------------------------------------------ two engines in memory
+
+/// The engine's output, copied into buffers reused from one iteration to the next (as the
+/// router's `Outbox` does); TUN packets keep virtio-net headroom so GRO can run on them.
+#[derive(Default)]
+struct Sink {
+    datagrams: Vec<Vec<u8>>,
+    datagram_count: usize,
+    packets: Vec<Vec<u8>>,
+    packet_count: usize,
+}
+
+fn push_reused(
+    bufs: &mut Vec<Vec<u8>>,
+    count: &mut usize,
+    capacity: usize,
+    headroom: usize,
+    bytes: &[u8],
+) {
+    if *count == bufs.len() {
+        bufs.push(Vec::with_capacity(capacity));
+    }
+    let buf = &mut bufs[*count];
+    buf.clear();
+    buf.resize(headroom, 0);
+    buf.extend_from_slice(bytes);
+    *count += 1;
+}
+
+impl Sink {
+    fn clear(&mut self) {
+        self.datagram_count = 0;
+        self.packet_count = 0;
+    }
+
+    fn datagrams(&self) -> &[Vec<u8>] {
+        &self.datagrams[..self.datagram_count]
+    }
+
+    fn packet(&self, i: usize) -> &[u8] {
+        &self.packets[i][VIRTIO_NET_HDR_LEN..]
+    }
+}
+
+impl Transmit for Sink {
+    fn send(&mut self, _to: &Endpoint, datagram: &[u8]) {
+        let (bufs, count) = (&mut self.datagrams, &mut self.datagram_count);
+        push_reused(bufs, count, PACKET_BUF, 0, datagram);
+    }
+
+    fn write_tun(&mut self, packet: &[u8]) {
+        let (bufs, count) = (&mut self.packets, &mut self.packet_count);
+        push_reused(bufs, count, TUN_BUF_CAPACITY, VIRTIO_NET_HDR_LEN, packet);
+    }
+}
+
+struct Node {
+    engine: Engine,
+    public: Key,
+    addr: SocketAddr,
+    scratch: Box<[u8; SCRATCH_LEN]>,
+    out: Sink,
+}
+
+impl Node {
+    fn new(addr: &str) -> Node {
+        let private = Key::generate_private();
+        let engine = Engine::new(DEFAULT_MTU);
+        engine
+            .apply(&DeviceUpdate {
+                private_key: Some(Some(private)),
+                ..Default::default()
+            })
+            .expect("a private key applies");
+        Node {
+            engine,
+            public: private.public_key(),
+            addr: addr.parse().expect("a socket address"),
+            scratch: new_scratch(),
+            out: Sink::default(),
+        }
+    }
+
+    fn add_peer(&self, other: &Node, allowed: &str) {
+        let mut peer = PeerUpdate::new(other.public);
+        peer.endpoint = Some(other.addr);
+        peer.allowed_ips = vec![AllowedIpChange::Add(allowed.parse().expect("a prefix"))];
+        self.engine
+            .apply(&DeviceUpdate {
+                peers: vec![peer],
+                ..Default::default()
+            })
+            .expect("a peer applies");
+    }
+
+    /// One packet from the TUN: `buf[..len]`, the rest of `buf` is padding room.
+    fn tun_in(&mut self, buf: &mut [u8], len: usize) {
+        self.out.clear();
+        self.engine
+            .batch()
+            .handle_tun_packet(buf, len, &mut self.scratch, &mut self.out);
+    }
+
+    fn net_in(&mut self, from: SocketAddr, datagram: &[u8]) {
+        self.out.clear();
+        let local = Some(self.addr.ip());
+        self.engine.batch().handle_datagram(
+            from,
+            local,
+            datagram,
+            &mut self.scratch,
+            &mut self.out,
+        );
+    }
+}
+
+/// Node A (pod 198.19.1.0/24) and node B (pod 198.19.2.0/24), peered, with a session.
+fn established_pair() -> (Node, Node) {
+    let mut a = Node::new("198.18.0.1:51820");
+    let mut b = Node::new("198.18.0.2:51820");
+    a.add_peer(&b, "198.19.2.0/24");
+    b.add_peer(&a, "198.19.1.0/24");
+    // The first packet starts the handshake; shuttle messages until both sides are quiet.
+    let first = udp_packet(64);
+    let mut buf = first.clone();
+    buf.resize(PACKET_BUF, 0);
+    a.tun_in(&mut buf, first.len());
+    let mut in_flight: Vec<(bool, Vec<u8>)> = a
+        .out
+        .datagrams()
+        .iter()
+        .map(|d| (true, d.clone()))
+        .collect();
+    let mut delivered = Vec::new();
+    let mut rounds = 0;
+    while let Some((from_a, datagram)) = in_flight.pop() {
+        rounds += 1;
+        assert!(rounds < 100, "the handshake never settles");
+        let (to, from) = if from_a {
+            (&mut b, a.addr)
+        } else {
+            (&mut a, b.addr)
+        };
+        to.net_in(from, &datagram);
+        delivered.extend((0..to.out.packet_count).map(|i| to.out.packet(i).to_vec()));
+        in_flight.extend(to.out.datagrams().iter().map(|d| (!from_a, d.clone())));
+    }
+    assert_eq!(
+        delivered,
+        vec![first],
+        "the first packet crosses the new session"
+    );
+    (a, b)
+}
+
+/// One packet A → B; returns how many packets reached B's TUN.
+fn roundtrip(a: &mut Node, b: &mut Node, buf: &mut [u8], len: usize) -> usize {
+    a.tun_in(buf, len);
+    b.out.clear();
+    let mut batch = b.engine.batch();
+    for datagram in a.out.datagrams() {
+        batch.handle_datagram(
+            a.addr,
+            Some(b.addr.ip()),
+            datagram,
+            &mut b.scratch,
+            &mut b.out,
+        );
+    }
+    b.out.packet_count
+}
+
+fn engine_roundtrip(c: &mut Criterion) {
+    let (mut a, mut b) = established_pair();
+    let mut group = c.benchmark_group("engine_roundtrip");
+    for size in [64usize, 512, DEFAULT_MTU] {
+        let packet = udp_packet(size);
+        let mut buf = packet.clone();
+        buf.resize(PACKET_BUF, 0);
+        assert_eq!(roundtrip(&mut a, &mut b, &mut buf, size), 1);
+        assert_eq!(
+            b.out.packet(0),
+            &packet[..],
+            "{size}-byte packet arrives intact"
+        );
+        for (unit, throughput) in [
+            ("bytes", Throughput::Bytes(size as u64)),
+            ("packets", Throughput::Elements(1)),
+        ] {
+            group.throughput(throughput);
+            group.bench_function(format!("{unit}/{size}"), |bench| {
+                bench.iter(|| black_box(roundtrip(&mut a, &mut b, &mut buf, size)))
+            });
+        }
+    }
+    group.finish();
+}
+
+// ------------------------------------------------------------------ superpackets
+
+/// Split → encapsulate each segment (one batch) → decapsulate each (one batch) → GRO.
+/// Returns the coalesced packets' total length (headroom excluded).
+fn superpacket_pipeline(
+    a: &mut Node,
+    b: &mut Node,
+    input: &mut [u8],
+    hdr: VirtioNetHdr,
+    segments: &mut [Vec<u8>],
+    sizes: &mut [usize],
+    gro: &mut GROTable,
+) -> usize {
+    let count = split(input, hdr, segments, sizes);
+    a.out.clear();
+    {
+        let mut batch = a.engine.batch();
+        for (buf, &len) in segments.iter_mut().zip(sizes.iter()).take(count) {
+            batch.handle_tun_packet(buf, len, &mut a.scratch, &mut a.out);
+        }
+    }
+    b.out.clear();
+    {
+        let mut batch = b.engine.batch();
+        for datagram in a.out.datagrams() {
+            let local = Some(b.addr.ip());
+            batch.handle_datagram(a.addr, local, datagram, &mut b.scratch, &mut b.out);
+        }
+    }
+    let written = b.out.packet_count;
+    gro.apply_gro(&mut b.out.packets[..written], VIRTIO_NET_HDR_LEN, false)
+        .expect("GRO accepts the decrypted segments");
+    b.out.packets[..written]
+        .iter()
+        .map(|p| p.len() - VIRTIO_NET_HDR_LEN)
+        .sum()
+}
+
+fn superpacket_64k(c: &mut Criterion) {
+    let (mut original, hdr) = tcp_superpacket(SUPERPACKET_SEGMENTS);
+    let payload = SUPERPACKET_SEGMENTS * MSS;
+    let mut segments = vec![vec![0u8; PACKET_BUF]; SUPERPACKET_SEGMENTS];
+    let mut sizes = vec![0usize; SUPERPACKET_SEGMENTS];
+    let mut group = c.benchmark_group("superpacket_64k");
+
+    // Split.
+    let count = split(&mut original, hdr, &mut segments, &mut sizes);
+    assert_eq!(count, SUPERPACKET_SEGMENTS);
+    assert!(sizes.iter().all(|&s| s == DEFAULT_MTU), "full-MTU segments");
+    group.throughput(Throughput::Bytes(original.len() as u64));
+    group.bench_function("split", |bench| {
+        bench.iter(|| black_box(split(&mut original, hdr, &mut segments, &mut sizes)))
+    });
+
+    // GRO coalesce of the split segments, each behind virtio-net headroom. Cloning a Vec
+    // would not keep its capacity: build fresh buffers the size the router uses.
+    let tun_buffers = || -> Vec<Vec<u8>> {
+        segments
+            .iter()
+            .zip(&sizes)
+            .map(|(s, &len)| {
+                let mut p = Vec::with_capacity(TUN_BUF_CAPACITY);
+                p.resize(VIRTIO_NET_HDR_LEN, 0);
+                p.extend_from_slice(&s[..len]);
+                p
+            })
+            .collect()
+    };
+    let mut gro = GROTable::new();
+    let mut check = tun_buffers();
+    gro.apply_gro(&mut check, VIRTIO_NET_HDR_LEN, false)
+        .expect("GRO accepts the segments");
+    assert_eq!(
+        check[0].len(),
+        VIRTIO_NET_HDR_LEN + TCP_HEADERS + payload,
+        "all segments coalesce into the first buffer"
+    );
+    let segment_bytes: usize = sizes.iter().sum();
+    group.throughput(Throughput::Bytes(segment_bytes as u64));
+    group.bench_function("gro_coalesce", |bench| {
+        bench.iter_batched_ref(
+            tun_buffers,
+            |bufs| {
+                gro.apply_gro(bufs, VIRTIO_NET_HDR_LEN, false)
+                    .expect("GRO accepts the segments");
+                black_box(bufs[0].len())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    // The whole router path minus syscalls.
+    let (mut a, mut b) = established_pair();
+    let coalesced = superpacket_pipeline(
+        &mut a,
+        &mut b,
+        &mut original,
+        hdr,
+        &mut segments,
+        &mut sizes,
+        &mut gro,
+    );
+    assert_eq!(
+        b.out.packet_count, SUPERPACKET_SEGMENTS,
+        "every segment decrypts"
+    );
+    assert_eq!(
+        b.out.packets[0].len(),
+        VIRTIO_NET_HDR_LEN + TCP_HEADERS + payload,
+        "the decrypted segments coalesce into one superpacket"
+    );
+    assert!(coalesced >= TCP_HEADERS + payload);
+    for (unit, throughput) in [
+        ("bytes", Throughput::Bytes(original.len() as u64)),
+        ("packets", Throughput::Elements(SUPERPACKET_SEGMENTS as u64)),
+    ] {
+        group.throughput(throughput);
+        group.bench_function(format!("pipeline_{unit}"), |bench| {
+            bench.iter(|| {
+                black_box(superpacket_pipeline(
+                    &mut a,
+                    &mut b,
+                    &mut original,
+                    hdr,
+                    &mut segments,
+                    &mut sizes,
+                    &mut gro,
+                ))
+            })
+        });
+    }
+    group.finish();
+}
+
+// ------------------------------------------------------------------ allowed IPs
+
+const PREFIXES: usize = 10_000;
+const LOOKUPS: usize = 1024;
+
+/// Benchmarks looking up every address of `addrs`, after checking that some hit (all of
+/// them when `all_hit`), so the table measured is the one meant.
+fn bench_lookups(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    table: &AllowedIps<u32>,
+    addrs: &[IpAddr],
+    all_hit: bool,
+) {
+    let hits = addrs.iter().filter(|a| table.lookup(**a).is_some()).count();
+    assert!(hits > 0, "{name}: some lookups hit");
+    if all_hit {
+        assert_eq!(hits, addrs.len(), "{name}: every lookup hits");
+    }
+    group.bench_function(name, |bench| {
+        bench.iter(|| {
+            addrs
+                .iter()
+                .filter_map(|a| table.lookup(black_box(*a)))
+                .fold(0u32, u32::wrapping_add)
+        })
+    });
+}
+
+fn allowed_ips_10k(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(0x7a11_5c85);
+    let mut group = c.benchmark_group("allowed_ips_10k");
+    group.throughput(Throughput::Elements(LOOKUPS as u64));
+
+    // Pod CIDRs: 10,000 /24s of 100.64.0.0/10 (a /24 per node), addresses inside them.
+    let mut pods = AllowedIps::new();
+    for i in 0..PREFIXES as u32 {
+        let net = Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + (i << 8)), 24).expect("valid /24");
+        pods.insert(IpNet::V4(net), i);
+    }
+    assert_eq!(pods.len(), PREFIXES);
+    let addrs: Vec<IpAddr> = (0..LOOKUPS)
+        .map(|_| {
+            let node = rng.gen_range(0..PREFIXES as u32);
+            IpAddr::V4(Ipv4Addr::from(
+                0x6440_0000 + (node << 8) + rng.gen_range(1..255),
+            ))
+        })
+        .collect();
+    bench_lookups(&mut group, "v4_pod_cidrs_24", &pods, &addrs, true);
+
+    // 10,000 random IPv4 prefixes of random length /8–/32, uniformly random addresses.
+    let mut mixed = AllowedIps::new();
+    let mut i = 0u32;
+    while mixed.len() < PREFIXES {
+        let len = rng.gen_range(8..=32);
+        let net = Ipv4Net::new(Ipv4Addr::from(rng.gen::<u32>()), len).expect("valid length");
+        mixed.insert(IpNet::V4(net.trunc()), i);
+        i += 1;
+    }
+    let addrs: Vec<IpAddr> = (0..LOOKUPS)
+        .map(|_| IpAddr::V4(Ipv4Addr::from(rng.gen::<u32>())))
+        .collect();
+    bench_lookups(&mut group, "v4_random_prefixes", &mixed, &addrs, false);
+
+    // 10,000 IPv6 /64s under fd00::/8, addresses inside them.
+    let mut v6 = AllowedIps::new();
+    let mut nets = Vec::with_capacity(PREFIXES);
+    while v6.len() < PREFIXES {
+        let high = (0xfdu128 << 120) | (u128::from(rng.gen::<u64>() >> 8) << 64);
+        let net = Ipv6Net::new(Ipv6Addr::from(high), 64).expect("valid /64");
+        if v6.insert(IpNet::V6(net), v6.len() as u32).is_none() {
+            nets.push(high);
+        }
+    }
+    let addrs: Vec<IpAddr> = (0..LOOKUPS)
+        .map(|_| {
+            let high = nets[rng.gen_range(0..nets.len())];
+            IpAddr::V6(Ipv6Addr::from(high | u128::from(rng.gen::<u64>())))
+        })
+        .collect();
+    bench_lookups(&mut group, "v6_64", &v6, &addrs, true);
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = engine_roundtrip, superpacket_64k, allowed_ips_10k
+}
+criterion_main!(benches);
