@@ -115,7 +115,8 @@ pub fn init_tracing(log_level: Option<&str>) -> anyhow::Result<()> {
         Some(level) => parse("--log-level", level)?,
         None => match std::env::var("RUST_LOG") {
             Ok(level) if !level.is_empty() => parse("RUST_LOG", &level)?,
-            _ => EnvFilter::new("info"),
+            // boringtun logs routine session expiry at ERROR: keep its chatter out by default.
+            _ => EnvFilter::new("info,boringtun=off"),
         },
     };
     tracing_subscriber::fmt()

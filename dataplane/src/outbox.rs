@@ -70,6 +70,11 @@ pub struct Run<'a> {
 }
 
 impl Outbox {
+    /// Packets waiting for the TUN.
+    pub fn pending_packets(&self) -> usize {
+        self.packet_count
+    }
+
     pub fn is_empty(&self) -> bool {
         self.datagrams.is_empty() && self.packet_count == 0
     }

@@ -31,6 +31,8 @@ use crate::udp::UdpSockets;
 const TUN_BATCH: usize = 128;
 /// Datagrams (each possibly a GRO run) one UDP thread reads per `recvmmsg`.
 const UDP_BATCH: usize = 32;
+/// Decrypted packets collected before a GRO-coalesced write to the TUN.
+const TUN_FLUSH_PACKETS: usize = 128;
 /// Room for one packet, or one GRO-coalesced run of datagrams.
 const BUF_LEN: usize = 65536 + 64;
 /// How often threads wake to notice a stop request or new sockets.
@@ -192,28 +194,42 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                     // ICMP errors surface here as ECONNREFUSED and the like: not fatal.
                     Err(_) => break,
                 };
-                {
-                    let mut batch = shared.engine.batch();
-                    for (meta, buf) in metas.iter().zip(bufs.iter()).take(count) {
+                // Decrypted packets wait in the outbox for GRO; flush every
+                // `TUN_FLUSH_PACKETS` so its buffers stay few (memory) and writes stay timely.
+                let mut datagrams = metas
+                    .iter()
+                    .zip(bufs.iter())
+                    .take(count)
+                    .flat_map(|(meta, buf)| {
                         let from = canonical(meta.addr);
-                        let stride = meta.stride.max(1);
-                        for datagram in buf[..meta.len].chunks(stride) {
+                        buf[..meta.len]
+                            .chunks(meta.stride.max(1))
+                            .map(move |d| (from, meta.dst_ip, d))
+                    })
+                    .peekable();
+                while datagrams.peek().is_some() {
+                    {
+                        let mut batch = shared.engine.batch();
+                        for (from, local_ip, datagram) in datagrams.by_ref() {
                             batch.handle_datagram(
                                 from,
-                                meta.dst_ip,
+                                local_ip,
                                 datagram,
                                 &mut scratch,
                                 &mut outbox,
                             );
+                            if outbox.pending_packets() >= TUN_FLUSH_PACKETS {
+                                break;
+                            }
                         }
                     }
-                }
-                if outbox
-                    .flush(queue, pair, segments, shared.engine.stats())
-                    .is_err()
-                {
-                    shared.finish(ExitReason::TunGone);
-                    return;
+                    if outbox
+                        .flush(queue, pair, segments, shared.engine.stats())
+                        .is_err()
+                    {
+                        shared.finish(ExitReason::TunGone);
+                        return;
+                    }
                 }
                 if count < UDP_BATCH {
                     break;

@@ -1,7 +1,7 @@
 //! The WireGuard cross-platform userspace API (UAPI): the text protocol `wg` speaks over the
 //! stream socket `/var/run/wireguard/IFNAME.sock`.
 //!
-//! Three layers, one file each:
+//! Four parts, one file each (plus [`client`], the get side used by the demo):
 //! - [`parse`]: the lines of a `set=1` operation → one [`crate::config::DeviceUpdate`]
 //!   (pure, sans-IO; the whole operation is parsed before anything is applied, so malformed
 //!   input changes nothing).
@@ -14,6 +14,7 @@
 //! by line", we deliberately deviate: a set is all-or-nothing at parse time, and the engine
 //! receives it as a single update.
 
+pub mod client;
 pub mod format;
 pub mod parse;
 pub mod server;
