@@ -1,0 +1,459 @@
+//! `config`: the router's TOML config file.
+//!
+//! Every input is used twice:
+//! 1. as text (when it is UTF-8), given to [`RouterConfig::parse`] as the file
+//!    `/etc/tailsk8s/router.toml`: never a panic; an error points inside the text; an accepted
+//!    file satisfies every documented rule (MTU range, normalised and unique allowed IPs,
+//!    unique non-low-order peer keys, no port-0 endpoint, absolute resolved paths) and
+//!    survives a round trip (written back as TOML, it parses to the same configuration);
+//! 2. as choices for a structure-aware generator of VALID files ([`generate`]): field order,
+//!    optional fields, hex or decimal integers, comments, inline or `[[peer]]` tables, bare
+//!    addresses, host bits, spaces around values. Each generated file must parse to exactly
+//!    the configuration the generator meant.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use tailsk8s::config::{
+    check_ifname, PeerConfig, RouterConfig, DEFAULT_LISTEN_PORT, DEFAULT_MTU, MAX_MTU, MAX_WORKERS,
+    MIN_MTU,
+};
+use tailsk8s::routes::DEFAULT_FWMARK;
+use tailsk8s_dataplane::key::Key;
+
+use crate::input::Choices;
+
+const FILE: &str = "/etc/tailsk8s/router.toml";
+const DIR: &str = "/etc/tailsk8s";
+
+/// The target body.
+pub fn run(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        check_text(text);
+    }
+    let (text, expected) = generate(&mut Choices::new(data));
+    match RouterConfig::parse(Path::new(FILE), &text) {
+        Ok(cfg) => assert_eq!(
+            without_lines(cfg),
+            without_lines(expected),
+            "generated file parsed differently:\n{text}"
+        ),
+        Err(e) => panic!("generated file refused: {e}\n{text}"),
+    }
+}
+
+fn check_text(text: &str) {
+    let cfg = match RouterConfig::parse(Path::new(FILE), text) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let _ = e.to_string();
+            if let Some(at) = e.location() {
+                let lines = text.split('\n').count();
+                assert!(
+                    at.line >= 1 && at.line <= lines,
+                    "error at line {} of {lines}",
+                    at.line
+                );
+            }
+            return;
+        }
+    };
+    check_rules(&cfg);
+    let written = render(&cfg);
+    match RouterConfig::parse(Path::new(FILE), &written) {
+        Ok(again) => assert_eq!(
+            without_lines(again),
+            without_lines(cfg),
+            "round trip changed the config:\n{written}"
+        ),
+        Err(e) => panic!("an accepted config, written back, is refused: {e}\n{written}"),
+    }
+}
+
+/// The documented rules every accepted file satisfies.
+fn check_rules(cfg: &RouterConfig) {
+    assert!((MIN_MTU..=MAX_MTU).contains(&cfg.mtu), "mtu {}", cfg.mtu);
+    assert!(cfg.workers <= MAX_WORKERS, "workers {}", cfg.workers);
+    if let Some(name) = &cfg.interface {
+        assert!(
+            check_ifname(name).is_ok(),
+            "bad interface {name:?} accepted"
+        );
+    }
+    assert!(cfg.private_key_file.is_absolute());
+    let mut keys = BTreeSet::new();
+    let mut prefixes = BTreeSet::new();
+    for peer in &cfg.peers {
+        assert!(keys.insert(peer.public_key), "duplicate peer accepted");
+        assert!(
+            !peer.public_key.is_low_order_public(),
+            "low-order key accepted"
+        );
+        if let Some(e) = peer.endpoint {
+            assert_ne!(e.port(), 0, "port 0 endpoint accepted");
+        }
+        for p in &peer.allowed_ips {
+            assert_eq!(*p, p.trunc(), "allowed IP {p} not normalised");
+            assert!(prefixes.insert(*p), "duplicate allowed IP {p} accepted");
+        }
+        if let Some(f) = &peer.preshared_key_file {
+            assert!(f.is_absolute());
+        }
+    }
+    let update = cfg.to_device_update(Key([9; 32]), &BTreeMap::new());
+    assert!(update.replace_peers);
+    assert_eq!(update.peers.len(), cfg.peers.len());
+    assert!(update.peers.iter().all(|p| p.replace_allowed_ips));
+}
+
+/// Line numbers say where a peer was written, which a rewrite changes on purpose.
+fn without_lines(mut cfg: RouterConfig) -> RouterConfig {
+    for p in &mut cfg.peers {
+        p.line = 0;
+    }
+    cfg
+}
+
+/// A TOML basic string.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn path_str(p: &Path) -> String {
+    quote(&p.to_string_lossy())
+}
+
+/// Writes a config as a plain TOML file.
+fn render(cfg: &RouterConfig) -> String {
+    let mut out = String::new();
+    if let Some(name) = &cfg.interface {
+        let _ = writeln!(out, "interface = {}", quote(name));
+    }
+    let _ = writeln!(
+        out,
+        "private_key_file = {}",
+        path_str(&cfg.private_key_file)
+    );
+    let _ = writeln!(out, "listen_port = {}", cfg.listen_port);
+    let _ = writeln!(out, "mtu = {}", cfg.mtu);
+    let _ = writeln!(out, "fwmark = {}", cfg.fwmark);
+    let _ = writeln!(out, "workers = {}", cfg.workers);
+    let _ = writeln!(out, "offload = {}", cfg.offload);
+    for p in &cfg.peers {
+        out.push_str("\n[[peer]]\n");
+        let _ = writeln!(out, "public_key = {}", quote(&p.public_key.to_base64()));
+        if let Some(e) = p.endpoint {
+            let _ = writeln!(out, "endpoint = {}", quote(&e.to_string()));
+        }
+        let list: Vec<String> = p
+            .allowed_ips
+            .iter()
+            .map(|n| quote(&n.to_string()))
+            .collect();
+        let _ = writeln!(out, "allowed_ips = [{}]", list.join(", "));
+        if let Some(k) = p.persistent_keepalive {
+            let _ = writeln!(out, "persistent_keepalive = {k}");
+        }
+        if let Some(f) = &p.preshared_key_file {
+            let _ = writeln!(out, "preshared_key_file = {}", path_str(f));
+        }
+    }
+    out
+}
+
+const IFNAMES: [&str; 4] = ["tsk0", "wg-pods", "a", "x12345678901234"];
+const KEY_FILES: [&str; 4] = [
+    "/var/lib/tailsk8s/private.key",
+    "private.key",
+    "keys/node key",
+    "./k\u{e9}y",
+];
+
+fn resolve(p: &str) -> PathBuf {
+    let path = PathBuf::from(p);
+    if path.is_relative() {
+        Path::new(DIR).join(path)
+    } else {
+        path
+    }
+}
+
+/// An integer as TOML allows it: decimal, or hex / octal / binary when non-negative.
+fn integer(c: &mut Choices<'_>, v: u64) -> String {
+    match c.below(5) {
+        1 => format!("0x{v:x}"),
+        2 => format!("0o{v:o}"),
+        3 => format!("0b{v:b}"),
+        4 if v >= 1000 => {
+            // Underscores between digits.
+            let s = v.to_string();
+            let (a, b) = s.split_at(s.len() - 3);
+            format!("{a}_{b}")
+        }
+        _ => v.to_string(),
+    }
+}
+
+/// Spaces around a string value that the parser trims (endpoints and allowed IPs).
+fn padded(c: &mut Choices<'_>, s: &str) -> String {
+    match c.below(4) {
+        1 => format!(" {s}"),
+        2 => format!("{s}  "),
+        _ => s.to_string(),
+    }
+}
+
+fn gen_endpoint(c: &mut Choices<'_>) -> SocketAddr {
+    let port = c.u16().max(1);
+    if c.bool() {
+        let [x, y] = c.array();
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, x, y)), port)
+    } else {
+        let tail = c.u16();
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, tail)),
+            port,
+        )
+    }
+}
+
+/// An allowed IP as written (maybe bare, maybe with host bits) and the prefix it means.
+fn gen_prefix(c: &mut Choices<'_>) -> (String, IpNet) {
+    let (addr, max): (IpAddr, u8) = if c.bool() {
+        let [x, y] = c.array();
+        (Ipv4Addr::new(198, 19, x, y).into(), 32)
+    } else {
+        let [x, y] = [c.u16(), c.u16()];
+        (Ipv6Addr::new(0xfd00, 0x19, x, 0, 0, 0, 0, y).into(), 128)
+    };
+    if c.below(4) == 0 {
+        return (addr.to_string(), IpNet::from(addr));
+    }
+    let len = (c.byte() % (max + 1)).max(if max == 32 { 16 } else { 32 });
+    let written = format!("{addr}/{len}");
+    let net = IpNet::new(addr, len).map(|n| n.trunc());
+    match net {
+        Ok(net) => (written, net),
+        // Unreachable: len ≤ max by construction.
+        Err(_) => (addr.to_string(), IpNet::from(addr)),
+    }
+}
+
+/// A valid config file chosen by `c`, and the configuration it must parse to.
+pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
+    let mut lines: Vec<String> = Vec::new();
+    let interface = c
+        .bool()
+        .then(|| IFNAMES[c.below(IFNAMES.len())].to_string());
+    let key_file = KEY_FILES[c.below(KEY_FILES.len())];
+    let listen_port = c.bool().then(|| c.u16());
+    let mtu = c
+        .bool()
+        .then(|| MIN_MTU + u32::from(c.u16()) % (MAX_MTU - MIN_MTU + 1));
+    let fwmark = c.bool().then(|| c.u32());
+    let workers = c.bool().then(|| usize::from(c.u16()) % (MAX_WORKERS + 1));
+    let offload = c.bool().then(|| c.bool());
+
+    let mut top: Vec<String> = Vec::new();
+    if let Some(name) = &interface {
+        top.push(format!("interface = {}", quote(name)));
+    }
+    top.push(format!("private_key_file = {}", quote(key_file)));
+    if let Some(port) = listen_port {
+        top.push(format!("listen_port = {}", integer(c, u64::from(port))));
+    }
+    if let Some(mtu) = mtu {
+        top.push(format!("mtu = {}", integer(c, u64::from(mtu))));
+    }
+    if let Some(mark) = fwmark {
+        top.push(format!("fwmark = {}", integer(c, u64::from(mark))));
+    }
+    if let Some(w) = workers {
+        top.push(format!("workers = {}", integer(c, w as u64)));
+    }
+    if let Some(o) = offload {
+        top.push(format!("offload = {o}"));
+    }
+    // Top-level keys in any order (a rotation chosen by the input), maybe with comments.
+    let rotate = c.below(top.len());
+    top.rotate_left(rotate);
+    for line in top {
+        if c.below(4) == 0 {
+            lines.push("# a comment".to_string());
+        }
+        lines.push(line);
+    }
+
+    let inline = c.below(4) == 0;
+    let mut peers = Vec::new();
+    let mut peer_tables: Vec<Vec<String>> = Vec::new();
+    let mut used_keys = BTreeSet::new();
+    let mut used_prefixes = BTreeSet::new();
+    for _ in 0..c.below(5) {
+        let public_key = crate::support::fixed_private_key(c.byte()).public_key();
+        if !used_keys.insert(public_key) {
+            continue;
+        }
+        let mut fields = vec![format!("public_key = {}", quote(&public_key.to_base64()))];
+        let endpoint = c.bool().then(|| gen_endpoint(c));
+        if let Some(e) = endpoint {
+            fields.push(format!("endpoint = {}", quote(&padded(c, &e.to_string()))));
+        }
+        let mut allowed_ips = Vec::new();
+        let mut written = Vec::new();
+        for _ in 0..c.below(4) {
+            let (text, net) = gen_prefix(c);
+            if used_prefixes.insert(net) {
+                written.push(quote(&padded(c, &text)));
+                allowed_ips.push(net);
+            }
+        }
+        if !written.is_empty() || c.bool() {
+            fields.push(format!("allowed_ips = [{}]", written.join(", ")));
+        }
+        let persistent_keepalive = c.bool().then(|| c.u16());
+        if let Some(k) = persistent_keepalive {
+            fields.push(format!("persistent_keepalive = {k}"));
+        }
+        let psk = c.bool().then(|| KEY_FILES[c.below(KEY_FILES.len())]);
+        if let Some(f) = psk {
+            fields.push(format!("preshared_key_file = {}", quote(f)));
+        }
+        let rotate = c.below(fields.len());
+        fields.rotate_left(rotate);
+        peers.push(PeerConfig {
+            public_key,
+            endpoint,
+            allowed_ips,
+            persistent_keepalive,
+            preshared_key_file: psk.map(resolve),
+            line: 0,
+        });
+        peer_tables.push(fields);
+    }
+    if inline && !peer_tables.is_empty() {
+        let tables: Vec<String> = peer_tables
+            .iter()
+            .map(|f| format!("{{ {} }}", f.join(", ")))
+            .collect();
+        lines.push(format!("peer = [{}]", tables.join(", ")));
+    } else {
+        for fields in peer_tables {
+            lines.push(String::new());
+            lines.push("[[peer]]".to_string());
+            lines.extend(fields);
+        }
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    let expected = RouterConfig {
+        path: PathBuf::from(FILE),
+        interface,
+        private_key_file: resolve(key_file),
+        listen_port: listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
+        mtu: mtu.unwrap_or(DEFAULT_MTU),
+        fwmark: fwmark.unwrap_or(DEFAULT_FWMARK),
+        workers: workers.unwrap_or(0),
+        offload: offload.unwrap_or(true),
+        peers,
+    };
+    (text, expected)
+}
+
+/// Seeds: the documented example, a minimal file, and a few refusals.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let key_a = crate::support::fixed_private_key(2)
+        .public_key()
+        .to_base64();
+    let key_b = crate::support::fixed_private_key(3)
+        .public_key()
+        .to_base64();
+    let example = format!(
+        "interface = \"tsk0\"\n\
+         private_key_file = \"/var/lib/tailsk8s/private.key\"\n\
+         listen_port = 51820\nmtu = 1420\nfwmark = 0x10000000\n\n\
+         [[peer]]\npublic_key = \"{key_a}\"\nendpoint = \"198.18.0.2:51820\"\n\
+         allowed_ips = [\"198.19.2.0/24\", \"fd00:19:2::/64\"]\npersistent_keepalive = 25\n\
+         preshared_key_file = \"psk/a\"\n\n\
+         [[peer]]\npublic_key = \"{key_b}\"\nendpoint = \"[fd00:18::3]:51820\"\n\
+         allowed_ips = [\"198.19.3.7/24\", \"fd00:19:3::1\"]\n"
+    );
+    let inline = format!(
+        "private_key_file = \"k\"\npeer = [{{ public_key = \"{key_a}\", allowed_ips = [] }}]\n"
+    );
+    let refused = format!(
+        "private_key_file = \"k\"\nmtu = 70000\n[[peer]]\npublic_key = \"{key_a}\"\n\
+         allowed_ips = [\"198.19.2.0/24\", \"198.19.2.9/24\"]\ncolour = \"blue\"\n"
+    );
+    let low_order = format!(
+        "private_key_file = \"k\"\n[[peer]]\npublic_key = \"{}\"\n",
+        Key::ZERO.to_base64()
+    );
+    vec![
+        ("example", example.into_bytes()),
+        ("minimal", b"private_key_file = \"/k\"\n".to_vec()),
+        ("inline-peers", inline.into_bytes()),
+        ("refused", refused.into_bytes()),
+        ("low-order", low_order.into_bytes()),
+        ("bad-toml", b"private_key_file = \"k\nmtu = [1,\n".to_vec()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generator_covers_peers_and_options() {
+        // A byte string that asks for everything: every "maybe" answered yes.
+        let data = [1u8; 200];
+        let (text, cfg) = generate(&mut Choices::new(&data));
+        assert!(
+            text.contains("[[peer]]") || text.contains("peer = ["),
+            "{text}"
+        );
+        assert!(cfg.interface.is_some());
+        assert_eq!(
+            without_lines(RouterConfig::parse(Path::new(FILE), &text).unwrap()),
+            without_lines(cfg)
+        );
+    }
+
+    #[test]
+    fn render_round_trips_the_example() {
+        let example = seeds().remove(0).1;
+        let text = String::from_utf8(example).unwrap_or_default();
+        let cfg = RouterConfig::parse(Path::new(FILE), &text).unwrap();
+        assert_eq!(cfg.peers.len(), 2);
+        let again = RouterConfig::parse(Path::new(FILE), &render(&cfg)).unwrap();
+        assert_eq!(without_lines(again), without_lines(cfg));
+    }
+
+    #[test]
+    fn quoting_survives_awkward_strings() {
+        for s in ["a\"b", "back\\slash", "tab\tnew\nline", "\u{7f}del", "é"] {
+            let text = format!("private_key_file = {}\n", quote(s));
+            let cfg = RouterConfig::parse(Path::new(FILE), &text).unwrap();
+            assert_eq!(cfg.private_key_file, resolve(s), "{s:?}");
+        }
+    }
+}
