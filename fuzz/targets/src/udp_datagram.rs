@@ -11,9 +11,10 @@
 //!
 //! Invariants:
 //! - a packet reaches an engine's TUN only when the datagram is, byte for byte, a data message
-//!   a remote encrypted for THAT engine, delivered for the first time; the packet is (a prefix
-//!   of) a plaintext that remote encrypted; and its inner source lies in the allowed IPs that
-//!   engine gives the remote;
+//!   a remote encrypted for THAT engine, delivered for the first time; the packet is a
+//!   well-formed IP packet (whole header, length field equal to its length, as the kernel
+//!   requires) and (a prefix of) a plaintext that remote encrypted; and its inner source lies
+//!   in the allowed IPs that engine gives the remote;
 //! - raw fuzzer bytes (which cannot authenticate) produce no output and change no peer state
 //!   (endpoint, counters, handshake time, keys, allowed IPs);
 //! - every reply goes to the address the datagram came from.
@@ -394,6 +395,19 @@ impl World {
             self.delivered.insert((engine, wire)),
             "a replayed datagram reached engine {engine}'s TUN again"
         );
+        // What the kernel's WireGuard accepts after decryption: a whole IP header whose
+        // length field matches the packet (it drops "dishonest packet sizes").
+        let header = match ip::version(packet) {
+            Some(4) => 20,
+            Some(6) => 40,
+            _ => usize::MAX,
+        };
+        assert!(
+            packet.len() >= header && ip::claimed_len(packet) == Some(packet.len()),
+            "a malformed packet ({} bytes, header claims {:?}) reached engine {engine}'s TUN",
+            packet.len(),
+            ip::claimed_len(packet)
+        );
         assert!(
             link.plaintexts
                 .iter()
@@ -610,6 +624,25 @@ mod tests {
             "B delivered a packet after the handshake"
         );
         let _ = ping;
+    }
+
+    #[test]
+    #[should_panic(expected = "malformed packet")]
+    fn the_oracle_catches_a_packet_shorter_than_its_header() {
+        let mut world = World::new();
+        // IPv4 with total length 0: boringtun hands the engine an empty packet for it.
+        let mut lying = crate::packets::icmp_v4("198.19.2.9", "198.19.1.1", 16);
+        lying[2..4].copy_from_slice(&[0, 0]);
+        world.apply(Op::Encrypt {
+            remote: R_TO_A as u8,
+            plaintext: lying,
+        });
+        let bytes = world.wires[0].bytes.clone();
+        let out = Capture {
+            sent: Vec::new(),
+            tun: vec![Vec::new()],
+        };
+        world.check_tun(ENGINE_A, 0, &bytes, &out);
     }
 
     #[test]
