@@ -589,9 +589,16 @@ impl Batch<'_> {
         inner_source: IpAddr,
         tx: &mut impl Transmit,
     ) {
-        // Authentic: count it and roam, even if the cryptokey check below drops it.
+        // Authentic: count it and roam, even if the checks below drop it.
         state.rx_bytes += wire_len as u64;
         state.endpoint = Some(source);
+        // boringtun trims to the length the header claims without checking that a whole
+        // header remains: a peer could otherwise put a header-less stub on the TUN.
+        if packet::ip_len(inner) != Some(inner.len()) || packet::source(inner) != Some(inner_source)
+        {
+            stats.drop(DropReason::MalformedPacket);
+            return;
+        }
         if config.allowed_ips.lookup(inner_source) != Some(slot) {
             stats.drop(DropReason::NotAllowed);
             return;
