@@ -19,9 +19,12 @@
 //! - [`netns`]: the [`Netns`] guard and running things inside a namespace.
 //! - [`topology`]: nodes, pod bridges, pods and the underlay, with their addresses.
 //! - [`wg`]: WireGuard devices ([`Impl`], [`WgDevice`], [`Mesh`]) configured with `wg`.
+//! - [`config_router`]: the router configured by its own config file ([`ConfigRouter`],
+//!   [`ConfigMesh`]), its process lifecycle, and the routes and rules it installs.
 //! - [`dump`]: parsing `wg show IFNAME dump`.
 //! - [`traffic`]: ping and checksummed TCP transfers between namespaces.
 
+pub mod config_router;
 pub mod dump;
 pub mod gate;
 pub mod names;
@@ -32,6 +35,7 @@ pub mod topology;
 pub mod traffic;
 pub mod wg;
 
+pub use config_router::{ConfigFile, ConfigMesh, ConfigRouter, KeyPair};
 pub use dump::{DumpError, InterfaceDump, PeerDump, WgDump};
 pub use gate::{require_netns, REQUIRE_NETNS_ENV};
 pub use netns::Netns;
