@@ -221,6 +221,9 @@ pub struct RouterConfig {
     pub interface: Option<String>,
     /// Resolved against the config file's directory.
     pub private_key_file: PathBuf,
+    /// Where `private_key_file` is set, so a problem with the key file itself (permissions,
+    /// content) can still point at the config line.
+    pub private_key_file_at: Location,
     pub listen_port: u16,
     pub mtu: u32,
     /// The mark of the router's UDP socket; 0 = none. Also keeps the router's own encrypted
@@ -414,6 +417,7 @@ impl Context<'_> {
             None => DEFAULT_MTU,
         };
         let private_key_file = self.resolve("private_key_file", &raw.private_key_file)?;
+        let private_key_file_at = Location::of_offset(self.text, raw.private_key_file.span().start);
         let workers = match raw.workers {
             Some(w) if *w.get_ref() > MAX_WORKERS => {
                 return Err(self.error(
@@ -438,6 +442,7 @@ impl Context<'_> {
             path: self.path.to_path_buf(),
             interface,
             private_key_file,
+            private_key_file_at,
             listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
             mtu,
             fwmark: raw.fwmark.unwrap_or(DEFAULT_FWMARK),

@@ -9,3 +9,4 @@ pub mod demo;
 pub mod key_file;
 pub mod router;
 pub mod routes;
+pub mod userspace;

@@ -7,6 +7,9 @@ use clap::Parser;
 use tailsk8s::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    if tailsk8s::userspace::invoked_as_userspace_implementation() {
+        return tailsk8s::userspace::main();
+    }
     let cli = Cli::parse();
     let result = cli::init_tracing(cli.log_level.as_deref()).and_then(|()| cli::run(cli));
     match result {

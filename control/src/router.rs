@@ -34,6 +34,11 @@ pub enum Shutdown {
 
 /// Runs the router in the foreground until it is told to stop.
 pub fn run(args: &RouterArgs) -> anyhow::Result<()> {
+    run_with(args, || {})
+}
+
+/// Like [`run`], calling `ready` once the device is up and the UAPI socket serves.
+pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => Some(RouterConfig::load(path)?),
         None => None,
@@ -44,8 +49,13 @@ pub fn run(args: &RouterArgs) -> anyhow::Result<()> {
     // private key file is created on first start by design).
     let prepared = match &config {
         Some(config) => {
-            let private_key = load_or_create_private_key(&config.private_key_file)?;
-            let preshared = config.load_preshared_keys()?;
+            let private_key =
+                load_or_create_private_key(&config.private_key_file).with_context(|| {
+                    format!("{}:{}", config.path.display(), config.private_key_file_at)
+                })?;
+            let preshared = config
+                .load_preshared_keys()
+                .with_context(|| format!("{}: preshared_key_file", config.path.display()))?;
             Some((config, config.to_device_update(private_key, &preshared)))
         }
         None => None,
@@ -105,6 +115,7 @@ pub fn run(args: &RouterArgs) -> anyhow::Result<()> {
         socket = %watch.path().display(),
         "router running"
     );
+    ready();
 
     let shutdown = loop {
         std::thread::sleep(WATCH_INTERVAL);

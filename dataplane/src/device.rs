@@ -92,6 +92,15 @@ impl Shared {
         self.stop.store(true, Relaxed);
     }
 
+    /// Takes the TUN's current MTU into the engine.
+    pub(crate) fn refresh_mtu(&self) {
+        if let Ok(mtu) = self.tun.mtu() {
+            if usize::from(mtu) != self.engine.mtu() {
+                self.engine.set_mtu(usize::from(mtu));
+            }
+        }
+    }
+
     pub(crate) fn tick(&self, outbox: &mut Outbox, scratch: &mut [u8; crate::engine::SCRATCH_LEN]) {
         self.engine.tick(Instant::now(), scratch, outbox);
         if !outbox.is_empty() {

@@ -158,8 +158,15 @@ impl Outbox {
             }
         }
         for run in self.runs(max_segments) {
-            if send_with_retry(sockets, &run).is_err() {
-                stats.drop(DropReason::QueueFull);
+            match send_with_retry(sockets, &run) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    stats.drop(DropReason::TooBig)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stats.drop(DropReason::QueueFull)
+                }
+                Err(_) => stats.drop(DropReason::SendFailed),
             }
         }
         self.clear();

@@ -38,10 +38,12 @@ pub enum DropReason {
     LowOrderKey,
     /// An output queue was full (a driver could not take more this batch).
     QueueFull,
+    /// The kernel refused to send a datagram (no route to the endpoint, and the like).
+    SendFailed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::NoRoute,
         DropReason::NotAllowed,
         DropReason::MalformedPacket,
@@ -57,6 +59,7 @@ impl DropReason {
         DropReason::NoEndpoint,
         DropReason::LowOrderKey,
         DropReason::QueueFull,
+        DropReason::SendFailed,
     ];
 
     /// The label used in metrics and logs.
@@ -77,6 +80,7 @@ impl DropReason {
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::LowOrderKey => "low_order_key",
             DropReason::QueueFull => "queue_full",
+            DropReason::SendFailed => "send_failed",
         }
     }
 }

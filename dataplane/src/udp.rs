@@ -43,6 +43,7 @@ impl BoundSocket {
         socket.bind(&addr.into())?;
         let socket: UdpSocket = socket.into();
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        allow_fragmentation(&socket, addr.is_ipv6());
         Ok(BoundSocket { socket, state })
     }
 
@@ -56,22 +57,55 @@ impl BoundSocket {
     }
 
     /// Sends `contents` to `to`; with `segment_size`, `contents` is several datagrams of that
-    /// size sent with one syscall (UDP GSO). Transient errors are swallowed by quinn-udp
-    /// (UDP is lossy anyway); only `WouldBlock` comes back.
+    /// size sent with one syscall (UDP GSO). Falls back by itself: from any source address
+    /// when the one the peer used is gone (the node's address changed), and to one datagram
+    /// per syscall when the kernel refuses the GSO send (e.g. segments above the path MTU).
     pub fn send(
         &self,
         to: &Endpoint,
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
+        let first = self.try_send(to.addr, to.local_ip, contents, segment_size);
+        let source_gone = |e: &io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH | libc::EHOSTUNREACH)
+            )
+        };
+        let (source, result) = match first {
+            Err(e) if to.local_ip.is_some() && source_gone(&e) => {
+                (None, self.try_send(to.addr, None, contents, segment_size))
+            }
+            other => (to.local_ip, other),
+        };
+        match (result, segment_size) {
+            (Err(e), Some(size)) if e.kind() != io::ErrorKind::WouldBlock && size > 0 => {
+                for datagram in contents.chunks(size) {
+                    self.try_send(to.addr, source, datagram, None)?;
+                }
+                Ok(())
+            }
+            (result, _) => result,
+        }
+    }
+
+    fn try_send(
+        &self,
+        destination: SocketAddr,
+        src_ip: Option<std::net::IpAddr>,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
         let transmit = Transmit {
-            destination: to.addr,
+            destination,
             ecn: None,
             contents,
             segment_size,
-            src_ip: to.local_ip,
+            src_ip,
         };
-        self.state.send(UdpSockRef::from(&self.socket), &transmit)
+        self.state
+            .try_send(UdpSockRef::from(&self.socket), &transmit)
     }
 
     pub fn set_mark(&self, fwmark: u32) -> io::Result<()> {
@@ -92,6 +126,38 @@ impl BoundSocket {
 impl AsRawFd for BoundSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
+    }
+}
+
+/// quinn-udp sets DF on every datagram (PMTU probing, right for QUIC). A tunnel must instead
+/// carry a datagram larger than the underlay's MTU, as the kernel's WireGuard and
+/// wireguard-go do: let the kernel fragment it.
+fn allow_fragmentation(socket: &UdpSocket, ipv6: bool) {
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: a plain int option on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if ipv6 {
+        set(
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        );
+        set(libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
+    } else {
+        set(
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        );
     }
 }
 

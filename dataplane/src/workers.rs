@@ -134,6 +134,12 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         if count == 0 {
             continue;
         }
+        // The kernel never hands us more than the TUN's MTU: a larger packet means the MTU
+        // was just raised (`ip link set mtu`). Follow it now, not at the next timer tick, or
+        // the engine would answer "too big" with the old MTU and poison the sender's PMTU.
+        if sizes[..count].iter().any(|&n| n > shared.engine.mtu()) {
+            shared.refresh_mtu();
+        }
         {
             let mut batch = shared.engine.batch();
             for (buf, len) in bufs.iter_mut().zip(sizes.iter()).take(count) {
@@ -257,11 +263,7 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
                 return;
             }
             // `ip link set mtu` (wg-quick, operators) changes the tunnel MTU under us.
-            if let Ok(mtu) = shared.tun.mtu() {
-                if usize::from(mtu) != shared.engine.mtu() {
-                    shared.engine.set_mtu(usize::from(mtu));
-                }
-            }
+            shared.refresh_mtu();
         }
     }
 }

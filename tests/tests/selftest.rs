@@ -11,9 +11,6 @@
 //! between the nodes, a second underlay address, an address inside another node's pod
 //! CIDR — are built here with `ip` and `nft` inside the test's own namespaces.
 //!
-//! Tests marked `#[ignore = "bug: …"]` show router bugs found by these scenarios; run them
-//! with `--ignored` once the bug is fixed, then drop the attribute.
-//!
 //! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -199,8 +196,6 @@ fn roaming(roamer: Impl, family: EndpointFamily, move_address: bool) {
 }
 
 #[test]
-#[ignore = "bug: after its source address is deleted the router keeps sending from it \
-            (sendmsg ENETUNREACH for IPv4 / EINVAL for IPv6) instead of retrying without it"]
 fn roaming_over_an_ipv4_underlay_follows_the_latest_authenticated_packet() {
     if !require_netns() {
         return;
@@ -209,8 +204,6 @@ fn roaming_over_an_ipv4_underlay_follows_the_latest_authenticated_packet() {
 }
 
 #[test]
-#[ignore = "bug: after its source address is deleted the router keeps sending from it \
-            (sendmsg ENETUNREACH for IPv4 / EINVAL for IPv6) instead of retrying without it"]
 fn roaming_over_an_ipv6_underlay_follows_the_latest_authenticated_packet() {
     if !require_netns() {
         return;
@@ -839,9 +832,6 @@ fn big_mtu_fragmenting(family: EndpointFamily) {
 }
 
 #[test]
-#[ignore = "bug: the UDP socket has IP(V6)_PMTUDISC_PROBE (quinn-udp's default), so outer \
-            datagrams larger than the underlay MTU fail with EMSGSIZE instead of being \
-            fragmented as the kernel's WireGuard and wireguard-go do"]
 fn big_mtu_over_a_fragmenting_ipv4_underlay() {
     if !require_netns() {
         return;
@@ -850,9 +840,6 @@ fn big_mtu_over_a_fragmenting_ipv4_underlay() {
 }
 
 #[test]
-#[ignore = "bug: the UDP socket has IP(V6)_PMTUDISC_PROBE (quinn-udp's default), so outer \
-            datagrams larger than the underlay MTU fail with EMSGSIZE instead of being \
-            fragmented as the kernel's WireGuard and wireguard-go do"]
 fn big_mtu_over_a_fragmenting_ipv6_underlay() {
     if !require_netns() {
         return;
@@ -865,8 +852,6 @@ fn big_mtu_over_a_fragmenting_ipv6_underlay() {
 /// with "fragmentation needed, MTU 1420", and the sender's kernel then caches that PMTU for
 /// the destination for 10 minutes.
 #[test]
-#[ignore = "bug: the router polls the TUN MTU once a second; until then it answers big DF \
-            packets with ICMP fragmentation-needed (MTU 1420), cached by the sender for 600 s"]
 fn big_mtu_works_as_soon_as_the_link_mtu_is_raised() {
     if !require_netns() {
         return;

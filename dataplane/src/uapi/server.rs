@@ -136,7 +136,8 @@ impl UapiServer {
         listener
             .set_nonblocking(true)
             .map_err(io_error("making nonblocking", &path))?;
-        info!(path = %path.display(), "UAPI socket listening");
+        // The router logs one "running" line with the socket path once all is up.
+        tracing::debug!(path = %path.display(), "UAPI socket listening");
         Ok(UapiServer {
             listener,
             watch,

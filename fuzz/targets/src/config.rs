@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use tailsk8s::config::{
-    check_ifname, PeerConfig, RouterConfig, DEFAULT_LISTEN_PORT, DEFAULT_MTU, MAX_MTU, MAX_WORKERS,
-    MIN_MTU,
+    check_ifname, Location, PeerConfig, RouterConfig, DEFAULT_LISTEN_PORT, DEFAULT_MTU, MAX_MTU,
+    MAX_WORKERS, MIN_MTU,
 };
 use tailsk8s::routes::DEFAULT_FWMARK;
 use tailsk8s_dataplane::key::Key;
@@ -114,8 +114,12 @@ fn without_lines(mut cfg: RouterConfig) -> RouterConfig {
     for p in &mut cfg.peers {
         p.line = 0;
     }
+    cfg.private_key_file_at = NOWHERE;
     cfg
 }
+
+/// The location [`without_lines`] puts everywhere.
+const NOWHERE: Location = Location { line: 0, column: 0 };
 
 /// A TOML basic string.
 fn quote(s: &str) -> String {
@@ -369,6 +373,7 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
         path: PathBuf::from(FILE),
         interface,
         private_key_file: resolve(key_file),
+        private_key_file_at: NOWHERE,
         listen_port: listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
         mtu: mtu.unwrap_or(DEFAULT_MTU),
         fwmark: fwmark.unwrap_or(DEFAULT_FWMARK),
