@@ -6,25 +6,31 @@
 //! on Ctrl-C. The cluster is built with the same harness the end-to-end tests use.
 
 use std::fmt::Write as _;
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
-use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::uapi::client;
-use tailsk8s_e2e::topology::{Node, Topology, TopologyBuilder};
-use tailsk8s_e2e::{names, ping, tools, Daemon};
+use tailsk8s_e2e::config_router::ConfigMesh;
+use tailsk8s_e2e::topology::TopologyBuilder;
+use tailsk8s_e2e::wg::MeshOptions;
+use tailsk8s_e2e::{ping, tools};
 
 use crate::cli::DemoArgs;
 
+/// Prints a line, ignoring a closed stdout (`tailsk8s demo | head`): the demo must still
+/// reach its cleanup rather than panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Seconds of the throughput run.
 const TRANSFER_SECONDS: u32 = 5;
-/// UDP port of every demo router (each node is its own namespace).
-const LISTEN_PORT: u16 = 51820;
 
 /// Runs the demo; everything it created is gone when it returns.
 pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
@@ -60,22 +66,21 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     step("Building a two-node cluster: per node a pod bridge cnio0 with 2 pods, an underlay between nodes");
     let cluster = TopologyBuilder::new(2).pods_per_node(2).build()?;
     check()?;
-    let work = Workdir::new()?;
-    let routers = start_routers(&cluster, &binary, &work)?;
-    for router in &routers {
-        println!(
+    // One `tailsk8s router --config` per node (this very binary), each with a generated
+    // key and the other node as its peer; dropping the mesh stops them with SIGTERM.
+    let routers = ConfigMesh::start_with_binary(&binary, &cluster, &MeshOptions::default())?;
+    for (node, router) in cluster.nodes().iter().zip(routers.routers()) {
+        say!(
             "  node {}  underlay {}  pods {}  router {} (key {})",
-            router.node.index(),
-            router.node.underlay_v4(),
-            router
-                .node
-                .pod_cidrs()
+            node.index(),
+            node.underlay_v4(),
+            node.pod_cidrs()
                 .iter()
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            router.ifname,
-            router.public_key
+            router.ifname(),
+            router.public_key().unwrap_or("?")
         );
     }
     check()?;
@@ -90,7 +95,7 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     ] {
         check()?;
         ping(from.netns(), to.ip(v6), 3)?;
-        println!("  {:<22} -> {:<22} 3/3 replies", from.ip(v6), to.ip(v6));
+        say!("  {:<22} -> {:<22} 3/3 replies", from.ip(v6), to.ip(v6));
     }
 
     check()?;
@@ -100,123 +105,27 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
         n2.pods()[0].ipv4()
     ));
     let gbits = transfer(&n1.pods()[0], &n2.pods()[0])?;
-    println!("  {gbits:.2} Gbit/s (both routers and iperf3 share this machine's CPUs)");
+    say!("  {gbits:.2} Gbit/s (both routers and iperf3 share this machine's CPUs)");
 
     check()?;
     step("Peers as each router reports them over its UAPI socket (what `wg show` prints)");
-    for router in &routers {
-        print!("{}", show(&router.ifname)?);
+    for router in routers.routers() {
+        let text = show(router.ifname())?;
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     }
     step("Removing the cluster");
     drop(routers);
     drop(cluster);
-    println!("  done: namespaces, routers, sockets and routes are gone");
+    say!("  done: namespaces, routers, sockets and routes are gone");
     Ok(())
 }
 
 fn step(what: &str) {
-    println!("\n== {what}");
-}
-
-/// A private directory for keys and config files, removed on drop.
-struct Workdir(PathBuf);
-
-impl Workdir {
-    fn new() -> anyhow::Result<Workdir> {
-        let path = names::scratch_file("demo", "d")?;
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
-        Ok(Workdir(path))
-    }
-}
-
-impl Drop for Workdir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// One node's router process (stopped with SIGTERM on drop, which removes its routes).
-struct Router<'a> {
-    node: &'a Node,
-    ifname: String,
-    public_key: Key,
-    _daemon: Daemon,
-}
-
-fn start_routers<'a>(
-    cluster: &'a Topology,
-    binary: &Path,
-    work: &Workdir,
-) -> anyhow::Result<Vec<Router<'a>>> {
-    let keys: Vec<Key> = cluster
-        .nodes()
-        .iter()
-        .map(|_| Key::generate_private())
-        .collect();
-    let mut routers = Vec::new();
-    for (node, private) in cluster.nodes().iter().zip(&keys) {
-        let ifname = names::ifname()?;
-        let key_file = work.0.join(format!("{ifname}.key"));
-        fs::write(&key_file, format!("{private}\n"))?;
-        fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600))?;
-        let mut config = format!(
-            "interface = \"{ifname}\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\n",
-            key_file.display()
-        );
-        for (other, other_key) in cluster.nodes().iter().zip(&keys) {
-            if other.index() == node.index() {
-                continue;
-            }
-            let cidrs: Vec<String> = other
-                .pod_cidrs()
-                .iter()
-                .map(|c| format!("\"{c}\""))
-                .collect();
-            let _ = write!(
-                config,
-                "\n[[peer]]\npublic_key = \"{}\"\nendpoint = \"{}:{LISTEN_PORT}\"\nallowed_ips = [{}]\n",
-                other_key.public_key(),
-                other.underlay_v4(),
-                cidrs.join(", ")
-            );
-        }
-        let config_file = work.0.join(format!("{ifname}.toml"));
-        fs::write(&config_file, config)?;
-        let mut command = node.netns().command_at(binary)?;
-        command.arg("router").arg("--config").arg(&config_file);
-        let daemon = Daemon::spawn(
-            &format!("tailsk8s router on node {}", node.index()),
-            command,
-        )?;
-        routers.push(Router {
-            node,
-            ifname,
-            public_key: private.public_key(),
-            _daemon: daemon,
-        });
-    }
-    for router in &routers {
-        wait_for_socket(&router.ifname)?;
-    }
-    Ok(routers)
+    say!("\n== {what}");
 }
 
 fn socket_path(ifname: &str) -> PathBuf {
     Path::new(tailsk8s_dataplane::uapi::DEFAULT_SOCKET_DIR).join(format!("{ifname}.sock"))
-}
-
-fn wait_for_socket(ifname: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if client::get(&socket_path(ifname)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("router {ifname} did not come up within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Runs iperf3 between two pods and returns the receiver's Gbit/s.
