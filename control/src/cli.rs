@@ -352,10 +352,4 @@ mod tests {
         let err = anyhow::anyhow!("inner\nsecond line").context("outer");
         assert_eq!(one_line(&err), "outer: inner second line");
     }
-
-    #[test]
-    fn stubs_report_not_built_yet() {
-        let err = run(parse(&["demo"]).unwrap()).unwrap_err();
-        assert!(one_line(&err).contains("not built yet"));
-    }
 }
