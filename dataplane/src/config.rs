@@ -132,3 +132,19 @@ pub trait DeviceControl: Send + Sync {
     fn get(&self) -> DeviceSnapshot;
     fn set(&self, update: DeviceUpdate) -> Result<(), SetError>;
 }
+
+impl PeerSnapshot {
+    /// A peer that has only its key: no endpoint, no handshake, no traffic, no allowed IPs.
+    pub fn new(public_key: Key) -> PeerSnapshot {
+        PeerSnapshot {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            persistent_keepalive: 0,
+            allowed_ips: Vec::new(),
+        }
+    }
+}

@@ -497,84 +497,80 @@ impl Batch<'_> {
             return;
         };
         let authenticated_roams = message_type != MESSAGE_COOKIE_REPLY;
-        match tunn.decapsulate(Some(from.ip()), datagram, &mut scratch[..]) {
-            TunnResult::WriteToNetwork(reply) if reply.first() == Some(&MESSAGE_COOKIE_REPLY) => {
-                // The peer's own rate-limit check went under load between ours and its.
-                stats.drop(DropReason::UnderLoad);
-                Stats::add(&stats.cookie_replies_sent, 1);
-                Stats::add(&stats.datagrams_out, 1);
-                tx.send(&source, reply);
-            }
-            TunnResult::WriteToNetwork(reply) => {
-                // A handshake message that completed: a response to send, or our keepalive
-                // that confirms the session we initiated.
-                state.rx_bytes += datagram.len() as u64;
-                state.endpoint = Some(source);
-                state.last_handshake = Some(SystemTime::now());
-                state.last_sent_ms = self.now_ms;
-                // boringtun answers a handshake response with a keepalive. Like the kernel,
-                // send it only when no queued packet goes out to confirm the session instead.
-                let mut held = [0u8; DATA_OVERHEAD];
-                let keepalive = message_type == MESSAGE_RESPONSE && reply.len() == DATA_OVERHEAD;
-                if keepalive {
-                    held.copy_from_slice(reply);
-                } else {
-                    state.tx_bytes += reply.len() as u64;
+        let (inner, inner_source) =
+            match tunn.decapsulate(Some(from.ip()), datagram, &mut scratch[..]) {
+                TunnResult::WriteToNetwork(reply)
+                    if reply.first() == Some(&MESSAGE_COOKIE_REPLY) =>
+                {
+                    // The peer's own rate-limit check went under load between ours and its.
+                    stats.drop(DropReason::UnderLoad);
+                    Stats::add(&stats.cookie_replies_sent, 1);
                     Stats::add(&stats.datagrams_out, 1);
                     tx.send(&source, reply);
+                    return;
                 }
-                // Packets queued while the handshake ran go out now.
-                let mut flushed = false;
-                while let TunnResult::WriteToNetwork(queued) =
-                    tunn.decapsulate(None, &[], &mut scratch[..])
-                {
-                    flushed = true;
-                    state.tx_bytes += queued.len() as u64;
-                    Stats::add(&stats.datagrams_out, 1);
-                    Stats::add(&stats.tun_packets_in, 1);
-                    tx.send(&source, queued);
-                }
-                if keepalive && !flushed {
-                    state.tx_bytes += DATA_OVERHEAD as u64;
-                    Stats::add(&stats.datagrams_out, 1);
-                    tx.send(&source, &held);
-                }
-            }
-            TunnResult::WriteToTunnelV4(inner, inner_source) => {
-                Self::deliver(
-                    config,
-                    stats,
-                    peer.slot,
-                    state,
-                    source,
-                    datagram.len(),
-                    inner,
-                    IpAddr::V4(inner_source),
-                    tx,
-                );
-            }
-            TunnResult::WriteToTunnelV6(inner, inner_source) => {
-                Self::deliver(
-                    config,
-                    stats,
-                    peer.slot,
-                    state,
-                    source,
-                    datagram.len(),
-                    inner,
-                    IpAddr::V6(inner_source),
-                    tx,
-                );
-            }
-            TunnResult::Done => {
-                // A keepalive or a cookie reply: authentic, nothing to deliver.
-                state.rx_bytes += datagram.len() as u64;
-                if authenticated_roams {
+                TunnResult::WriteToNetwork(reply) => {
+                    // A handshake message that completed: a response to send, or our keepalive
+                    // that confirms the session we initiated.
+                    state.rx_bytes += datagram.len() as u64;
                     state.endpoint = Some(source);
+                    state.last_handshake = Some(SystemTime::now());
+                    state.last_sent_ms = self.now_ms;
+                    // boringtun answers a handshake response with a keepalive. Like the kernel,
+                    // send it only when no queued packet goes out to confirm the session instead.
+                    let mut held = [0u8; DATA_OVERHEAD];
+                    let keepalive =
+                        message_type == MESSAGE_RESPONSE && reply.len() == DATA_OVERHEAD;
+                    if keepalive {
+                        held.copy_from_slice(reply);
+                    } else {
+                        state.tx_bytes += reply.len() as u64;
+                        Stats::add(&stats.datagrams_out, 1);
+                        tx.send(&source, reply);
+                    }
+                    // Packets queued while the handshake ran go out now.
+                    let mut flushed = false;
+                    while let TunnResult::WriteToNetwork(queued) =
+                        tunn.decapsulate(None, &[], &mut scratch[..])
+                    {
+                        flushed = true;
+                        state.tx_bytes += queued.len() as u64;
+                        Stats::add(&stats.datagrams_out, 1);
+                        Stats::add(&stats.tun_packets_in, 1);
+                        tx.send(&source, queued);
+                    }
+                    if keepalive && !flushed {
+                        state.tx_bytes += DATA_OVERHEAD as u64;
+                        Stats::add(&stats.datagrams_out, 1);
+                        tx.send(&source, &held);
+                    }
+                    return;
                 }
-            }
-            TunnResult::Err(e) => stats.drop(drop_reason(&e)),
-        }
+                TunnResult::WriteToTunnelV4(inner, v4) => (inner, IpAddr::V4(v4)),
+                TunnResult::WriteToTunnelV6(inner, v6) => (inner, IpAddr::V6(v6)),
+                TunnResult::Done => {
+                    // A keepalive or a cookie reply: authentic, nothing to deliver.
+                    state.rx_bytes += datagram.len() as u64;
+                    if authenticated_roams {
+                        state.endpoint = Some(source);
+                    }
+                    return;
+                }
+                TunnResult::Err(e) => {
+                    stats.drop(drop_reason(&e));
+                    return;
+                }
+            };
+        Self::deliver(
+            config,
+            stats,
+            peer.slot,
+            state,
+            source,
+            datagram.len(),
+            (inner, inner_source),
+            tx,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -585,8 +581,7 @@ impl Batch<'_> {
         state: &mut PeerState,
         source: Endpoint,
         wire_len: usize,
-        inner: &[u8],
-        inner_source: IpAddr,
+        (inner, inner_source): (&[u8], IpAddr),
         tx: &mut impl Transmit,
     ) {
         // Authentic: count it and roam, even if the checks below drop it.

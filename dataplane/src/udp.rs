@@ -192,31 +192,28 @@ pub struct SocketPair {
 
 impl SocketPair {
     fn bind(port: u16, fwmark: u32, reuse_port: bool) -> io::Result<SocketPair> {
-        let v4 = match BoundSocket::bind(
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        // A family the host lacks is skipped; a taken port is an error.
+        let bind = |ip: std::net::IpAddr, port: u16| match BoundSocket::bind(
+            SocketAddr::new(ip, port),
             fwmark,
             reuse_port,
         ) {
-            Ok(s) => Some(s),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-            // No IPv4 on this host: IPv6 alone will do.
-            Err(_) => None,
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(e),
+            Err(_) => Ok(None),
         };
+        let v4 = bind(Ipv4Addr::UNSPECIFIED.into(), port)?;
         let port = match &v4 {
             Some(s) => s.local_port()?,
             None => port,
         };
-        let v6 = match BoundSocket::bind(
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-            fwmark,
-            reuse_port,
-        ) {
-            Ok(s) => Some(s),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-            Err(e) if v4.is_none() => return Err(e),
-            // No IPv6 on this host: IPv4 alone will do.
-            Err(_) => None,
-        };
+        let v6 = bind(Ipv6Addr::UNSPECIFIED.into(), port)?;
+        if v4.is_none() && v6.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "neither IPv4 nor IPv6 UDP sockets can be bound",
+            ));
+        }
         Ok(SocketPair { v4, v6 })
     }
 

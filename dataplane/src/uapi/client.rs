@@ -74,16 +74,7 @@ pub fn parse_get_reply<'a>(
         let number_of = |v: &str| v.parse::<u64>().map_err(|_| bad("not a number"));
         let key_of = |v: &str| Key::from_hex(v).map_err(|e| bad(&e.to_string()));
         if key == "public_key" {
-            device.peers.push(PeerSnapshot {
-                public_key: key_of(value)?,
-                preshared_key: None,
-                endpoint: None,
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: 0,
-                allowed_ips: Vec::new(),
-            });
+            device.peers.push(PeerSnapshot::new(key_of(value)?));
             continue;
         }
         match (key, device.peers.last_mut()) {

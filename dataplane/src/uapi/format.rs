@@ -98,16 +98,7 @@ mod tests {
     }
 
     fn peer(byte: u8) -> PeerSnapshot {
-        PeerSnapshot {
-            public_key: key(byte),
-            preshared_key: None,
-            endpoint: None,
-            last_handshake: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
-            persistent_keepalive: 0,
-            allowed_ips: Vec::new(),
-        }
+        PeerSnapshot::new(key(byte))
     }
 
     fn get(snapshot: &DeviceSnapshot) -> String {

@@ -76,16 +76,7 @@ impl DeviceControl for MemoryDevice {
                 Some(i) => i,
                 None if p.update_only => continue,
                 None => {
-                    s.peers.push(PeerSnapshot {
-                        public_key: p.public_key,
-                        preshared_key: None,
-                        endpoint: None,
-                        last_handshake: None,
-                        rx_bytes: 0,
-                        tx_bytes: 0,
-                        persistent_keepalive: 0,
-                        allowed_ips: Vec::new(),
-                    });
+                    s.peers.push(PeerSnapshot::new(p.public_key));
                     s.peers.len() - 1
                 }
             };
