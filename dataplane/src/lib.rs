@@ -11,6 +11,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod key;
+pub mod offload;
 pub mod outbox;
 pub mod packet;
 pub mod peer;

@@ -22,11 +22,12 @@ use quinn_udp::RecvMeta;
 
 use crate::device::{ExitReason, Shared};
 use crate::engine::new_scratch;
+use crate::offload::{copy_into, split, VNET_HDR_LEN};
 use crate::outbox::Outbox;
 use crate::stats::DropReason;
 use crate::udp::UdpSockets;
 
-/// Segments one TUN thread collects before handing them to the engine (one 64 KiB
+/// Packets one TUN thread collects before handing them to the engine (one 64 KiB
 /// superpacket of 1380-byte segments is 48).
 const TUN_BATCH: usize = 128;
 /// Datagrams (each possibly a GRO run) one UDP thread reads per `recvmmsg`.
@@ -99,8 +100,11 @@ fn max_segments(shared: &Shared, sockets: &UdpSockets, worker: usize) -> usize {
 
 pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
     let queue = shared.tun.queue(worker);
-    let mut original = vec![0u8; BUF_LEN];
-    let mut bufs: Vec<Vec<u8>> = (0..TUN_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
+    let offload = shared.tun.offload();
+    // One read (a superpacket, or a packet up to the largest MTU) lands here first; packets
+    // are then split or copied into `bufs`, which grow to what reads need and stay so.
+    let mut original = vec![0u8; VNET_HDR_LEN + BUF_LEN];
+    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); TUN_BATCH];
     let mut sizes = [0usize; TUN_BATCH];
     let mut scratch = new_scratch();
     let mut outbox = Outbox::default();
@@ -113,14 +117,10 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         let mut count = 0;
         // Keep room for a whole superpacket's segments.
         while count + 64 <= TUN_BATCH {
-            match queue.recv_multiple(&mut original, &mut bufs[count..], &mut sizes[count..], 0) {
-                Ok(n) => count += n,
+            let n = match queue.recv(&mut original) {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // Not an OS error: a superpacket tun-rs could not split. Drop it, go on.
-                Err(e) if e.raw_os_error().is_none() => {
-                    shared.engine.stats().drop(DropReason::MalformedPacket);
-                }
                 Err(_) if !shared.tun.exists() => {
                     shared.finish(ExitReason::TunGone);
                     return;
@@ -129,6 +129,16 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
                     shared.finish(ExitReason::Failed(format!("reading the TUN: {e}")));
                     return;
                 }
+            };
+            if !offload {
+                copy_into(&mut bufs[count], &original[..n]);
+                sizes[count] = n;
+                count += 1;
+                continue;
+            }
+            match split(&mut original[..n], &mut bufs[count..], &mut sizes[count..]) {
+                Ok(segments) => count += segments,
+                Err(_) => shared.engine.stats().drop(DropReason::MalformedPacket),
             }
         }
         if count == 0 {
