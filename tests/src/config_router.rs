@@ -467,13 +467,13 @@ impl<'a> ConfigRouter<'a> {
         fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
     }
 
-    /// The arguments after the binary: `router --config PATH`.
+    /// The arguments after the binary: `router [FLAGS…] --config PATH` (flags from
+    /// [`crate::wg::ROUTER_FLAGS_ENV`]).
     pub fn router_args(&self) -> Vec<OsString> {
-        vec![
-            "router".into(),
-            "--config".into(),
-            self.config_path().into_os_string(),
-        ]
+        std::iter::once("router".into())
+            .chain(crate::wg::router_flags().into_iter().map(OsString::from))
+            .chain(["--config".into(), self.config_path().into_os_string()])
+            .collect()
     }
 
     /// The binary this router runs.

@@ -58,7 +58,7 @@ impl Impl {
         let mut cmd = match self {
             Impl::Tailsk8s => {
                 let mut cmd = ns.command_at(&tailsk8s_binary()?)?;
-                cmd.arg("router");
+                cmd.arg("router").args(router_flags());
                 cmd
             }
             Impl::WireguardGo => {
@@ -93,6 +93,19 @@ pub fn tailsk8s_binary() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Environment variable with extra `tailsk8s router` flags for every router the harness
+/// starts, e.g. `--no-offload`: the suite runs once with offloads and once without.
+pub const ROUTER_FLAGS_ENV: &str = "TAILSK8S_ROUTER_FLAGS";
+
+/// The flags from [`ROUTER_FLAGS_ENV`], split on white space.
+pub fn router_flags() -> Vec<String> {
+    std::env::var(ROUTER_FLAGS_ENV)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// `…/target/<profile>/deps/<test>` → `…/target/<profile>/tailsk8s`; a binary that is not in
