@@ -12,6 +12,8 @@
 
 pub mod allowed_ips;
 pub mod config;
+pub mod gro_coalesce;
+pub mod headers;
 pub mod input;
 pub mod packets;
 pub mod support;
@@ -38,6 +40,11 @@ pub const TARGETS: &[Target] = &[
         name: "udp_datagram",
         run: udp_datagram::run,
         seeds: udp_datagram::seeds,
+    },
+    Target {
+        name: "gro_coalesce",
+        run: gro_coalesce::run,
+        seeds: gro_coalesce::seeds,
     },
     Target {
         name: "uapi",

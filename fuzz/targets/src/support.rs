@@ -53,6 +53,11 @@ pub fn addr(s: &str) -> SocketAddr {
         .unwrap_or_else(|_| panic!("harness address {s:?} does not parse"))
 }
 
+pub fn ip_addr(s: &str) -> IpAddr {
+    s.parse()
+        .unwrap_or_else(|_| panic!("harness address {s:?} does not parse"))
+}
+
 /// An engine under test with its address and scratch buffer.
 pub struct Local {
     pub engine: Engine,

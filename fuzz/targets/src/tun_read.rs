@@ -10,8 +10,15 @@
 //! | 3 | low-order public key | 198.19.5.0/24, fd00:19:5::/64 |
 //!
 //! Anything else (0.0.0.0/1 outside 198.19/16, IPv6 outside fd00::/8) has no route.
-//! The packet is handed over twice: in a buffer of exactly its length, then with spare room
-//! for padding. Invariants, checked against the harness's own header reading and a naive
+//!
+//! The first input byte picks the TUN mode (see [`run`]):
+//! - plain (even): the rest is one packet, handed over twice: in a buffer of exactly its
+//!   length, then with spare room for padding;
+//! - with offloads (odd): the rest is one read with a virtio-net header in front. It goes
+//!   through `offload::split`, exactly as the TUN worker does, into reused buffers, and every
+//!   packet that comes out is routed from the buffer split left it in.
+//!
+//! Invariants per routed packet, checked against the harness's own header reading and a naive
 //! longest-prefix table:
 //! - a datagram goes only to the peer whose allowed IPs hold the packet's destination by
 //!   longest match — never to another peer, never for a packet without a destination or
@@ -20,6 +27,17 @@
 //!   its header claims); what goes to the handshaking peer is an initiation that peer accepts;
 //! - whatever is written back to the TUN (ICMP errors) is a parseable IP packet addressed to
 //!   the packet's source, within the RFC size bounds, and only when nothing was sent.
+//!
+//! Invariants of the split (see [`check_split`]); `split` never panics on any header:
+//! - GSO_NONE: one packet, the read's own bytes; with NEEDS_CSUM only the checksum field may
+//!   differ, and when the field held the pseudo-header sum of a well-formed TCP/UDP packet
+//!   (what the kernel leaves there) the completed checksum verifies, never 0 for UDP;
+//! - a superpacket: segments that are IP packets of the superpacket's version and addresses
+//!   with a length field equal to their size, each carrying at most `gso_size` bytes (all but
+//!   the last exactly that) whose concatenation is the superpacket's payload; TCP sequence
+//!   numbers advance by the bytes before, FIN/PSH only on the last; when the superpacket's
+//!   headers are well-formed, every segment's IPv4 header and transport checksums verify;
+//! - every packet leaves its buffer at least [`PAD_ROOM`] spare bytes for WireGuard's padding.
 
 use std::net::IpAddr;
 
@@ -29,6 +47,11 @@ use tailsk8s_dataplane::engine::DEFAULT_MTU;
 use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::packet::{ICMPV4_ERROR_MAX_LEN, ICMPV6_ERROR_MAX_LEN};
 
+use tailsk8s_dataplane::offload::{self, VNET_HDR_LEN};
+use tun_rs::VirtioNetHdr;
+
+use crate::headers::{self, Segment, Transport, FIN, GSO_NONE, PSH, TCP, UDP};
+use crate::input::Choices;
 use crate::support::{establish, ip, net, Local, Remote};
 
 /// Peer indexes (the engine's slots follow the order they are added).
@@ -36,6 +59,11 @@ const ESTABLISHED: usize = 0;
 const HANDSHAKING: usize = 1;
 const NO_ENDPOINT: usize = 2;
 const LOW_ORDER: usize = 3;
+
+/// Buffers the split may fill: the TUN worker keeps room for 64 segments per read.
+const SPLIT_BUFFERS: usize = 64;
+/// Spare bytes `offload::split` promises after each packet (WireGuard pads to 16).
+pub const PAD_ROOM: usize = 16;
 
 struct World {
     local: Local,
@@ -102,10 +130,48 @@ impl World {
         }
     }
 
+    /// Routes `packet` from a buffer of its own with `spare` bytes behind it.
     fn route(&mut self, packet: &[u8], spare: usize) {
         let mut buf = packet.to_vec();
         buf.resize(packet.len() + spare, 0);
-        let out = self.local.from_tun(&mut buf, packet.len());
+        self.route_in(&mut buf, packet.len());
+    }
+
+    /// A read with a virtio-net header: split as the TUN worker does, then every packet
+    /// routed from the buffer the split left it in.
+    fn route_read(&mut self, read: &[u8]) {
+        let mut buffer = read.to_vec();
+        // The worker's buffers are reused from read to read: start them dirty.
+        let mut bufs = vec![vec![0xee; 100]; SPLIT_BUFFERS];
+        let mut sizes = vec![usize::MAX; SPLIT_BUFFERS];
+        let Ok(count) = offload::split(&mut buffer, &mut bufs, &mut sizes) else {
+            return;
+        };
+        assert!(count <= SPLIT_BUFFERS, "split claims {count} packets");
+        let packets: Vec<Vec<u8>> = bufs
+            .iter()
+            .zip(&sizes)
+            .take(count)
+            .map(|(buf, &size)| {
+                assert!(
+                    size <= buf.len() && buf.len() - size >= PAD_ROOM,
+                    "a {size}-byte packet in a {}-byte buffer: no room to pad",
+                    buf.len()
+                );
+                buf[..size].to_vec()
+            })
+            .collect();
+        check_split(read, &packets);
+        for (buf, &size) in bufs.iter_mut().zip(&sizes).take(count) {
+            self.route_in(buf, size);
+        }
+    }
+
+    /// Routes `buf[..len]`; the rest of `buf` is spare room.
+    fn route_in(&mut self, buf: &mut [u8], len: usize) {
+        let packet = buf[..len].to_vec();
+        let packet = packet.as_slice();
+        let out = self.local.from_tun(buf, len);
         let destination = ip::destination(packet);
 
         assert!(
@@ -217,14 +283,172 @@ fn check_icmp_error(packet: &[u8], destination: Option<IpAddr>, reply: &[u8]) {
     }
 }
 
-/// The target body.
-pub fn run(data: &[u8]) {
-    let mut world = World::new();
-    world.route(data, 0);
-    world.route(data, 64);
+/// What `split` did with one read, checked against the read itself.
+pub fn check_split(read: &[u8], packets: &[Vec<u8>]) {
+    let Ok(hdr) = VirtioNetHdr::decode(read) else {
+        panic!("split accepted a read without a virtio-net header");
+    };
+    let original = &read[VNET_HDR_LEN..];
+    if hdr.gso_type == GSO_NONE {
+        check_single(&hdr, original, packets);
+    } else {
+        check_segments(&hdr, original, packets);
+    }
 }
 
-/// Seeds: one packet per routing outcome and family, plus edge shapes.
+fn check_single(hdr: &VirtioNetHdr, original: &[u8], packets: &[Vec<u8>]) {
+    let [packet] = packets else {
+        panic!("GSO_NONE read split into {} packets", packets.len());
+    };
+    assert_eq!(packet.len(), original.len(), "GSO_NONE packet changed length");
+    let field = usize::from(hdr.csum_start) + usize::from(hdr.csum_offset);
+    let needs_csum = hdr.flags & headers::F_NEEDS_CSUM != 0;
+    for (i, (a, b)) in packet.iter().zip(original).enumerate() {
+        let in_field = needs_csum && (field..field + 2).contains(&i);
+        assert!(
+            a == b || in_field,
+            "byte {i} changed ({b:#x} -> {a:#x}) outside the checksum field"
+        );
+    }
+    // The kernel leaves the pseudo-header sum in the field; from there, completion must give
+    // a verifying checksum.
+    let Some(parsed) = headers::parse(original) else {
+        return;
+    };
+    let expected_offset = match parsed.protocol {
+        TCP => 16,
+        UDP => 6,
+        _ => return,
+    };
+    let as_kernel_leaves_it = needs_csum
+        && usize::from(hdr.csum_start) == parsed.ip_len
+        && usize::from(hdr.csum_offset) == expected_offset
+        && original.len() >= field + 2
+        && u16::from_be_bytes([original[field], original[field + 1]])
+            == headers::pseudo_sum(
+                parsed.src,
+                parsed.dst,
+                parsed.protocol,
+                original.len() - parsed.ip_len,
+            );
+    if as_kernel_leaves_it {
+        assert_eq!(
+            headers::transport_checksum_ok(packet),
+            Some(true),
+            "completed checksum {:#06x} does not verify (a UDP checksum of 0 means none; RFC \
+             768 sends 0xffff)",
+            u16::from_be_bytes([packet[field], packet[field + 1]])
+        );
+    }
+}
+
+fn check_segments(hdr: &VirtioNetHdr, original: &[u8], packets: &[Vec<u8>]) {
+    let (Some(src), Some(dst)) = (ip::source(original), ip::destination(original)) else {
+        panic!("split a superpacket without whole IP addresses");
+    };
+    let gso_size = usize::from(hdr.gso_size);
+    let start = usize::from(hdr.csum_start);
+    let tcp = hdr.gso_type & !headers::GSO_ECN != headers::GSO_UDP_L4;
+    // The headers every segment repeats: IP up to csum_start, then the transport header as
+    // the packet itself sizes it (the header's hdr_len is not to be trusted).
+    let transport_len = if tcp {
+        usize::from(original.get(start + 12).copied().unwrap_or(0) >> 4) * 4
+    } else {
+        8
+    };
+    let headers_len = start + transport_len;
+    let Some(payload) = original.get(headers_len..) else {
+        panic!("split a superpacket whose headers ({headers_len} bytes) do not fit it");
+    };
+    // The superpacket's own IP header, when it is well-formed: then so must every segment's
+    // checksums be.
+    let protocol = if tcp { TCP } else { UDP };
+    let well_formed = match ip::version(original) {
+        Some(6) => start == 40 && original[6] == protocol,
+        _ => usize::from(original[0] & 0x0f) * 4 == start && original[9] == protocol,
+    };
+    let mut joined = Vec::with_capacity(payload.len());
+    for (i, packet) in packets.iter().enumerate() {
+        let last = i + 1 == packets.len();
+        assert_eq!(
+            ip::version(packet),
+            ip::version(original),
+            "segment {i} changed IP version"
+        );
+        assert_eq!(
+            ip::claimed_len(packet),
+            Some(packet.len()),
+            "segment {i}: length field differs from its size"
+        );
+        assert_eq!(
+            (ip::source(packet), ip::destination(packet)),
+            (Some(src), Some(dst)),
+            "segment {i} changed addresses"
+        );
+        let Some(chunk) = packet.get(headers_len..) else {
+            panic!("segment {i} is shorter than the headers");
+        };
+        assert!(
+            !chunk.is_empty() && chunk.len() <= gso_size && (last || chunk.len() == gso_size),
+            "segment {i} of {} carries {} bytes with gso_size {gso_size}",
+            packets.len(),
+            chunk.len()
+        );
+        if tcp {
+            let seq = |p: &[u8]| u32::from_be_bytes([p[start + 4], p[start + 5], p[start + 6], p[start + 7]]);
+            assert_eq!(
+                seq(packet),
+                seq(original).wrapping_add(joined.len() as u32),
+                "segment {i}: sequence number does not follow the bytes before it"
+            );
+            let flags = packet[start + 13];
+            assert!(
+                last || flags & (FIN | PSH) == 0,
+                "segment {i} of {} has FIN or PSH",
+                packets.len()
+            );
+        }
+        if well_formed {
+            assert_ne!(
+                headers::ipv4_header_checksum_ok(packet),
+                Some(false),
+                "segment {i}: IPv4 header checksum"
+            );
+            assert_eq!(
+                headers::transport_checksum_ok(packet),
+                Some(true),
+                "segment {i}: transport checksum"
+            );
+        }
+        joined.extend_from_slice(chunk);
+    }
+    assert!(
+        joined == payload,
+        "the segments' payloads ({} bytes) are not the superpacket's ({} bytes)",
+        joined.len(),
+        payload.len()
+    );
+}
+
+/// The target body: the first byte picks the mode (odd: a read with a virtio-net header, for
+/// a TUN with offloads; even: a plain packet), the rest is the read.
+pub fn run(data: &[u8]) {
+    let mut c = Choices::new(data);
+    let with_header = c.bool();
+    let read = c.rest();
+    let mut world = World::new();
+    if with_header {
+        world.route_read(read);
+    } else {
+        world.route(read, 0);
+        world.route(read, 64);
+    }
+}
+
+/// Seeds: one packet per routing outcome and family, plus edge shapes, as plain reads; and
+/// reads with a virtio-net header as an offloading kernel writes them: TCP and UDP
+/// superpackets over both families, packets whose checksum is left to complete, a superpacket
+/// whose `hdr_len` spans the whole first packet (the forwarding path does that).
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     use crate::packets::*;
     let mut truncated = icmp_v4("198.19.1.2", "198.19.2.2", 20);
@@ -235,7 +459,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     options[0] = 0x46;
     let total = options.len() as u16;
     options[2..4].copy_from_slice(&total.to_be_bytes());
-    vec![
+    let plain = [
         ("v4-established", icmp_v4("198.19.1.2", "198.19.2.2", 56)),
         (
             "v6-established",
@@ -256,5 +480,107 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("v4-truncated", truncated),
         ("v4-options", options),
         ("not-ip", vec![0x00, 0x01, 0x02]),
-    ]
+    ];
+    let mut forwarded = headers::superpacket(&tcp("198.19.1.2", "198.19.2.2", 1380 * 2), GSO_NONE, 1380);
+    // hdr_len = the whole first packet, as the kernel's forwarding path may set it.
+    forwarded[2..4].copy_from_slice(&(40u16 + 1380).to_ne_bytes());
+    let mut ecn = tcp("198.19.1.2", "198.19.2.2", 1380 * 3);
+    if let Transport::Tcp { flags, .. } = &mut ecn.transport {
+        *flags |= headers::CWR;
+    }
+    let mut options = tcp("fd00:19:1::2", "fd00:19:2::2", 1348 * 2 + 100);
+    if let Transport::Tcp { options, .. } = &mut options.transport {
+        // NOP, NOP, timestamps.
+        *options = vec![1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 7];
+    }
+    let with_header = [
+        (
+            "offload-v4-tcp-superpacket",
+            headers::superpacket(&tcp("198.19.1.2", "198.19.2.2", 1380 * 3 + 500), GSO_NONE, 1380),
+        ),
+        (
+            "offload-v6-tcp-superpacket",
+            headers::superpacket(&tcp("fd00:19:1::2", "fd00:19:2::2", 1360 * 3), GSO_NONE, 1360),
+        ),
+        (
+            "offload-v4-udp-superpacket",
+            headers::superpacket(&udp("198.19.1.2", "198.19.2.2", 1392 * 2 + 7), GSO_NONE, 1392),
+        ),
+        (
+            "offload-v6-udp-superpacket",
+            headers::superpacket(&udp("fd00:19:1::2", "fd00:19:2::2", 1372 * 3), GSO_NONE, 1372),
+        ),
+        (
+            "offload-v4-tcp-ecn",
+            headers::superpacket(&ecn, headers::GSO_TCPV4 | headers::GSO_ECN, 1380),
+        ),
+        ("offload-v6-tcp-options", headers::superpacket(&options, GSO_NONE, 1348)),
+        ("offload-v4-forwarded-hdr-len", forwarded),
+        (
+            "offload-v4-superpacket-to-handshake",
+            headers::superpacket(&tcp("198.19.1.2", "198.19.7.7", 2000), GSO_NONE, 1000),
+        ),
+        (
+            "offload-v4-segments-too-big",
+            headers::superpacket(&tcp("198.19.1.2", "198.19.2.2", 1460 * 2), GSO_NONE, 1460),
+        ),
+        (
+            "offload-v4-udp-needs-csum",
+            headers::needs_checksum(&udp("198.19.1.2", "198.19.2.2", 99)),
+        ),
+        (
+            "offload-v6-tcp-needs-csum",
+            headers::needs_checksum(&tcp("fd00:19:1::2", "fd00:19:2::2", 1000)),
+        ),
+        ("offload-none", {
+            let mut read = headers::vnet_header(0, GSO_NONE, 0, 0, 0, 0);
+            read.extend(icmp_v4("198.19.1.2", "198.19.2.2", 56));
+            read
+        }),
+    ];
+    let mut seeds: Vec<(&'static str, Vec<u8>)> = plain
+        .into_iter()
+        .map(|(name, packet)| (name, mode(false, &packet)))
+        .collect();
+    seeds.extend(
+        with_header
+            .into_iter()
+            .map(|(name, read)| (name, mode(true, &read))),
+    );
+    seeds
+}
+
+/// An input for [`run`].
+pub fn mode(with_header: bool, read: &[u8]) -> Vec<u8> {
+    let mut input = vec![u8::from(with_header)];
+    input.extend_from_slice(read);
+    input
+}
+
+/// A TCP segment (ACK|PSH) carrying `payload` counting bytes.
+fn tcp(src: &str, dst: &str, payload: usize) -> Segment {
+    Segment {
+        ip: headers::Ip::new(crate::support::ip_addr(src), crate::support::ip_addr(dst)),
+        transport: Transport::Tcp {
+            src_port: 40000,
+            dst_port: 5201,
+            seq: 0x1000_0000,
+            ack: 0x2000_0000,
+            flags: headers::ACK | PSH,
+            window: 1024,
+            options: Vec::new(),
+        },
+        payload: (0..payload).map(|i| i as u8).collect(),
+    }
+}
+
+fn udp(src: &str, dst: &str, payload: usize) -> Segment {
+    Segment {
+        ip: headers::Ip::new(crate::support::ip_addr(src), crate::support::ip_addr(dst)),
+        transport: Transport::Udp {
+            src_port: 40000,
+            dst_port: 5201,
+        },
+        payload: (0..payload).map(|i| (i * 7) as u8).collect(),
+    }
 }
