@@ -104,7 +104,8 @@ fn tcp_superpacket(segments: usize) -> Vec<u8> {
         csum_offset: 16,
     };
     let mut read = vec![0u8; VIRTIO_NET_HDR_LEN];
-    hdr.encode(&mut read).expect("a virtio-net header fits 10 bytes");
+    hdr.encode(&mut read)
+        .expect("a virtio-net header fits 10 bytes");
     read.extend_from_slice(&ipv4_header(len, 6, 1000));
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());

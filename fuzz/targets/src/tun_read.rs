@@ -138,14 +138,15 @@ impl World {
     }
 
     /// A read with a virtio-net header: split as the TUN worker does, then every packet
-    /// routed from the buffer the split left it in.
-    fn route_read(&mut self, read: &[u8]) {
+    /// routed from the buffer the split left it in. Returns the datagrams sent to the
+    /// established peer.
+    fn route_read(&mut self, read: &[u8]) -> usize {
         let mut buffer = read.to_vec();
         // The worker's buffers are reused from read to read: start them dirty.
         let mut bufs = vec![vec![0xee; 100]; SPLIT_BUFFERS];
         let mut sizes = vec![usize::MAX; SPLIT_BUFFERS];
         let Ok(count) = offload::split(&mut buffer, &mut bufs, &mut sizes) else {
-            return;
+            return 0;
         };
         assert!(count <= SPLIT_BUFFERS, "split claims {count} packets");
         let packets: Vec<Vec<u8>> = bufs
@@ -162,13 +163,16 @@ impl World {
             })
             .collect();
         check_split(read, &packets);
+        let mut delivered = 0;
         for (buf, &size) in bufs.iter_mut().zip(&sizes).take(count) {
-            self.route_in(buf, size);
+            delivered += self.route_in(buf, size);
         }
+        delivered
     }
 
-    /// Routes `buf[..len]`; the rest of `buf` is spare room.
-    fn route_in(&mut self, buf: &mut [u8], len: usize) {
+    /// Routes `buf[..len]`; the rest of `buf` is spare room. Returns the datagrams sent to
+    /// the established peer (each checked to decrypt to the packet).
+    fn route_in(&mut self, buf: &mut [u8], len: usize) -> usize {
         let packet = buf[..len].to_vec();
         let packet = packet.as_slice();
         let out = self.local.from_tun(buf, len);
@@ -211,6 +215,10 @@ impl World {
             );
             check_icmp_error(packet, destination, reply);
         }
+        out.sent
+            .iter()
+            .filter(|(to, _)| Some(to.addr) == self.endpoints[ESTABLISHED])
+            .count()
     }
 
     fn check_data(&mut self, packet: &[u8], datagram: &[u8]) {
@@ -300,7 +308,11 @@ fn check_single(hdr: &VirtioNetHdr, original: &[u8], packets: &[Vec<u8>]) {
     let [packet] = packets else {
         panic!("GSO_NONE read split into {} packets", packets.len());
     };
-    assert_eq!(packet.len(), original.len(), "GSO_NONE packet changed length");
+    assert_eq!(
+        packet.len(),
+        original.len(),
+        "GSO_NONE packet changed length"
+    );
     let field = usize::from(hdr.csum_start) + usize::from(hdr.csum_offset);
     let needs_csum = hdr.flags & headers::F_NEEDS_CSUM != 0;
     for (i, (a, b)) in packet.iter().zip(original).enumerate() {
@@ -395,7 +407,9 @@ fn check_segments(hdr: &VirtioNetHdr, original: &[u8], packets: &[Vec<u8>]) {
             chunk.len()
         );
         if tcp {
-            let seq = |p: &[u8]| u32::from_be_bytes([p[start + 4], p[start + 5], p[start + 6], p[start + 7]]);
+            let seq = |p: &[u8]| {
+                u32::from_be_bytes([p[start + 4], p[start + 5], p[start + 6], p[start + 7]])
+            };
             assert_eq!(
                 seq(packet),
                 seq(original).wrapping_add(joined.len() as u32),
@@ -438,7 +452,7 @@ pub fn run(data: &[u8]) {
     let read = c.rest();
     let mut world = World::new();
     if with_header {
-        world.route_read(read);
+        let _ = world.route_read(read);
     } else {
         world.route(read, 0);
         world.route(read, 64);
@@ -481,7 +495,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("v4-options", options),
         ("not-ip", vec![0x00, 0x01, 0x02]),
     ];
-    let mut forwarded = headers::superpacket(&tcp("198.19.1.2", "198.19.2.2", 1380 * 2), GSO_NONE, 1380);
+    let mut forwarded =
+        headers::superpacket(&tcp("198.19.1.2", "198.19.2.2", 1380 * 2), GSO_NONE, 1380);
     // hdr_len = the whole first packet, as the kernel's forwarding path may set it.
     forwarded[2..4].copy_from_slice(&(40u16 + 1380).to_ne_bytes());
     let mut ecn = tcp("198.19.1.2", "198.19.2.2", 1380 * 3);
@@ -496,25 +511,44 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let with_header = [
         (
             "offload-v4-tcp-superpacket",
-            headers::superpacket(&tcp("198.19.1.2", "198.19.2.2", 1380 * 3 + 500), GSO_NONE, 1380),
+            headers::superpacket(
+                &tcp("198.19.1.2", "198.19.2.2", 1380 * 3 + 500),
+                GSO_NONE,
+                1380,
+            ),
         ),
         (
             "offload-v6-tcp-superpacket",
-            headers::superpacket(&tcp("fd00:19:1::2", "fd00:19:2::2", 1360 * 3), GSO_NONE, 1360),
+            headers::superpacket(
+                &tcp("fd00:19:1::2", "fd00:19:2::2", 1360 * 3),
+                GSO_NONE,
+                1360,
+            ),
         ),
         (
             "offload-v4-udp-superpacket",
-            headers::superpacket(&udp("198.19.1.2", "198.19.2.2", 1392 * 2 + 7), GSO_NONE, 1392),
+            headers::superpacket(
+                &udp("198.19.1.2", "198.19.2.2", 1392 * 2 + 7),
+                GSO_NONE,
+                1392,
+            ),
         ),
         (
             "offload-v6-udp-superpacket",
-            headers::superpacket(&udp("fd00:19:1::2", "fd00:19:2::2", 1372 * 3), GSO_NONE, 1372),
+            headers::superpacket(
+                &udp("fd00:19:1::2", "fd00:19:2::2", 1372 * 3),
+                GSO_NONE,
+                1372,
+            ),
         ),
         (
             "offload-v4-tcp-ecn",
             headers::superpacket(&ecn, headers::GSO_TCPV4 | headers::GSO_ECN, 1380),
         ),
-        ("offload-v6-tcp-options", headers::superpacket(&options, GSO_NONE, 1348)),
+        (
+            "offload-v6-tcp-options",
+            headers::superpacket(&options, GSO_NONE, 1348),
+        ),
         ("offload-v4-forwarded-hdr-len", forwarded),
         (
             "offload-v4-superpacket-to-handshake",
@@ -582,5 +616,102 @@ fn udp(src: &str, dst: &str, payload: usize) -> Segment {
             dst_port: 5201,
         },
         payload: (0..payload).map(|i| (i * 7) as u8).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed(name: &str) -> Vec<u8> {
+        match seeds().into_iter().find(|(n, _)| *n == name) {
+            Some((_, input)) => input[1..].to_vec(),
+            None => panic!("no seed {name}"),
+        }
+    }
+
+    /// Each segment of a superpacket is routed, encrypted and decrypts at the peer.
+    #[test]
+    fn every_segment_of_a_superpacket_reaches_the_established_peer() {
+        for (name, segments) in [
+            ("offload-v4-tcp-superpacket", 4),
+            ("offload-v6-tcp-superpacket", 3),
+            ("offload-v4-udp-superpacket", 3),
+            ("offload-v6-udp-superpacket", 3),
+            ("offload-v4-tcp-ecn", 3),
+            ("offload-v6-tcp-options", 3),
+            ("offload-v4-forwarded-hdr-len", 2),
+            ("offload-v4-udp-needs-csum", 1),
+            ("offload-v6-tcp-needs-csum", 1),
+            ("offload-none", 1),
+            ("offload-v4-segments-too-big", 0),
+        ] {
+            let mut world = World::new();
+            assert_eq!(world.route_read(&seed(name)), segments, "{name}");
+        }
+    }
+
+    fn split_all(read: &[u8]) -> Vec<Vec<u8>> {
+        let mut bufs = vec![Vec::new(); SPLIT_BUFFERS];
+        let mut sizes = vec![0; SPLIT_BUFFERS];
+        let count = offload::split(&mut read.to_vec(), &mut bufs, &mut sizes).unwrap();
+        bufs.iter()
+            .zip(&sizes)
+            .take(count)
+            .map(|(b, &s)| b[..s].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn the_split_oracle_catches_wrong_segments() {
+        let read = seed("offload-v4-tcp-superpacket");
+        let good = split_all(&read);
+        check_split(&read, &good);
+        let fails = |packets: Vec<Vec<u8>>| {
+            std::panic::catch_unwind(|| check_split(&read, &packets)).is_err()
+        };
+        assert!(fails(good[1..].to_vec()), "a segment lost");
+        let mut changed = good.clone();
+        changed[1][100] ^= 1;
+        assert!(fails(changed), "payload changed");
+        let mut length = good.clone();
+        length[0][3] ^= 1;
+        assert!(fails(length), "length field");
+        let mut moved = good.clone();
+        moved[2][19] ^= 1;
+        assert!(fails(moved), "destination changed");
+        let mut psh = good.clone();
+        psh[0][33] |= PSH;
+        assert!(fails(psh), "PSH before the last segment");
+
+        let read = seed("offload-v4-udp-needs-csum");
+        let good = split_all(&read);
+        check_split(&read, &good);
+        let mut wrong = good.clone();
+        wrong[0][27] ^= 1;
+        assert!(
+            std::panic::catch_unwind(|| check_split(&read, &wrong)).is_err(),
+            "checksum not completed"
+        );
+    }
+
+    /// A UDP checksum that completes to zero must go out as 0xffff (RFC 768; for IPv6 a zero
+    /// checksum is invalid and the receiver drops the datagram).
+    #[test]
+    #[ignore = "offload::split writes a completed UDP checksum of zero as 0x0000; reported"]
+    fn a_udp_checksum_completing_to_zero_goes_out_as_ffff() {
+        for (src, dst) in [
+            ("198.19.1.2", "198.19.2.2"),
+            ("fd00:19:1::2", "fd00:19:2::2"),
+        ] {
+            let mut datagram = udp(src, dst, 2);
+            datagram.payload = vec![0, 0];
+            let at = datagram.checksum_at();
+            let zero_payload_checksum = datagram.build()[at..at + 2].to_vec();
+            // With the payload word equal to the checksum over a zero word, the sum comes to
+            // 0xffff and the checksum to zero.
+            datagram.payload = zero_payload_checksum;
+            run(&mode(true, &headers::needs_checksum(&datagram)));
+        }
     }
 }
