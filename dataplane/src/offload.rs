@@ -22,6 +22,8 @@ const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
 const GSO_UDP_L4: u8 = 5;
 const GSO_ECN: u8 = 0x80;
+/// Where UDP keeps its checksum (TCP: 16).
+const UDP_CHECKSUM_OFFSET: u16 = 6;
 /// Room after each packet for WireGuard's padding to 16 bytes.
 const PAD_ROOM: usize = 16;
 
@@ -142,7 +144,13 @@ fn complete_checksum(
     packet[at] = 0;
     packet[at + 1] = 0;
     let sum = tun_rs::checksum(&packet[start..], u64::from(initial));
-    packet[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+    // UDP (checksum at offset 6) sends a computed zero as 0xffff (RFC 768): zero means "no
+    // checksum" over IPv4 and is invalid over IPv6.
+    let checksum = match !sum {
+        0 if csum_offset == UDP_CHECKSUM_OFFSET => 0xffff,
+        other => other,
+    };
+    packet[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
     Ok(())
 }
 
