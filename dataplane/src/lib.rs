@@ -10,6 +10,7 @@ pub mod allowed_ips;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod gro;
 pub mod key;
 pub mod offload;
 pub mod outbox;
