@@ -1,4 +1,5 @@
-//! `gro_coalesce`: a batch of decrypted packets through the TUN writer's GRO coalescer.
+//! `gro_coalesce`: a batch of decrypted packets through the TUN writer's GRO coalescer
+//! (`tailsk8s_dataplane::gro::Coalescer`).
 //!
 //! The input describes up to [`MAX_FLOWS`] flows (TCP or UDP, IPv4 or IPv6, addresses and
 //! ports from small sets so flows collide, TTL, ToS, DF, flow label, sequence and ACK numbers,
@@ -9,29 +10,27 @@
 //! overwritten, bytes appended), and raw bytes. Segments carry correct checksums and a
 //! payload stamped with their index, so every packet of a batch is distinct.
 //!
-//! The packets go into buffers with virtio-net headroom, as `Outbox::write_tun` leaves them,
-//! and through tun-rs's coalescer as `Outbox::flush` runs it (see [`coalesce`]). Every buffer
-//! tun-rs would write is then split again by `offload::split`, header at offset 0 — what the
-//! kernel does with a superpacket written to the TUN, and what our reader does with one read
-//! from it. Invariants:
-//! - the coalescer accepts the batch; every written buffer splits; a buffer written without
-//!   GSO is its packet unchanged; every segment of a superpacket has valid checksums;
-//! - the split packets are exactly the batch, as a multiset, up to the IPv4 ID — and up to
-//!   the TCP window and IPv6 flow label, which tun-rs should not change but does (see
-//!   [`normalise`]);
+//! The packets are pushed into a coalescer (a fresh one, and one that has just coalesced
+//! another batch, as the outbox's has: both must write the same), and every buffer it would
+//! write is split again by `offload::split`, header at offset 0 — what the kernel does with a
+//! superpacket written to the TUN, and what our reader does with one read from it.
+//! Invariants:
+//! - every written buffer splits; a buffer written without GSO has a zero header; every
+//!   segment of a superpacket has valid checksums;
+//! - the split packets are exactly the batch, byte for byte, as a multiset (nothing blanked:
+//!   the IPv4 ID, the window, the flow label and PSH all come back as they went in);
 //! - a superpacket only holds packets the harness finds mergeable (see [`mergeable`]), of one
 //!   connection;
-//! - order: GRO only pulls a packet forward into the superpacket of an earlier packet of its
-//!   flow, so the written buffers, each named by its earliest packet, are in batch order;
-//!   the mergeable datagrams of a UDP flow keep their order; so do the mergeable segments of
-//!   a TCP connection that arrive in sequence order (see [`check_order`] for why only those).
+//! - order: the written buffers, each named by its earliest packet, are in batch order, and
+//!   the packets of one connection (any packet whose ports can be read, mergeable or not) are
+//!   written in batch order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use tailsk8s_dataplane::gro::Coalescer;
 use tailsk8s_dataplane::offload::{self, VNET_HDR_LEN};
-use tailsk8s_dataplane::tun::TUN_HEADROOM;
-use tun_rs::{handle_gro, GROTable, VirtioNetHdr};
+use tun_rs::VirtioNetHdr;
 
 use crate::headers::{self, Ip, Segment, Transport, ACK, GSO_NONE, PSH, TCP, UDP};
 use crate::input::{Choices, Writer};
@@ -39,8 +38,6 @@ use crate::input::{Choices, Writer};
 /// The outbox flushes after at most one UDP batch of 128 datagrams.
 pub const MAX_PACKETS: usize = 128;
 pub const MAX_FLOWS: usize = 4;
-/// The outbox's buffers: tun-rs coalesces into a buffer only within its capacity.
-const TUN_BUF_CAPACITY: usize = TUN_HEADROOM + 65536;
 /// Largest payload a generated segment carries (the MSS of a 1500-byte MTU and some).
 const MAX_PAYLOAD: u16 = 1500;
 
@@ -408,57 +405,30 @@ pub fn packets(input: &Input) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Buffers as `Outbox::write_tun` fills them: headroom, then the packet.
-fn tun_buffers(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    packets
-        .iter()
-        .map(|p| {
-            let mut buf = Vec::with_capacity(TUN_BUF_CAPACITY);
-            buf.resize(TUN_HEADROOM, 0);
-            buf.extend_from_slice(p);
-            buf
-        })
-        .collect()
-}
-
-/// Runs the coalescer over `packets` as the outbox does; returns the buffers and the indexes
-/// of those to write, in write order.
-///
-/// `Outbox::flush` calls `send_multiple`, which resets its `GROTable`, calls `handle_gro`
-/// with the table's TCP and UDP parts and its `to_write` list, then writes the listed
-/// buffers from `offset - 10`. That list is crate-private, so it is rebuilt here the same
-/// way: `handle_gro` (public) on fresh tables, exactly the call `send_multiple` makes. `GROTable::apply_gro` (public, doc-hidden) is
-/// the table-reusing wrapper around the same call; it runs too, on a table that has just
-/// coalesced another batch (as the outbox's has), and must leave identical buffers.
-pub fn coalesce(packets: &[Vec<u8>], can_udp_gro: bool) -> (Vec<Vec<u8>>, Vec<usize>) {
-    let mut table = GROTable::new();
-    let previous: Vec<Vec<u8>> = packets.iter().rev().cloned().collect();
-    if let Err(e) = table.apply_gro(&mut tun_buffers(&previous), TUN_HEADROOM, can_udp_gro) {
-        panic!("GRO refused a batch of engine output: {e}");
-    }
-    let mut reused = tun_buffers(packets);
-    if let Err(e) = table.apply_gro(&mut reused, TUN_HEADROOM, can_udp_gro) {
-        panic!("GRO refused a batch of engine output: {e}");
-    }
-    let mut bufs = tun_buffers(packets);
-    let mut to_write = Vec::new();
-    // tun-rs exports `handle_gro` but not its table types; they are inferred from it.
-    let (mut tcp, mut udp) = (Default::default(), Default::default());
-    if let Err(e) = handle_gro(
-        &mut bufs,
-        TUN_HEADROOM,
-        &mut tcp,
-        &mut udp,
-        can_udp_gro,
-        &mut to_write,
-    ) {
-        panic!("GRO refused a batch of engine output: {e}");
+/// Runs the coalescer over `packets` as the outbox does; returns the buffers to write, in
+/// write order. A coalescer that has just coalesced another batch (the reversed one) must
+/// write exactly what a fresh one writes.
+pub fn coalesce(packets: &[Vec<u8>], can_udp_gro: bool) -> Vec<Vec<u8>> {
+    let run = |c: &mut Coalescer| -> Vec<Vec<u8>> {
+        c.clear();
+        for p in packets {
+            c.push(p);
+        }
+        c.written().map(<[u8]>::to_vec).collect()
+    };
+    let mut fresh = Coalescer::new();
+    fresh.set_udp_gso(can_udp_gro);
+    let written = run(&mut fresh);
+    let mut reused = Coalescer::new();
+    reused.set_udp_gso(can_udp_gro);
+    for p in packets.iter().rev() {
+        reused.push(p);
     }
     assert!(
-        reused == bufs,
-        "a reused GRO table coalesces differently from a fresh one"
+        run(&mut reused) == written,
+        "a reused coalescer writes differently from a fresh one"
     );
-    (bufs, to_write)
+    written
 }
 
 /// A TCP/UDP connection: protocol, addresses, ports.
@@ -470,8 +440,7 @@ pub struct Connection {
     pub ports: (u16, u16),
 }
 
-/// A packet GRO may merge, by the harness's own reading of the rules (linux/tun GRO as
-/// wireguard-go and tun-rs implement them): honest lengths, IPv4 without options and not a
+/// A packet GRO may merge, by the harness's own (looser) reading of the rules: honest lengths, IPv4 without options and not a
 /// fragment, IPv6 without extension headers; TCP with flags ACK or ACK|PSH, or UDP (only when
 /// the TUN has UDP GRO) with an honest length field; a payload; a transport checksum that
 /// verifies. Returns its connection, and for TCP its sequence range (seq, payload length).
@@ -512,50 +481,6 @@ pub fn mergeable(p: &[u8], can_udp_gro: bool) -> Option<(Connection, Option<(u32
     }
 }
 
-/// The packet as compared with its input, with the fields GRO may change blanked.
-///
-/// Legitimate: the IPv4 ID (and the header checksum that covers it). GRO keeps one IP header
-/// per superpacket and the split numbers the segments' IDs on from the first one, so IDs that
-/// did not count up by one come back changed. The ID only serves fragment reassembly, and
-/// these are whole, unfragmented packets (fragments are never merged).
-///
-/// Tolerated, NOT legitimate (reported, not fixed here: the code is tun-rs's, a port of
-/// wireguard-go's):
-/// - tun-rs merges TCP segments whose window differs and IPv6 packets whose flow label
-///   differs, and the split then gives every segment the first one's. The kernel's own GRO
-///   does not merge either (tcp_gro_receive flushes on any difference in the
-///   offset/flags/window word; ipv6_gro_receive on a different flow label), so a window
-///   update inside a batch is lost until the next segment;
-/// - when a segment is prepended to a superpacket whose last segment has PSH (it arrived
-///   after it, with the sequence number right before), the superpacket takes the prepended
-///   segment's header and the PSH is lost (the kernel ORs PSH into the merged header).
-///
-/// Blanked (with the TCP checksum that covers them; every split segment's checksum is
-/// verified separately) so that the target keeps finding everything else; delete these lines
-/// once tun-rs gets them right.
-pub fn normalise(p: &[u8]) -> Vec<u8> {
-    let mut p = p.to_vec();
-    let version = crate::support::ip::version(&p);
-    if version == Some(4) && p.len() >= 12 {
-        p[4..6].fill(0);
-        p[10..12].fill(0);
-    }
-    // Tolerated deviations, see above.
-    if version == Some(6) && p.len() >= 4 {
-        p[1] &= 0xf0;
-        p[2..4].fill(0);
-    }
-    if let Some(parsed) = headers::parse(&p) {
-        let flags = parsed.ip_len + 13;
-        if parsed.protocol == TCP && p.len() >= flags + 5 {
-            p[flags] &= !PSH;
-            // Window and checksum.
-            p[flags + 1..flags + 5].fill(0);
-        }
-    }
-    p
-}
-
 /// The target body.
 pub fn run(data: &[u8]) {
     let input = Input::decode(data);
@@ -563,25 +488,21 @@ pub fn run(data: &[u8]) {
     if batch.is_empty() {
         return;
     }
-    let (bufs, to_write) = coalesce(&batch, input.can_udp_gro);
-    let written = resplit(&batch, &bufs, &to_write);
+    let bufs = coalesce(&batch, input.can_udp_gro);
+    let written = resplit(&bufs);
     let groups = match_inputs(&batch, &written);
     check_groups(&batch, &groups, input.can_udp_gro);
-    check_order(&batch, &groups, input.can_udp_gro);
+    check_order(&batch, &groups);
 }
 
 /// Splits every buffer the writer would write, as the kernel would; returns their packets.
-fn resplit(batch: &[Vec<u8>], bufs: &[Vec<u8>], to_write: &[usize]) -> Vec<Vec<Vec<u8>>> {
-    assert!(
-        to_write.windows(2).all(|w| w[0] < w[1]),
-        "buffers to write out of order: {to_write:?}"
-    );
+fn resplit(bufs: &[Vec<u8>]) -> Vec<Vec<Vec<u8>>> {
     let mut out = vec![Vec::new(); MAX_PACKETS];
     let mut sizes = vec![0usize; MAX_PACKETS];
-    to_write
-        .iter()
-        .map(|&i| {
-            let mut read = bufs[i].clone();
+    bufs.iter()
+        .enumerate()
+        .map(|(i, buf)| {
+            let mut read = buf.clone();
             let hdr = VirtioNetHdr::decode(&read).unwrap_or_else(|e| panic!("buffer {i}: {e}"));
             let count = match offload::split(&mut read[..], &mut out, &mut sizes) {
                 Ok(count) => count,
@@ -595,11 +516,12 @@ fn resplit(batch: &[Vec<u8>], bufs: &[Vec<u8>], to_write: &[usize]) -> Vec<Vec<V
                 .collect();
             if hdr.gso_type == GSO_NONE {
                 assert!(
-                    hdr.flags == 0 && bufs[i][VNET_HDR_LEN..] == batch[i][..],
-                    "buffer {i} is written without GSO ({hdr:?}) but is not its packet unchanged"
+                    hdr.flags == 0 && buf[..VNET_HDR_LEN] == [0; VNET_HDR_LEN],
+                    "buffer {i} is written without GSO but its header is not zero: {hdr:?}"
                 );
             } else {
                 assert_eq!(hdr.flags, headers::F_NEEDS_CSUM, "superpacket {i}: {hdr:?}");
+                assert!(count > 1, "superpacket {i} of one segment: {hdr:?}");
                 for (k, segment) in segments.iter().enumerate() {
                     assert!(
                         headers::ipv4_header_checksum_ok(segment) != Some(false)
@@ -614,11 +536,11 @@ fn resplit(batch: &[Vec<u8>], bufs: &[Vec<u8>], to_write: &[usize]) -> Vec<Vec<V
 }
 
 /// Names every written packet by its input index; panics unless the written packets are the
-/// batch, as a multiset, up to [`normalise`]. Returns the index groups in write order.
+/// batch, byte for byte, as a multiset. Returns the index groups in write order.
 fn match_inputs(batch: &[Vec<u8>], written: &[Vec<Vec<u8>>]) -> Vec<Vec<usize>> {
     let mut unmatched: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
     for (i, p) in batch.iter().enumerate().rev() {
-        unmatched.entry(normalise(p)).or_default().push(i);
+        unmatched.entry(p.clone()).or_default().push(i);
     }
     let groups: Vec<Vec<usize>> = written
         .iter()
@@ -628,7 +550,7 @@ fn match_inputs(batch: &[Vec<u8>], written: &[Vec<Vec<u8>>]) -> Vec<Vec<usize>> 
                 .iter()
                 .enumerate()
                 .map(|(k, segment)| {
-                    let candidates = unmatched.get_mut(&normalise(segment));
+                    let candidates = unmatched.get_mut(segment);
                     match candidates.and_then(Vec::pop) {
                         Some(i) => i,
                         None => panic!(
@@ -663,15 +585,24 @@ fn check_groups(batch: &[Vec<u8>], groups: &[Vec<usize>], can_udp_gro: bool) {
     }
 }
 
-/// Order, per the module documentation.
-///
-/// Not checked, because tun-rs's GRO (like wireguard-go's, which it ports) does it by design:
-/// - TCP segments that arrive out of sequence order may be merged out of arrival order
-///   (a segment joins the earliest superpacket of its connection it continues, even behind
-///   later arrivals); the receiving TCP orders by sequence number anyway;
-/// - packets GRO leaves alone (pure ACKs, SYN/FIN, empty datagrams, bad checksums) keep their
-///   place, so later mergeable packets of their connection can be written before them.
-fn check_order(batch: &[Vec<u8>], groups: &[Vec<usize>], can_udp_gro: bool) {
+/// Any TCP/UDP packet whose IP header parses and whose ports are there, mergeable or not.
+fn connection(p: &[u8]) -> Option<Connection> {
+    let parsed = headers::parse(p)?;
+    let ports = p.get(parsed.ip_len..parsed.ip_len + 4)?;
+    (parsed.protocol == TCP || parsed.protocol == UDP).then(|| Connection {
+        protocol: parsed.protocol,
+        src: parsed.src,
+        dst: parsed.dst,
+        ports: (
+            u16::from_be_bytes([ports[0], ports[1]]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        ),
+    })
+}
+
+/// Order, per the module documentation: nothing is ever pulled forward past a packet of its
+/// connection, whether that one was merged or not.
+fn check_order(batch: &[Vec<u8>], groups: &[Vec<usize>]) {
     let earliest: Vec<usize> = groups
         .iter()
         .filter_map(|g| g.iter().min().copied())
@@ -680,23 +611,13 @@ fn check_order(batch: &[Vec<u8>], groups: &[Vec<usize>], can_udp_gro: bool) {
         earliest.windows(2).all(|w| w[0] < w[1]),
         "written buffers are not in the order of their earliest packets: {groups:?}"
     );
-    // Mergeable packets per connection, in batch order, with their TCP ranges.
-    let mut connections: BTreeMap<Connection, Vec<Member>> = BTreeMap::new();
-    for (i, p) in batch.iter().enumerate() {
-        if let Some((connection, range)) = mergeable(p, can_udp_gro) {
-            connections.entry(connection).or_default().push((i, range));
+    let mut connections: BTreeMap<Connection, Vec<usize>> = BTreeMap::new();
+    for i in groups.iter().flatten().copied() {
+        if let Some(connection) = connection(&batch[i]) {
+            connections.entry(connection).or_default().push(i);
         }
     }
-    let written: Vec<usize> = groups.iter().flatten().copied().collect();
-    for (connection, members) in connections {
-        if connection.protocol == TCP && !in_sequence(&members) {
-            continue;
-        }
-        let order: Vec<usize> = written
-            .iter()
-            .copied()
-            .filter(|i| members.iter().any(|(m, _)| m == i))
-            .collect();
+    for (connection, order) in connections {
         assert!(
             order.windows(2).all(|w| w[0] < w[1]),
             "{connection:?}: packets written in the order {order:?}"
@@ -704,26 +625,10 @@ fn check_order(batch: &[Vec<u8>], groups: &[Vec<usize>], can_udp_gro: bool) {
     }
 }
 
-/// A mergeable packet: its index in the batch, and for TCP its sequence range.
-type Member = (usize, Option<(u32, usize)>);
-
-/// Whether TCP segments arrive in sequence order: each starts at or after the end of the one
-/// before, and none wraps the sequence space (so plain integer order is TCP's order).
-fn in_sequence(members: &[Member]) -> bool {
-    let mut end = 0u64;
-    members.iter().all(|(_, range)| {
-        let Some((seq, len)) = range else {
-            return false;
-        };
-        let ok = u64::from(*seq) >= end && u64::from(*seq) + (*len as u64) < 1 << 32;
-        end = u64::from(*seq) + *len as u64;
-        ok
-    })
-}
-
 /// Seeds: bulk TCP over both families (one superpacket, and more than 64 KiB), UDP with and
 /// without UDP GRO, interleaved flows, out-of-order and retransmitted segments, PSH in the
-/// middle, changing ACK numbers and IP fields, every kind of broken segment and raw bytes.
+/// middle or before an earlier segment, changing ACK numbers, windows and IP fields, every
+/// kind of broken segment and raw bytes.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let tcp4 = Flow {
         ttl: 64,
@@ -873,6 +778,36 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         (
+            "tcp-window-and-flow-label-change",
+            input(
+                false,
+                &[&tcp4, &tcp6],
+                vec![
+                    next(0),
+                    tweaked(0, 4, 600), // window changes (for the rest of the flow)
+                    next(0),
+                    next(1),
+                    tweaked(1, 64, 0), // flow label differs
+                    next(1),
+                ],
+            ),
+        ),
+        (
+            "tcp-psh-then-earlier",
+            input(
+                false,
+                &[&tcp4],
+                vec![
+                    Packet {
+                        tweaks: 1, // PSH
+                        ..seq(0, 6, 1379)
+                    },
+                    seq(0, 7, 1_000_000),
+                    next(0),
+                ],
+            ),
+        ),
+        (
             "broken-segments",
             input(
                 true,
@@ -934,7 +869,7 @@ mod tests {
             seqs.push(seq);
         }
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1380), "{seqs:?}");
-        let distinct: std::collections::HashSet<_> = batch.iter().map(|p| normalise(p)).collect();
+        let distinct: std::collections::HashSet<_> = batch.iter().collect();
         assert_eq!(distinct.len(), batch.len());
     }
 
@@ -942,9 +877,9 @@ mod tests {
     fn bulk_segments_coalesce_into_one_superpacket_that_splits_back() {
         let input = Input::decode(&seeds()[0].1);
         let batch = packets(&input);
-        let (bufs, to_write) = coalesce(&batch, false);
-        assert_eq!(to_write, vec![0], "one superpacket");
-        let written = resplit(&batch, &bufs, &to_write);
+        let bufs = coalesce(&batch, false);
+        assert_eq!(bufs.len(), 1, "one superpacket");
+        let written = resplit(&bufs);
         assert_eq!(
             match_inputs(&batch, &written),
             vec![(0..16).collect::<Vec<_>>()]
@@ -963,6 +898,10 @@ mod tests {
             ("udp6-without-udp-gro", 6),
             ("udp6-uso", 1),
             ("interleaved-flows", 4),
+            // Window change: [0] [1 2]; flow label: [3] [4] [5].
+            ("tcp-window-and-flow-label-change", 5),
+            // [PSH segment] [the one before it, the one after that].
+            ("tcp-psh-then-earlier", 2),
         ];
         let seeds = seeds();
         for (name, buffers) in expected {
@@ -970,15 +909,16 @@ mod tests {
                 panic!("no seed {name}");
             };
             let input = Input::decode(bytes);
-            let (_, to_write) = coalesce(&packets(&input), input.can_udp_gro);
-            assert_eq!(to_write.len(), buffers, "{name}: {to_write:?}");
+            let bufs = coalesce(&packets(&input), input.can_udp_gro);
+            assert_eq!(bufs.len(), buffers, "{name}");
         }
     }
 
-    /// Pins the deviation [`normalise`] tolerates: when this fails, tun-rs no longer merges
-    /// segments whose window or flow label differ, and the blanking can go.
+    /// What tun-rs got wrong (and the target tolerated until it had its own coalescer):
+    /// segments whose window or flow label differ are not merged, and so come back with
+    /// their own.
     #[test]
-    fn tun_rs_still_merges_different_windows_and_flow_labels() {
+    fn different_windows_and_flow_labels_are_not_merged() {
         let tcp4 = Flow {
             mss: 1000,
             window: 502,
@@ -990,7 +930,6 @@ mod tests {
         };
         // The IPv4 TCP window; the IPv6 flow label.
         for (flow, tweaks, field) in [(tcp4, 1 << 2, 34..36), (tcp6, 1 << 6, 1..4)] {
-            let next = Packet::default();
             let changed = Packet {
                 tweaks,
                 arg: 9000,
@@ -999,25 +938,21 @@ mod tests {
             let input = Input {
                 can_udp_gro: false,
                 flows: vec![flow],
-                packets: vec![next, changed],
+                packets: vec![Packet::default(), changed.clone(), changed],
             };
             let batch = packets(&input);
             assert_ne!(batch[0][field.clone()], batch[1][field.clone()]);
-            let (bufs, to_write) = coalesce(&batch, false);
-            assert_eq!(to_write, vec![0], "merged");
-            let written = resplit(&batch, &bufs, &to_write);
-            assert_eq!(
-                written[0][1][field.clone()],
-                batch[0][field],
-                "the second segment gets the first's"
-            );
-            assert_eq!(normalise(&written[0][1]), normalise(&batch[1]));
+            assert_eq!(batch[1][field.clone()], batch[2][field.clone()]);
+            let bufs = coalesce(&batch, false);
+            let written = resplit(&bufs);
+            assert_eq!(match_inputs(&batch, &written), vec![vec![0], vec![1, 2]]);
         }
     }
 
-    /// Pins the PSH loss [`normalise`] tolerates: a segment with PSH, then the one before it.
+    /// The other one: a segment with PSH, then the one before it. Not contiguous in arrival
+    /// order, so not merged, and the PSH stays where it was.
     #[test]
-    fn tun_rs_still_loses_psh_when_it_prepends() {
+    fn psh_is_kept_when_segments_arrive_out_of_order() {
         let flow = Flow {
             mss: 999, // 1000 bytes
             ..Flow::default()
@@ -1042,14 +977,10 @@ mod tests {
         let batch = packets(&input);
         let psh = |p: &[u8]| p[33] & PSH != 0;
         assert!(psh(&batch[0]) && !psh(&batch[1]));
-        let (bufs, to_write) = coalesce(&batch, false);
-        assert_eq!(to_write, vec![0], "merged");
-        let written = resplit(&batch, &bufs, &to_write);
-        assert_eq!(match_inputs(&batch, &written), vec![vec![1, 0]]);
-        assert!(
-            !psh(&written[0][1]),
-            "PSH survived: drop the blanking in normalise"
-        );
+        let bufs = coalesce(&batch, false);
+        let written = resplit(&bufs);
+        assert_eq!(match_inputs(&batch, &written), vec![vec![0], vec![1]]);
+        assert!(psh(&written[0][0]));
     }
 
     #[test]
@@ -1079,7 +1010,7 @@ mod tests {
         let single = |i: usize| vec![batch[i].clone()];
         let all: Vec<Vec<Vec<u8>>> = (0..batch.len()).map(single).collect();
         let groups = match_inputs(&batch, &all);
-        check_order(&batch, &groups, true);
+        check_order(&batch, &groups);
 
         let lost = &all[1..];
         assert!(std::panic::catch_unwind(|| match_inputs(&batch, lost)).is_err());
@@ -1089,11 +1020,21 @@ mod tests {
         let mut swapped = all.clone();
         swapped.swap(1, 2);
         let groups = match_inputs(&batch, &swapped);
-        assert!(std::panic::catch_unwind(|| check_order(&batch, &groups, true)).is_err());
+        assert!(std::panic::catch_unwind(|| check_order(&batch, &groups)).is_err());
         // The same swap inside one superpacket is caught by the per-flow order.
         let mut merged = vec![vec![batch[0].clone(), batch[2].clone(), batch[1].clone()]];
         merged.extend((3..batch.len()).map(single));
         let groups = match_inputs(&batch, &merged);
-        assert!(std::panic::catch_unwind(|| check_order(&batch, &groups, true)).is_err());
+        assert!(std::panic::catch_unwind(|| check_order(&batch, &groups)).is_err());
+        // A packet pulled forward past one of its connection that was not merged.
+        let mut broken = batch.clone();
+        *broken[1].last_mut().unwrap() ^= 1; // bad checksum
+        let pulled = vec![
+            vec![broken[0].clone(), broken[2].clone()],
+            vec![broken[1].clone()],
+        ];
+        let groups = match_inputs(&broken[..3], &pulled);
+        assert_eq!(groups, vec![vec![0, 2], vec![1]]);
+        assert!(std::panic::catch_unwind(|| check_order(&broken[..3], &groups)).is_err());
     }
 }
