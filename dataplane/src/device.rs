@@ -149,7 +149,7 @@ impl DeviceControl for Shared {
         }
         let send_now = self.engine.apply(&update)?;
         if send_now {
-            let mut outbox = Outbox::default();
+            let mut outbox = self.tun.outbox();
             let mut scratch = new_scratch();
             self.tick(&mut outbox, &mut scratch);
         }

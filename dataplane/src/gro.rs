@@ -43,6 +43,8 @@ pub const MAX_SEGMENTS: usize = 64;
 #[derive(Default)]
 pub struct Coalescer {
     udp_gso: bool,
+    /// Off for a TUN without offloads: every packet is written alone.
+    no_merging: bool,
     /// Output buffers, `[virtio-net header | packet]`; the first `outputs.len()` are in use.
     bufs: Vec<Vec<u8>>,
     outputs: Vec<Output>,
@@ -65,9 +67,18 @@ impl Coalescer {
         self.udp_gso
     }
 
+    /// Whether packets are merged at all (a TUN without offloads takes single packets only).
+    pub fn set_merging(&mut self, on: bool) {
+        self.no_merging = !on;
+    }
+
     /// Adds the next packet of the batch (any bytes: what cannot be merged is written alone).
     pub fn push(&mut self, packet: &[u8]) {
-        let key = flow_key(packet);
+        let key = if self.no_merging {
+            None
+        } else {
+            flow_key(packet)
+        };
         let segment = Segment::parse(packet, self.udp_gso);
         let Some(key) = key else {
             self.open_output(packet, None, None);

@@ -1,43 +1,38 @@
 //! The output of one batch: what the engine asked to send and write, copied into buffers that
 //! live as long as the worker (no allocation once they have grown to the working size), then
 //! flushed with as few syscalls as the kernel allows: runs of equal-size datagrams to one
-//! endpoint leave as one UDP GSO send, and packets for the TUN are GRO-coalesced per flow
-//! (through `tun-rs`) into superpackets when the TUN has offloads.
+//! endpoint leave as one UDP GSO send, and packets for the TUN are coalesced per flow by our
+//! [`Coalescer`] into superpackets when the TUN has offloads (one write each).
 
 use std::io;
 
-use tun_rs::{GROTable, SyncDevice};
+use tun_rs::SyncDevice;
 
 use crate::engine::Transmit;
+use crate::gro::Coalescer;
+use crate::offload::VNET_HDR_LEN;
 use crate::peer::Endpoint;
 use crate::stats::{DropReason, Stats};
-use crate::tun::TUN_HEADROOM;
 use crate::udp::SocketPair;
 
 /// Largest UDP payload one GSO send may carry (IPv4's limit; IPv6's is a little larger).
 const MAX_GSO_BYTES: usize = 65507;
-/// Room for one TUN packet, or a coalesced superpacket, after the headroom.
-const TUN_BUF_CAPACITY: usize = TUN_HEADROOM + 65536;
 
 /// See the module documentation.
 pub struct Outbox {
     bytes: Vec<u8>,
     datagrams: Vec<(Endpoint, usize, usize)>,
-    /// Packet buffers, each `[headroom | packet]`; the first `packet_count` are in use.
-    packets: Vec<Vec<u8>>,
-    packet_count: usize,
-    gro: GROTable,
+    /// Packets for the TUN, each behind a virtio-net header, merged per flow when offloads
+    /// are on.
+    packets: Coalescer,
+    /// Whether the TUN takes virtio-net headers (else each packet is written bare).
+    offload: bool,
 }
 
 impl Default for Outbox {
+    /// An outbox for a TUN with offloads (TSO, no USO).
     fn default() -> Self {
-        Outbox {
-            bytes: Vec::new(),
-            datagrams: Vec::new(),
-            packets: Vec::new(),
-            packet_count: 0,
-            gro: GROTable::new(),
-        }
+        Outbox::new(true, false)
     }
 }
 
@@ -49,14 +44,7 @@ impl Transmit for Outbox {
     }
 
     fn write_tun(&mut self, packet: &[u8]) {
-        if self.packet_count == self.packets.len() {
-            self.packets.push(Vec::with_capacity(TUN_BUF_CAPACITY));
-        }
-        let buf = &mut self.packets[self.packet_count];
-        buf.clear();
-        buf.resize(TUN_HEADROOM, 0);
-        buf.extend_from_slice(packet);
-        self.packet_count += 1;
+        self.packets.push(packet);
     }
 }
 
@@ -70,13 +58,27 @@ pub struct Run<'a> {
 }
 
 impl Outbox {
-    /// Packets waiting for the TUN.
+    /// An outbox for a TUN with (`offload`) or without virtio-net headers; `udp_gso` when the
+    /// TUN also accepts UDP superpackets (USO).
+    pub fn new(offload: bool, udp_gso: bool) -> Outbox {
+        let mut packets = Coalescer::new();
+        packets.set_merging(offload);
+        packets.set_udp_gso(offload && udp_gso);
+        Outbox {
+            bytes: Vec::new(),
+            datagrams: Vec::new(),
+            packets,
+            offload,
+        }
+    }
+
+    /// TUN writes waiting (superpackets count once).
     pub fn pending_packets(&self) -> usize {
-        self.packet_count
+        self.packets.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.datagrams.is_empty() && self.packet_count == 0
+        self.datagrams.is_empty() && self.packets.is_empty()
     }
 
     /// Datagrams queued so far, one by one.
@@ -86,17 +88,16 @@ impl Outbox {
             .map(|(to, a, b)| (to, &self.bytes[*a..*b]))
     }
 
-    /// Packets queued for the TUN so far, one by one.
+    /// What will be written to the TUN, one write each, without the virtio-net header: a
+    /// packet, or (offloads on) a superpacket standing for several.
     pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.packets[..self.packet_count]
-            .iter()
-            .map(|b| &b[TUN_HEADROOM..])
+        self.packets.written().map(|b| &b[VNET_HDR_LEN..])
     }
 
     pub fn clear(&mut self) {
         self.bytes.clear();
         self.datagrams.clear();
-        self.packet_count = 0;
+        self.packets.clear();
     }
 
     /// The queued datagrams grouped into GSO runs of at most `max_segments` datagrams.
@@ -145,16 +146,15 @@ impl Outbox {
         stats: &Stats,
     ) -> io::Result<()> {
         let mut result = Ok(());
-        if self.packet_count > 0 {
-            let count = self.packet_count;
-            if let Err(e) =
-                tun.send_multiple(&mut self.gro, &mut self.packets[..count], TUN_HEADROOM)
-            {
-                if e.raw_os_error() == Some(libc::EBADFD) {
+        let skip = if self.offload { 0 } else { VNET_HDR_LEN };
+        for write in self.packets.written() {
+            match tun.send(&write[skip..]) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
                     result = Err(e);
-                } else {
-                    stats.drop(DropReason::QueueFull);
+                    break;
                 }
+                Err(_) => stats.drop(DropReason::QueueFull),
             }
         }
         for run in self.runs(max_segments) {
@@ -251,17 +251,16 @@ mod tests {
     }
 
     #[test]
-    fn packets_keep_headroom_and_buffers_are_reused() {
-        let mut out = Outbox::default();
+    fn packets_are_written_whole_and_buffers_are_reused() {
+        let mut out = Outbox::new(false, false);
         out.write_tun(&[9; 60]);
         out.write_tun(&[8; 20]);
         let got: Vec<_> = out.packets().map(|p| p.to_vec()).collect();
         assert_eq!(got, vec![vec![9; 60], vec![8; 20]]);
-        let first = out.packets[0].as_ptr();
         out.clear();
         assert!(out.is_empty());
         out.write_tun(&[7; 30]);
-        assert_eq!(out.packets[0].as_ptr(), first, "no new allocation");
         assert_eq!(out.packets().next(), Some(&[7; 30][..]));
+        assert_eq!(out.pending_packets(), 1);
     }
 }

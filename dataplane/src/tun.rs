@@ -115,6 +115,16 @@ impl Tun {
         self.offload
     }
 
+    /// Whether the TUN also takes UDP superpackets (USO4/USO6, kernel 6.2+).
+    pub fn udp_gso(&self) -> bool {
+        self.offload && self.queues[0].udp_gso()
+    }
+
+    /// An outbox whose TUN writes fit this device (headers, superpackets or not).
+    pub fn outbox(&self) -> crate::outbox::Outbox {
+        crate::outbox::Outbox::new(self.offload, self.udp_gso())
+    }
+
     pub fn queue_count(&self) -> usize {
         self.queues.len()
     }

@@ -23,7 +23,6 @@ use quinn_udp::RecvMeta;
 use crate::device::{ExitReason, Shared};
 use crate::engine::new_scratch;
 use crate::offload::{copy_into, split, VNET_HDR_LEN};
-use crate::outbox::Outbox;
 use crate::stats::DropReason;
 use crate::udp::UdpSockets;
 
@@ -107,7 +106,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
     let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); TUN_BATCH];
     let mut sizes = [0usize; TUN_BATCH];
     let mut scratch = new_scratch();
-    let mut outbox = Outbox::default();
+    let mut outbox = shared.tun.outbox();
     let mut view = SocketView::new(&shared);
     let fd = queue.as_raw_fd();
     while !shared.stop.load(Relaxed) {
@@ -178,7 +177,7 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
     let mut bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
     let mut metas = [RecvMeta::default(); UDP_BATCH];
     let mut scratch = new_scratch();
-    let mut outbox = Outbox::default();
+    let mut outbox = shared.tun.outbox();
     let mut view = SocketView::new(&shared);
     while !shared.stop.load(Relaxed) {
         view.refresh(&shared);
@@ -261,7 +260,7 @@ fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 
 pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut scratch = new_scratch();
-    let mut outbox = Outbox::default();
+    let mut outbox = shared.tun.outbox();
     let mut last_mtu_check = Instant::now();
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(POLL_INTERVAL);
