@@ -6,8 +6,8 @@
 //! - `superpacket_64k`: what the router does with one 64 KiB TCP superpacket read from an
 //!   offloading TUN: split it into 47 segments of 1420 bytes ([`offload::split`], what the
 //!   TUN worker runs on every read: header checks, then tun-rs's `gso_split`), and
-//!   GRO-coalesce the decrypted segments again (tun-rs `GROTable::apply_gro`, the code
-//!   `send_multiple` runs); and the whole pipeline split → encapsulate → decapsulate →
+//!   GRO-coalesce the decrypted segments again ([`gro::Coalescer`], what the router's outbox
+//!   runs before its TUN writes); and the whole pipeline split → encapsulate → decapsulate →
 //!   coalesce.
 //! - `allowed_ips_10k`: longest-prefix lookups in an [`AllowedIps`] of 10,000 prefixes.
 //!
@@ -19,17 +19,18 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tailsk8s_dataplane::allowed_ips::AllowedIps;
 use tailsk8s_dataplane::config::{AllowedIpChange, DeviceUpdate, PeerUpdate};
 use tailsk8s_dataplane::engine::{new_scratch, Engine, Transmit, DEFAULT_MTU, SCRATCH_LEN};
+use tailsk8s_dataplane::gro::Coalescer;
 use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::offload;
 use tailsk8s_dataplane::peer::Endpoint;
-use tun_rs::{GROTable, VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN};
+use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN};
 
 /// Pod addresses on the two nodes, as in benches/iperf3.
 const POD_A: [u8; 4] = [198, 19, 1, 2];
@@ -42,9 +43,8 @@ const MSS: usize = DEFAULT_MTU - TCP_HEADERS;
 const SUPERPACKET_SEGMENTS: usize = (65536 - TCP_HEADERS) / MSS;
 /// Room per packet buffer: a full-size packet, WireGuard's padding, and headroom.
 const PACKET_BUF: usize = 2048;
-/// Capacity of a TUN packet buffer: tun-rs coalesces into a buffer only if it can hold the
-/// whole superpacket (and leaves the packets apart, silently, if not), so like the router's
-/// `Outbox` every buffer has room for 64 KiB behind its headroom.
+/// Capacity of a decrypted-packet buffer in the benchmark's sink: the largest packet behind
+/// virtio-net headroom.
 const TUN_BUF_CAPACITY: usize = VIRTIO_NET_HDR_LEN + 65536;
 /// The virtio-net header flag "complete the checksum from csum_start".
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
@@ -334,7 +334,7 @@ fn superpacket_pipeline(
     read: &mut [u8],
     segments: &mut [Vec<u8>],
     sizes: &mut [usize],
-    gro: &mut GROTable,
+    gro: &mut Coalescer,
 ) -> usize {
     let count = split(read, segments, sizes);
     a.out.clear();
@@ -352,13 +352,11 @@ fn superpacket_pipeline(
             batch.handle_datagram(a.addr, local, datagram, &mut b.scratch, &mut b.out);
         }
     }
-    let written = b.out.packet_count;
-    gro.apply_gro(&mut b.out.packets[..written], VIRTIO_NET_HDR_LEN, false)
-        .expect("GRO accepts the decrypted segments");
-    b.out.packets[..written]
-        .iter()
-        .map(|p| p.len() - VIRTIO_NET_HDR_LEN)
-        .sum()
+    gro.clear();
+    for i in 0..b.out.packet_count {
+        gro.push(b.out.packet(i));
+    }
+    gro.written().map(|p| p.len() - VIRTIO_NET_HDR_LEN).sum()
 }
 
 fn superpacket_64k(c: &mut Criterion) {
@@ -378,41 +376,26 @@ fn superpacket_64k(c: &mut Criterion) {
         bench.iter(|| black_box(split(&mut original, &mut segments, &mut sizes)))
     });
 
-    // GRO coalesce of the split segments, each behind virtio-net headroom. Cloning a Vec
-    // would not keep its capacity: build fresh buffers the size the router uses.
-    let tun_buffers = || -> Vec<Vec<u8>> {
-        segments
-            .iter()
-            .zip(&sizes)
-            .map(|(s, &len)| {
-                let mut p = Vec::with_capacity(TUN_BUF_CAPACITY);
-                p.resize(VIRTIO_NET_HDR_LEN, 0);
-                p.extend_from_slice(&s[..len]);
-                p
-            })
-            .collect()
-    };
-    let mut gro = GROTable::new();
-    let mut check = tun_buffers();
-    gro.apply_gro(&mut check, VIRTIO_NET_HDR_LEN, false)
-        .expect("GRO accepts the segments");
+    // GRO coalesce of the split segments.
+    let mut gro = Coalescer::new();
+    for (seg, &len) in segments.iter().zip(&sizes) {
+        gro.push(&seg[..len]);
+    }
+    assert_eq!(gro.len(), 1, "all segments coalesce into one superpacket");
     assert_eq!(
-        check[0].len(),
-        VIRTIO_NET_HDR_LEN + TCP_HEADERS + payload,
-        "all segments coalesce into the first buffer"
+        gro.written().next().map(<[u8]>::len),
+        Some(VIRTIO_NET_HDR_LEN + TCP_HEADERS + payload)
     );
     let segment_bytes: usize = sizes.iter().sum();
     group.throughput(Throughput::Bytes(segment_bytes as u64));
     group.bench_function("gro_coalesce", |bench| {
-        bench.iter_batched_ref(
-            tun_buffers,
-            |bufs| {
-                gro.apply_gro(bufs, VIRTIO_NET_HDR_LEN, false)
-                    .expect("GRO accepts the segments");
-                black_box(bufs[0].len())
-            },
-            BatchSize::SmallInput,
-        )
+        bench.iter(|| {
+            gro.clear();
+            for (seg, &len) in segments.iter().zip(&sizes) {
+                gro.push(&seg[..len]);
+            }
+            black_box(gro.len())
+        })
     });
 
     // The whole router path minus syscalls.
@@ -430,8 +413,8 @@ fn superpacket_64k(c: &mut Criterion) {
         "every segment decrypts"
     );
     assert_eq!(
-        b.out.packets[0].len(),
-        VIRTIO_NET_HDR_LEN + TCP_HEADERS + payload,
+        gro.written().next().map(<[u8]>::len),
+        Some(VIRTIO_NET_HDR_LEN + TCP_HEADERS + payload),
         "the decrypted segments coalesce into one superpacket"
     );
     assert!(coalesced >= TCP_HEADERS + payload);
