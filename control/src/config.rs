@@ -63,8 +63,6 @@ pub const MIN_MTU: u32 = 1280;
 pub const MAX_MTU: u32 = 65535 - 80;
 /// Most packet workers (TUN queues) a device may have; the kernel allows 256 queues.
 pub const MAX_WORKERS: usize = 256;
-/// Linux IFNAMSIZ minus the terminating NUL.
-const MAX_IFNAME_LEN: usize = 15;
 /// A config file larger than this is certainly not a router config; refuse to read it all.
 const MAX_FILE_LEN: u64 = 16 << 20;
 
@@ -324,22 +322,10 @@ impl RouterConfig {
 
 /// Checks an interface name as Linux does (IFNAMSIZ, no '/', no whitespace, not "." or "..").
 pub fn check_ifname(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("must not be empty");
+    match tailsk8s_dataplane::tun::ifname_problem(name) {
+        Some(reason) => Err(reason),
+        None => Ok(()),
     }
-    if name.len() > MAX_IFNAME_LEN {
-        return Err("longer than 15 bytes");
-    }
-    if name == "." || name == ".." {
-        return Err("must not be \".\" or \"..\"");
-    }
-    if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err("must not contain '/', ':', whitespace or control characters");
-    }
-    Ok(())
 }
 
 fn read_limited(path: &Path) -> std::io::Result<String> {

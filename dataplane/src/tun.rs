@@ -24,19 +24,30 @@ pub enum TunError {
     Io { name: String, source: io::Error },
 }
 
+/// What is wrong with an interface name by the kernel's rules (`dev_valid_name`), if
+/// anything. The one check behind the TUN, the UAPI socket path and the config file.
+pub fn ifname_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > MAX_IFNAME_LEN {
+        Some("longer than 15 bytes")
+    } else if name == "." || name == ".." {
+        Some("must not be \".\" or \"..\"")
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Some("must not contain '/', ':', whitespace or control characters")
+    } else {
+        None
+    }
+}
+
 /// Checks a name the way the kernel will, so a bad name fails before anything is created.
 pub fn check_ifname(name: &str) -> Result<(), TunError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_IFNAME_LEN
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0');
-    if ok {
-        Ok(())
-    } else {
-        Err(TunError::BadName(name.to_string()))
+    match ifname_problem(name) {
+        Some(_) => Err(TunError::BadName(name.to_string())),
+        None => Ok(()),
     }
 }
 

@@ -129,31 +129,38 @@ impl AsRawFd for BoundSocket {
     }
 }
 
+/// Sets an int socket option; false if the kernel refused it.
+fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: a plain int option on a descriptor the caller owns; the pointer and length
+    // describe `value`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 /// quinn-udp sets DF on every datagram (PMTU probing, right for QUIC). A tunnel must instead
 /// carry a datagram larger than the underlay's MTU, as the kernel's WireGuard and
 /// wireguard-go do: let the kernel fragment it.
 fn allow_fragmentation(socket: &UdpSocket, ipv6: bool) {
-    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
-        // SAFETY: a plain int option on a socket we own.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                name,
-                &value as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
-    };
+    let fd = socket.as_raw_fd();
     if ipv6 {
-        set(
+        set_int_option(
+            fd,
             libc::IPPROTO_IPV6,
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_DONT,
         );
-        set(libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
+        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
     } else {
-        set(
+        set_int_option(
+            fd,
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
             libc::IP_PMTUDISC_DONT,
@@ -162,18 +169,13 @@ fn allow_fragmentation(socket: &UdpSocket, ipv6: bool) {
 }
 
 fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) {
-    let value = bytes as libc::c_int;
-    // SAFETY: a plain int option on a socket we own.
-    let forced = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            &value as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if forced != 0 {
+    let forced = set_int_option(
+        socket.as_raw_fd(),
+        libc::SOL_SOCKET,
+        option,
+        bytes as libc::c_int,
+    );
+    if !forced {
         // Without CAP_NET_ADMIN: take what the sysctl limits allow.
         let _ = if option == libc::SO_RCVBUFFORCE {
             socket.set_recv_buffer_size(bytes)

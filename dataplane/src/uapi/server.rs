@@ -43,8 +43,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the accept loop checks that the socket file is still ours.
 const OWNERSHIP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest interface name Linux accepts (IFNAMSIZ - 1).
-const MAX_IFNAME_LEN: usize = 15;
 
 /// Why the UAPI socket could not be set up.
 #[derive(Debug, Error)]
@@ -312,22 +310,8 @@ impl StopFlags {
 }
 
 fn validate_ifname(name: &str) -> Result<(), UapiError> {
-    // The rules of the kernel's dev_valid_name(), which also keep the path inside `dir`.
-    let reason = if name.is_empty() {
-        Some("empty")
-    } else if name.len() > MAX_IFNAME_LEN {
-        Some("longer than 15 bytes")
-    } else if name == "." || name == ".." {
-        Some("not a name")
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
-    {
-        Some("contains '/', ':', NUL or whitespace")
-    } else {
-        None
-    };
-    match reason {
+    // The kernel's rules, which also keep the socket path inside its directory.
+    match crate::tun::ifname_problem(name) {
         Some(reason) => Err(UapiError::InvalidName {
             name: name.to_string(),
             reason,
