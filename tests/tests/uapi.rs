@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use tailsk8s_e2e::gate::require_netns_with;
+use tailsk8s_e2e::process::after_inherited_fds_close;
 use tailsk8s_e2e::{
     names, ping, ping_with_deadline, process, require_netns, tailsk8s_binary, tools, wg::UAPI_DIR,
     Daemon, Impl, Netns, PeerDump, PeerSpec, TopologyBuilder, WgDevice, WgDump,
@@ -403,7 +404,14 @@ fn a_listen_port_in_use_is_a_negative_errno_and_changes_nothing() {
 
     // Once the port is free the same request succeeds: the error was about the port.
     drop(blocker);
-    assert_eq!(uapi(&device, "set=1\nlisten_port=51999\n\n").errno, 0);
+    let mut last = None;
+    let took = after_inherited_fds_close(|| {
+        let raw = uapi(&device, "set=1\nlisten_port=51999\n\n");
+        let ok = raw.errno == 0;
+        last = Some(raw);
+        ok
+    });
+    assert!(took, "the freed port was still refused: {last:?}");
     assert_eq!(dump(&device).interface.listen_port, 51999);
 }
 
