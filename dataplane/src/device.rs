@@ -15,6 +15,7 @@ use thiserror::Error;
 use crate::config::{DeviceControl, DeviceSnapshot, DeviceUpdate, ErrnoError, SetError};
 use crate::engine::{new_scratch, Engine};
 use crate::outbox::Outbox;
+use crate::steering::{self, CpuMap};
 use crate::tun::{Tun, TunError, TunOptions};
 use crate::udp::UdpSockets;
 use crate::workers;
@@ -31,6 +32,9 @@ pub struct DeviceOptions {
     pub workers: usize,
     /// TUN offloads (TSO/USO + GRO writes) and UDP GSO; off for kernels where they misbehave.
     pub offload: bool,
+    /// Pin each worker to a CPU and have the kernel hand packets to the worker of the CPU
+    /// they are on (see [`crate::steering`]); off: the kernel's flow hash picks the worker.
+    pub pin_workers: bool,
 }
 
 impl DeviceOptions {
@@ -77,6 +81,8 @@ pub(crate) struct Shared {
     workers: usize,
     /// Whether UDP sends may carry several datagrams (GSO).
     pub(crate) udp_gso: bool,
+    /// The CPU of each worker, when workers are pinned.
+    cpu_map: Option<CpuMap>,
 }
 
 impl Shared {
@@ -90,6 +96,24 @@ impl Shared {
             *exit = Some(reason);
         }
         self.stop.store(true, Relaxed);
+    }
+
+    /// Pins the calling thread to `worker`'s CPU, when workers are pinned.
+    fn pin(&self, worker: usize) {
+        if let Some(map) = &self.cpu_map {
+            if let Err(e) = steering::pin_current_thread(map.cpu_of(worker)) {
+                tracing::warn!(worker, error = %e, "worker not pinned to its CPU");
+            }
+        }
+    }
+
+    /// Points the listen sockets' reuseport groups at the worker of the receiving CPU.
+    fn steer_sockets(&self, sockets: &UdpSockets) {
+        if let Some(map) = &self.cpu_map {
+            if let Err(e) = sockets.steer(map) {
+                tracing::warn!(error = %e, "listen sockets keep the kernel's flow hash");
+            }
+        }
     }
 
     /// Takes the TUN's current MTU into the engine.
@@ -133,6 +157,7 @@ impl DeviceControl for Shared {
         if let Some(port) = update.listen_port {
             if port == 0 || port != self.sockets().port() {
                 let fresh = UdpSockets::bind(port, self.fwmark.load(Relaxed), self.workers)
+                    .inspect(|fresh| self.steer_sockets(fresh))
                     .map_err(|e| {
                         if e.kind() == io::ErrorKind::AddrInUse {
                             SetError::AddressInUse(format!("UDP port {port}"))
@@ -193,7 +218,19 @@ impl Device {
             exit: Mutex::new(None),
             workers,
             udp_gso,
+            cpu_map: if options.pin_workers {
+                CpuMap::for_workers(workers)
+            } else {
+                None
+            },
         });
+        if let Some(map) = &shared.cpu_map {
+            let queue = std::os::fd::AsRawFd::as_raw_fd(shared.tun.queue(0));
+            if let Err(e) = steering::steer_tun(queue, map) {
+                tracing::warn!(error = %e, "the TUN keeps the kernel's flow hash");
+            }
+            shared.steer_sockets(&shared.sockets());
+        }
         let mut device = Device {
             shared: shared.clone(),
             threads: Vec::new(),
@@ -209,12 +246,18 @@ impl Device {
             let s = shared.clone();
             spawn(
                 format!("tsk-tun{worker}"),
-                Box::new(move || workers::tun_loop(s, worker)),
+                Box::new(move || {
+                    s.pin(worker);
+                    workers::tun_loop(s, worker)
+                }),
             )?;
             let s = shared.clone();
             spawn(
                 format!("tsk-udp{worker}"),
-                Box::new(move || workers::udp_loop(s, worker)),
+                Box::new(move || {
+                    s.pin(worker);
+                    workers::udp_loop(s, worker)
+                }),
             )?;
         }
         let s = shared.clone();
@@ -226,6 +269,7 @@ impl Device {
             interface = %options.ifname,
             workers,
             offload = shared.tun.offload(),
+            pinned_workers = shared.cpu_map.is_some(),
             "device started"
         );
         Ok(device)

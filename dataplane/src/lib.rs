@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod packet;
 pub mod peer;
 pub mod stats;
+pub mod steering;
 pub mod tun;
 pub mod uapi;
 pub mod udp;

@@ -313,6 +313,18 @@ impl UdpSockets {
         Ok(())
     }
 
+    /// Makes each family's reuseport group deliver to the worker of the receiving CPU (the
+    /// group's `k`-th socket is worker `k`'s: they were bound in that order).
+    pub fn steer(&self, map: &crate::steering::CpuMap) -> io::Result<()> {
+        if self.workers.len() < 2 {
+            return Ok(());
+        }
+        for socket in self.workers[0].sockets() {
+            crate::steering::steer_reuseport_group(socket.as_raw_fd(), map)?;
+        }
+        Ok(())
+    }
+
     /// Every socket of every worker.
     pub fn sockets(&self) -> impl Iterator<Item = &BoundSocket> {
         self.workers.iter().flat_map(|w| w.sockets())
