@@ -62,6 +62,11 @@ pub struct RouterArgs {
     /// misbehave); overrides `offload` in the config file.
     #[arg(long)]
     pub no_offload: bool,
+    /// Pin each worker to a CPU and serve every packet on the worker of the CPU it is on:
+    /// lower latency, but a busy flow shares its CPU with the application (less
+    /// throughput per flow); overrides `pin_workers` in the config file.
+    #[arg(long)]
+    pub pin_workers: bool,
 }
 
 /// `tailsk8s demo`
@@ -218,6 +223,7 @@ mod tests {
                 ifname: None,
                 workers: None,
                 no_offload: false,
+                pin_workers: false,
             }
         );
         assert_eq!(
@@ -227,10 +233,14 @@ mod tests {
                 ifname: Some("tsk1".into()),
                 workers: None,
                 no_offload: false,
+                pin_workers: false,
             }
         );
-        let fast = router_args(&["router", "--workers", "4", "--no-offload"]);
-        assert_eq!((fast.workers, fast.no_offload), (Some(4), true));
+        let fast = router_args(&["router", "--workers", "4", "--no-offload", "--pin-workers"]);
+        assert_eq!(
+            (fast.workers, fast.no_offload, fast.pin_workers),
+            (Some(4), true, true)
+        );
         let cli = parse(&["router", "tsk2", "--log-level", "debug"]).unwrap();
         assert_eq!(cli.log_level.as_deref(), Some("debug"));
         let cli = parse(&["--log-level", "warn", "genkey"]).unwrap();
@@ -271,6 +281,7 @@ mod tests {
             ifname: None,
             workers: None,
             no_offload: false,
+            pin_workers: false,
         };
         let tsk1 = RouterArgs {
             ifname: Some("tsk1".into()),

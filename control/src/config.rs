@@ -9,6 +9,7 @@
 //! fwmark = 0x10000000                                 # optional; default DEFAULT_FWMARK, 0 = none
 //! workers = 0                                         # optional; packet workers, 0 = one per core
 //! offload = true                                      # optional; TUN TSO/GRO + UDP GSO/GRO
+//! pin_workers = false                                 # optional; workers pinned to CPUs
 //!
 //! [[peer]]
 //! public_key = "base64"
@@ -191,6 +192,7 @@ struct RawFile {
     fwmark: Option<u32>,
     workers: Option<Spanned<usize>>,
     offload: Option<bool>,
+    pin_workers: Option<bool>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -231,6 +233,9 @@ pub struct RouterConfig {
     pub workers: usize,
     /// TUN offloads and UDP GSO/GRO; `false` for kernels and drivers where they misbehave.
     pub offload: bool,
+    /// Workers pinned to CPUs, each serving the packets of its CPU (latency over per-flow
+    /// throughput); default `false`.
+    pub pin_workers: bool,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -434,6 +439,7 @@ impl Context<'_> {
             fwmark: raw.fwmark.unwrap_or(DEFAULT_FWMARK),
             workers,
             offload: raw.offload.unwrap_or(true),
+            pin_workers: raw.pin_workers.unwrap_or(false),
             peers,
         })
     }
@@ -625,6 +631,7 @@ private_key_file = "keys/private.key"
 listen_port = 51821
 mtu = 1380
 fwmark = 0x1234
+pin_workers = true
 
 [[peer]]
 public_key = "{KEY_A}"
@@ -652,6 +659,7 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
         assert_eq!(cfg.listen_port, 51821);
         assert_eq!(cfg.mtu, 1380);
         assert_eq!(cfg.fwmark, 0x1234);
+        assert!(cfg.pin_workers);
         assert_eq!(cfg.peers.len(), 2);
         let a = &cfg.peers[0];
         assert_eq!(a.public_key, Key::from_base64(KEY_A).unwrap());
@@ -661,7 +669,7 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
             a.preshared_key_file.as_deref(),
             Some(Path::new("/etc/tailsk8s/a.psk"))
         );
-        assert_eq!(a.line, 9);
+        assert_eq!(a.line, 10);
         let b = &cfg.peers[1];
         assert_eq!(b.endpoint, Some("[fd00::3]:51820".parse().unwrap()));
         // A bare address is a host route; host bits are cleared.
@@ -683,6 +691,8 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
         assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
         assert_eq!(cfg.mtu, DEFAULT_MTU);
         assert_eq!(cfg.fwmark, DEFAULT_FWMARK);
+        assert!(cfg.offload);
+        assert!(!cfg.pin_workers);
         assert!(cfg.peers.is_empty());
     }
 

@@ -162,6 +162,7 @@ fn render(cfg: &RouterConfig) -> String {
     let _ = writeln!(out, "fwmark = {}", cfg.fwmark);
     let _ = writeln!(out, "workers = {}", cfg.workers);
     let _ = writeln!(out, "offload = {}", cfg.offload);
+    let _ = writeln!(out, "pin_workers = {}", cfg.pin_workers);
     for p in &cfg.peers {
         out.push_str("\n[[peer]]\n");
         let _ = writeln!(out, "public_key = {}", quote(&p.public_key.to_base64()));
@@ -276,6 +277,7 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
     let fwmark = c.bool().then(|| c.u32());
     let workers = c.bool().then(|| usize::from(c.u16()) % (MAX_WORKERS + 1));
     let offload = c.bool().then(|| c.bool());
+    let pin_workers = c.bool().then(|| c.bool());
 
     let mut top: Vec<String> = Vec::new();
     if let Some(name) = &interface {
@@ -296,6 +298,9 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
     }
     if let Some(o) = offload {
         top.push(format!("offload = {o}"));
+    }
+    if let Some(p) = pin_workers {
+        top.push(format!("pin_workers = {p}"));
     }
     // Top-level keys in any order (a rotation chosen by the input), maybe with comments.
     let rotate = c.below(top.len());
@@ -379,6 +384,7 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
         fwmark: fwmark.unwrap_or(DEFAULT_FWMARK),
         workers: workers.unwrap_or(0),
         offload: offload.unwrap_or(true),
+        pin_workers: pin_workers.unwrap_or(false),
         peers,
     };
     (text, expected)
