@@ -40,6 +40,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Impl {
     /// The system under test: `tailsk8s router IFNAME`.
     Tailsk8s,
+    /// `tailsk8s router FLAGS… IFNAME`.
+    Tailsk8sWith(&'static [&'static str]),
     /// The reference peer: `wireguard-go -f IFNAME` (Debian's package).
     WireguardGo,
 }
@@ -48,7 +50,7 @@ impl Impl {
     /// A short name for messages.
     pub fn name(self) -> &'static str {
         match self {
-            Impl::Tailsk8s => "tailsk8s",
+            Impl::Tailsk8s | Impl::Tailsk8sWith(_) => "tailsk8s",
             Impl::WireguardGo => "wireguard-go",
         }
     }
@@ -59,6 +61,11 @@ impl Impl {
             Impl::Tailsk8s => {
                 let mut cmd = ns.command_at(&tailsk8s_binary()?)?;
                 cmd.arg("router").args(router_flags());
+                cmd
+            }
+            Impl::Tailsk8sWith(flags) => {
+                let mut cmd = ns.command_at(&tailsk8s_binary()?)?;
+                cmd.arg("router").args(router_flags()).args(flags);
                 cmd
             }
             Impl::WireguardGo => {

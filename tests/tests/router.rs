@@ -193,3 +193,77 @@ fn tailsk8s_pair_over_an_ipv6_underlay() {
     );
     assert_all_running(&mut mesh);
 }
+
+/// The CPU list (`Cpus_allowed_list`) of each thread of `pid`, by thread name.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(Result::ok)
+        .map(|task| {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or_default();
+            (comm.trim().to_string(), cpus.trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn pinned_workers_carry_pod_traffic_each_on_its_own_cpu() {
+    if !require_netns() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let topo = two_nodes();
+    let pinned = Impl::Tailsk8sWith(&["--pin-workers", "--workers", "2"]);
+    let mut mesh = Mesh::start(&topo, &[pinned, pinned]).unwrap();
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    let (a0, b0) = (&a.pods()[0], &b.pods()[0]);
+    for v6 in [false, true] {
+        ping(a0.netns(), b0.ip(v6), 3).unwrap();
+        ping(b0.netns(), a0.ip(v6), 3).unwrap();
+    }
+    transfer(a0, b0, false, 20 * MB, "pinned workers IPv4");
+    transfer(b0, a0, true, 5 * MB, "pinned workers IPv6");
+
+    for device in mesh.devices_mut() {
+        let daemon = device.daemon_mut();
+        let log = daemon.log();
+        let pid = daemon.pid().expect("running");
+        let threads = thread_cpus(pid);
+        let cpu_of = |name: &str| {
+            threads
+                .iter()
+                .find(|(comm, _)| comm == name)
+                .map(|(_, cpus)| cpus.clone())
+                .unwrap_or_else(|| panic!("no thread {name}: {threads:?}"))
+        };
+        if cpus < 2 {
+            // One CPU: nothing to pin to; the router says so and runs unpinned.
+            assert!(log.contains("pinned_workers=false"), "{log}");
+            continue;
+        }
+        assert!(log.contains("pinned_workers=true"), "{log}");
+        // As root the steering programs load; a fallback would be a warning.
+        assert!(!log.contains("flow hash"), "steering fell back:\n{log}");
+        let (tun0, udp0, tun1, udp1) = (
+            cpu_of("tsk-tun0"),
+            cpu_of("tsk-udp0"),
+            cpu_of("tsk-tun1"),
+            cpu_of("tsk-udp1"),
+        );
+        assert_eq!(tun0, udp0, "worker 0's threads share a CPU: {threads:?}");
+        assert_eq!(tun1, udp1, "worker 1's threads share a CPU: {threads:?}");
+        assert_ne!(tun0, tun1, "the workers are on different CPUs: {threads:?}");
+        for cpu in [&tun0, &tun1] {
+            assert!(cpu.parse::<u32>().is_ok(), "pinned to one CPU: {threads:?}");
+        }
+    }
+    assert_all_running(&mut mesh);
+}
