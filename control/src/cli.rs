@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tailsk8s_dataplane::key::Key;
+use tailsk8s_dataplane::steering::WorkerAffinity;
 use thiserror::Error;
 use tracing_subscriber::EnvFilter;
 
@@ -62,11 +63,12 @@ pub struct RouterArgs {
     /// misbehave); overrides `offload` in the config file.
     #[arg(long)]
     pub no_offload: bool,
-    /// Pin each worker to a CPU and serve every packet on the worker of the CPU it is on:
-    /// lower latency, but a busy flow shares its CPU with the application (less
-    /// throughput per flow); overrides `pin_workers` in the config file.
-    #[arg(long)]
-    pub pin_workers: bool,
+    /// Worker placement: `pinned` = each worker on its own CPU, serving the packets of that
+    /// CPU (lowest latency; a busy flow shares its CPU with the application), `off` = the
+    /// kernel's flow hash, `adaptive` = pinned while quiet, spread while busy [default:
+    /// adaptive, or `worker_affinity` from the config file].
+    #[arg(long, value_name = "MODE")]
+    pub worker_affinity: Option<WorkerAffinity>,
 }
 
 /// `tailsk8s demo`
@@ -223,7 +225,7 @@ mod tests {
                 ifname: None,
                 workers: None,
                 no_offload: false,
-                pin_workers: false,
+                worker_affinity: None,
             }
         );
         assert_eq!(
@@ -233,14 +235,22 @@ mod tests {
                 ifname: Some("tsk1".into()),
                 workers: None,
                 no_offload: false,
-                pin_workers: false,
+                worker_affinity: None,
             }
         );
-        let fast = router_args(&["router", "--workers", "4", "--no-offload", "--pin-workers"]);
+        let fast = router_args(&[
+            "router",
+            "--workers",
+            "4",
+            "--no-offload",
+            "--worker-affinity",
+            "pinned",
+        ]);
         assert_eq!(
-            (fast.workers, fast.no_offload, fast.pin_workers),
-            (Some(4), true, true)
+            (fast.workers, fast.no_offload, fast.worker_affinity),
+            (Some(4), true, Some(WorkerAffinity::Pinned))
         );
+        assert!(parse(&["router", "--worker-affinity", "always"]).is_err());
         let cli = parse(&["router", "tsk2", "--log-level", "debug"]).unwrap();
         assert_eq!(cli.log_level.as_deref(), Some("debug"));
         let cli = parse(&["--log-level", "warn", "genkey"]).unwrap();
@@ -281,7 +291,7 @@ mod tests {
             ifname: None,
             workers: None,
             no_offload: false,
-            pin_workers: false,
+            worker_affinity: None,
         };
         let tsk1 = RouterArgs {
             ifname: Some("tsk1".into()),

@@ -9,7 +9,7 @@
 //! fwmark = 0x10000000                                 # optional; default DEFAULT_FWMARK, 0 = none
 //! workers = 0                                         # optional; packet workers, 0 = one per core
 //! offload = true                                      # optional; TUN TSO/GRO + UDP GSO/GRO
-//! pin_workers = false                                 # optional; workers pinned to CPUs
+//! worker_affinity = "adaptive"                        # optional; adaptive | pinned | off
 //!
 //! [[peer]]
 //! public_key = "base64"
@@ -48,6 +48,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tailsk8s_dataplane::config::{AllowedIpChange, DeviceUpdate, PeerUpdate};
 use tailsk8s_dataplane::key::{Key, KeyError};
+use tailsk8s_dataplane::steering::WorkerAffinity;
 use thiserror::Error;
 use toml::Spanned;
 
@@ -172,6 +173,8 @@ pub enum ConfigProblem {
     MtuOutOfRange { value: u32 },
     #[error("workers = {value} is too many (at most 256: one TUN queue each)")]
     TooManyWorkers { value: usize },
+    #[error("{0}")]
+    BadWorkerAffinity(String),
     #[error("bad interface name `{value}`: {reason}")]
     BadInterface { value: String, reason: &'static str },
     #[error("{field} must not be empty")]
@@ -192,7 +195,7 @@ struct RawFile {
     fwmark: Option<u32>,
     workers: Option<Spanned<usize>>,
     offload: Option<bool>,
-    pin_workers: Option<bool>,
+    worker_affinity: Option<Spanned<String>>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -233,9 +236,9 @@ pub struct RouterConfig {
     pub workers: usize,
     /// TUN offloads and UDP GSO/GRO; `false` for kernels and drivers where they misbehave.
     pub offload: bool,
-    /// Workers pinned to CPUs, each serving the packets of its CPU (latency over per-flow
-    /// throughput); default `false`.
-    pub pin_workers: bool,
+    /// Whether workers are pinned to CPUs, each serving the packets of its CPU: `adaptive`
+    /// (default: pinned while quiet, spread while busy), `pinned` or `off`.
+    pub worker_affinity: WorkerAffinity,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -421,6 +424,13 @@ impl Context<'_> {
             Some(w) => w.into_inner(),
             None => 0,
         };
+        let worker_affinity = match raw.worker_affinity {
+            Some(a) => a
+                .get_ref()
+                .parse::<WorkerAffinity>()
+                .map_err(|e| self.error(a.span(), ConfigProblem::BadWorkerAffinity(e)))?,
+            None => WorkerAffinity::default(),
+        };
 
         let mut peers = Vec::with_capacity(raw.peers.len());
         let mut peer_lines: BTreeMap<Key, usize> = BTreeMap::new();
@@ -439,7 +449,7 @@ impl Context<'_> {
             fwmark: raw.fwmark.unwrap_or(DEFAULT_FWMARK),
             workers,
             offload: raw.offload.unwrap_or(true),
-            pin_workers: raw.pin_workers.unwrap_or(false),
+            worker_affinity,
             peers,
         })
     }
@@ -631,7 +641,7 @@ private_key_file = "keys/private.key"
 listen_port = 51821
 mtu = 1380
 fwmark = 0x1234
-pin_workers = true
+worker_affinity = "pinned"
 
 [[peer]]
 public_key = "{KEY_A}"
@@ -659,7 +669,7 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
         assert_eq!(cfg.listen_port, 51821);
         assert_eq!(cfg.mtu, 1380);
         assert_eq!(cfg.fwmark, 0x1234);
-        assert!(cfg.pin_workers);
+        assert_eq!(cfg.worker_affinity, WorkerAffinity::Pinned);
         assert_eq!(cfg.peers.len(), 2);
         let a = &cfg.peers[0];
         assert_eq!(a.public_key, Key::from_base64(KEY_A).unwrap());
@@ -685,6 +695,15 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
     }
 
     #[test]
+    fn an_unknown_worker_affinity_is_refused_at_its_line() {
+        assert_err_at(
+            "private_key_file = \"/k\"\nworker_affinity = \"sometimes\"\n",
+            2,
+            |p| matches!(p, ConfigProblem::BadWorkerAffinity(e) if e.contains("adaptive, pinned, off")),
+        );
+    }
+
+    #[test]
     fn defaults_apply() {
         let cfg = parse("private_key_file = \"/k\"\n").unwrap();
         assert_eq!(cfg.interface, None);
@@ -692,7 +711,7 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
         assert_eq!(cfg.mtu, DEFAULT_MTU);
         assert_eq!(cfg.fwmark, DEFAULT_FWMARK);
         assert!(cfg.offload);
-        assert!(!cfg.pin_workers);
+        assert_eq!(cfg.worker_affinity, WorkerAffinity::Adaptive);
         assert!(cfg.peers.is_empty());
     }
 

@@ -81,7 +81,10 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             None => config.as_ref().map_or(0, |c| c.workers),
         },
         offload: !args.no_offload && config.as_ref().is_none_or(|c| c.offload),
-        pin_workers: args.pin_workers || config.as_ref().is_some_and(|c| c.pin_workers),
+        affinity: args
+            .worker_affinity
+            .or(config.as_ref().map(|c| c.worker_affinity))
+            .unwrap_or_default(),
     };
     let device = Device::start(&options)?;
     let mut routes = None;

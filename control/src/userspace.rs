@@ -76,7 +76,7 @@ pub fn main() -> ExitCode {
         ifname: Some(invocation.ifname),
         workers: None,
         no_offload: false,
-        pin_workers: false,
+        worker_affinity: None,
     };
     if invocation.foreground {
         let result = cli::init_tracing(None).and_then(|()| crate::router::run(&router_args));

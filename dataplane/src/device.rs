@@ -12,10 +12,11 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
+use crate::affinity::Placement;
 use crate::config::{DeviceControl, DeviceSnapshot, DeviceUpdate, ErrnoError, SetError};
 use crate::engine::{new_scratch, Engine};
 use crate::outbox::Outbox;
-use crate::steering::{self, CpuMap};
+use crate::steering::WorkerAffinity;
 use crate::tun::{Tun, TunError, TunOptions};
 use crate::udp::UdpSockets;
 use crate::workers;
@@ -32,9 +33,9 @@ pub struct DeviceOptions {
     pub workers: usize,
     /// TUN offloads (TSO/USO + GRO writes) and UDP GSO; off for kernels where they misbehave.
     pub offload: bool,
-    /// Pin each worker to a CPU and have the kernel hand packets to the worker of the CPU
-    /// they are on (see [`crate::steering`]); off: the kernel's flow hash picks the worker.
-    pub pin_workers: bool,
+    /// Whether workers are pinned to CPUs, with packets steered to the worker of their CPU
+    /// (see [`crate::steering`]).
+    pub affinity: WorkerAffinity,
 }
 
 impl DeviceOptions {
@@ -81,8 +82,8 @@ pub(crate) struct Shared {
     workers: usize,
     /// Whether UDP sends may carry several datagrams (GSO).
     pub(crate) udp_gso: bool,
-    /// The CPU of each worker, when workers are pinned.
-    cpu_map: Option<CpuMap>,
+    /// Where workers run, unless they are never pinned.
+    placement: Option<Placement>,
 }
 
 impl Shared {
@@ -98,21 +99,10 @@ impl Shared {
         self.stop.store(true, Relaxed);
     }
 
-    /// Pins the calling thread to `worker`'s CPU, when workers are pinned.
-    fn pin(&self, worker: usize) {
-        if let Some(map) = &self.cpu_map {
-            if let Err(e) = steering::pin_current_thread(map.cpu_of(worker)) {
-                tracing::warn!(worker, error = %e, "worker not pinned to its CPU");
-            }
-        }
-    }
-
-    /// Points the listen sockets' reuseport groups at the worker of the receiving CPU.
-    fn steer_sockets(&self, sockets: &UdpSockets) {
-        if let Some(map) = &self.cpu_map {
-            if let Err(e) = sockets.steer(map) {
-                tracing::warn!(error = %e, "listen sockets keep the kernel's flow hash");
-            }
+    /// Registers the calling thread as one of `worker`'s with the placement.
+    fn place(&self, worker: usize) {
+        if let Some(placement) = &self.placement {
+            placement.register(worker);
         }
     }
 
@@ -122,6 +112,15 @@ impl Shared {
             if usize::from(mtu) != self.engine.mtu() {
                 self.engine.set_mtu(usize::from(mtu));
             }
+        }
+    }
+
+    /// Lets an adaptive placement follow the load; called once per timer tick.
+    pub(crate) fn follow_load(&self) {
+        if let Some(placement) = &self.placement {
+            let stats = self.engine.stats();
+            let packets = stats.tun_packets_in.load(Relaxed) + stats.datagrams_in.load(Relaxed);
+            placement.tick(packets, || self.sockets());
         }
     }
 
@@ -157,7 +156,6 @@ impl DeviceControl for Shared {
         if let Some(port) = update.listen_port {
             if port == 0 || port != self.sockets().port() {
                 let fresh = UdpSockets::bind(port, self.fwmark.load(Relaxed), self.workers)
-                    .inspect(|fresh| self.steer_sockets(fresh))
                     .map_err(|e| {
                         if e.kind() == io::ErrorKind::AddrInUse {
                             SetError::AddressInUse(format!("UDP port {port}"))
@@ -170,6 +168,11 @@ impl DeviceControl for Shared {
                     })?;
                 *self.sockets.write() = Arc::new(fresh);
                 self.sockets_generation.fetch_add(1, Relaxed);
+                // After the swap, outside the sockets lock: a placement change racing with
+                // this one then sees the new sockets, and this applies the latest placement.
+                if let Some(placement) = &self.placement {
+                    placement.sockets_replaced(&self.sockets());
+                }
             }
         }
         let send_now = self.engine.apply(&update)?;
@@ -208,6 +211,12 @@ impl Device {
                 }
             })?;
         let udp_gso = tun.offload();
+        let placement = Placement::new(
+            options.affinity,
+            workers,
+            std::os::fd::AsRawFd::as_raw_fd(tun.queue(0)),
+        )
+        .filter(|placement| placement.start(&sockets));
         let shared = Arc::new(Shared {
             engine: Engine::new(usize::from(options.mtu)),
             tun,
@@ -218,19 +227,8 @@ impl Device {
             exit: Mutex::new(None),
             workers,
             udp_gso,
-            cpu_map: if options.pin_workers {
-                CpuMap::for_workers(workers)
-            } else {
-                None
-            },
+            placement,
         });
-        if let Some(map) = &shared.cpu_map {
-            let queue = std::os::fd::AsRawFd::as_raw_fd(shared.tun.queue(0));
-            if let Err(e) = steering::steer_tun(queue, map) {
-                tracing::warn!(error = %e, "the TUN keeps the kernel's flow hash");
-            }
-            shared.steer_sockets(&shared.sockets());
-        }
         let mut device = Device {
             shared: shared.clone(),
             threads: Vec::new(),
@@ -247,7 +245,7 @@ impl Device {
             spawn(
                 format!("tsk-tun{worker}"),
                 Box::new(move || {
-                    s.pin(worker);
+                    s.place(worker);
                     workers::tun_loop(s, worker)
                 }),
             )?;
@@ -255,7 +253,7 @@ impl Device {
             spawn(
                 format!("tsk-udp{worker}"),
                 Box::new(move || {
-                    s.pin(worker);
+                    s.place(worker);
                     workers::udp_loop(s, worker)
                 }),
             )?;
@@ -269,7 +267,8 @@ impl Device {
             interface = %options.ifname,
             workers,
             offload = shared.tun.offload(),
-            pinned_workers = shared.cpu_map.is_some(),
+            affinity = options.affinity.name(),
+            pinned_workers = shared.placement.is_some(),
             "device started"
         );
         Ok(device)

@@ -6,6 +6,7 @@
 //! live inside it. Around it sit thin Linux drivers (`tun`, `udp`), the worker loops that
 //! tie them together (`workers`, `device`), and the UAPI server that `wg` talks to (`uapi`).
 
+pub mod affinity;
 pub mod allowed_ips;
 pub mod config;
 pub mod device;

@@ -1,15 +1,18 @@
-//! Worker affinity: which worker serves a packet. Each worker's threads are pinned to one
-//! CPU, and the kernel is told to hand a packet to the worker of the CPU it is on — the TUN
-//! through a steering eBPF program (`TUNSETSTEERINGEBPF`), the listen sockets through a
-//! reuseport classic-BPF program (`SO_ATTACH_REUSEPORT_CBPF`).
+//! Worker affinity: which worker serves a packet. Pinned, each worker's threads run on one
+//! CPU and the kernel hands a packet to the worker of the CPU it is on — the TUN through a
+//! steering eBPF program (`TUNSETSTEERINGEBPF`), the listen sockets through a reuseport
+//! classic-BPF program (`SO_ATTACH_REUSEPORT_CBPF`). Spread, threads run anywhere and the
+//! kernel's flow hash picks the worker.
 //!
-//! Why: on a VM, waking a thread that sleeps on another, idle vCPU costs tens of
+//! Why pin: on a VM, waking a thread that sleeps on another, idle vCPU costs tens of
 //! microseconds, and a round trip through a userspace router needs several wake-ups. With the
 //! worker of the sending CPU serving the packet, a pod's request, both routers and the reply
-//! stay on the CPU the pod sent from, and each wake-up is a cheap local switch.
+//! stay on the CPU the pod sent from, and each wake-up is a cheap local switch. Why spread: a
+//! busy flow then shares its CPU with the application, halving its throughput on small
+//! nodes. [`Adaptive`] pins while the device is quiet and spreads while it is busy.
 //!
 //! Everything here is best effort: without CAP_BPF, on old kernels or in a cpuset that
-//! cannot be read, the device keeps the kernel's flow-hash spreading.
+//! cannot be read, the device stays spread.
 
 use std::io;
 use std::mem::size_of;
@@ -17,8 +20,109 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// `TUNSETSTEERINGEBPF` = `_IOR('T', 224, int)`.
 const TUNSETSTEERINGEBPF: libc::c_ulong = 0x8004_54e0;
+/// `SO_DETACH_REUSEPORT_BPF` (Linux 5.3; the same number on every architecture but
+/// mips/parisc/sparc, which the router does not build for).
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
 /// The kernel's license check only matters for GPL-only helpers; the one used here is not.
 const LICENSE: &[u8] = b"Apache-2.0\0";
+
+/// How workers are placed on CPUs (`worker_affinity` in the config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerAffinity {
+    /// Pinned while quiet, spread while busy (see [`Adaptive`]).
+    #[default]
+    Adaptive,
+    /// Always pinned: the lowest latency, less throughput per busy flow.
+    Pinned,
+    /// Never pinned: the kernel's flow hash picks the worker.
+    Off,
+}
+
+impl WorkerAffinity {
+    pub const NAMES: [&'static str; 3] = ["adaptive", "pinned", "off"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerAffinity::Adaptive => "adaptive",
+            WorkerAffinity::Pinned => "pinned",
+            WorkerAffinity::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerAffinity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "adaptive" => Ok(WorkerAffinity::Adaptive),
+            "pinned" => Ok(WorkerAffinity::Pinned),
+            "off" => Ok(WorkerAffinity::Off),
+            other => Err(format!(
+                "unknown worker affinity `{other}` (expected one of: {})",
+                WorkerAffinity::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// Packets (TUN reads plus datagrams received) in one timer tick above which an adaptive
+/// device spreads its workers: 1,000 per 100 ms is ~115 Mbit/s of full-size packets, a few
+/// per cent of one core — far above request/response traffic (a ping every millisecond is
+/// 200 per tick on each router), far below one busy flow.
+pub const SPREAD_ABOVE_PER_TICK: u64 = 1_000;
+/// Packets per tick below which a tick counts as quiet.
+pub const QUIET_BELOW_PER_TICK: u64 = 300;
+/// Quiet ticks in a row before an adaptive device pins its workers again (1 s at 100 ms), so
+/// a flow pausing briefly does not flap between the modes.
+pub const QUIET_TICKS_TO_PIN: u32 = 10;
+
+/// The adaptive mode's decision, fed the packet count of each timer tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adaptive {
+    pinned: bool,
+    quiet_ticks: u32,
+}
+
+impl Default for Adaptive {
+    /// A fresh device is quiet: pinned.
+    fn default() -> Self {
+        Adaptive {
+            pinned: true,
+            quiet_ticks: 0,
+        }
+    }
+}
+
+impl Adaptive {
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Takes one tick's packet count; returns the new placement (`true` = pinned) when it
+    /// changes.
+    pub fn observe(&mut self, packets: u64) -> Option<bool> {
+        if self.pinned {
+            if packets > SPREAD_ABOVE_PER_TICK {
+                self.pinned = false;
+                self.quiet_ticks = 0;
+                return Some(false);
+            }
+            return None;
+        }
+        if packets < QUIET_BELOW_PER_TICK {
+            self.quiet_ticks += 1;
+            if self.quiet_ticks >= QUIET_TICKS_TO_PIN {
+                self.pinned = true;
+                self.quiet_ticks = 0;
+                return Some(true);
+            }
+        } else {
+            self.quiet_ticks = 0;
+        }
+        None
+    }
+}
 
 /// The CPU each worker is pinned to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +151,11 @@ impl CpuMap {
 
     pub fn cpu_of(&self, worker: usize) -> u32 {
         self.cpus[worker % self.cpus.len()]
+    }
+
+    /// Every CPU a worker is pinned to (where spread threads may run).
+    pub fn cpus(&self) -> &[u32] {
+        &self.cpus
     }
 
     /// Classic BPF for a reuseport group whose `k`-th socket is worker `k`'s: returns the
@@ -112,14 +221,24 @@ pub fn allowed_cpus() -> io::Result<Vec<u32>> {
         .collect())
 }
 
-/// Pins the calling thread to `cpu`.
-pub fn pin_current_thread(cpu: u32) -> io::Result<()> {
+/// The calling thread's id (for [`set_thread_cpus`] from another thread).
+pub fn current_thread_id() -> libc::pid_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Lets thread `tid` (0 = the caller) run only on `cpus`.
+pub fn set_thread_cpus(tid: libc::pid_t, cpus: &[u32]) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET on a valid set; `cpu` came from the affinity mask (< CPU_SETSIZE).
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    for &cpu in cpus {
+        if (cpu as usize) < libc::CPU_SETSIZE as usize {
+            // SAFETY: CPU_SET on a valid set with an index below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+        }
+    }
     // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -144,6 +263,37 @@ pub fn steer_reuseport_group(socket: RawFd, map: &CpuMap) -> io::Result<()> {
             size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
     };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Gives a reuseport group back to the kernel's hash.
+pub fn unsteer_reuseport_group(socket: RawFd) -> io::Result<()> {
+    let unused: libc::c_int = 0;
+    // SAFETY: the option reads an int that it ignores.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket,
+            libc::SOL_SOCKET,
+            SO_DETACH_REUSEPORT_BPF,
+            (&unused as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    // ENOENT: no program was attached.
+    if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Gives the TUN's queue choice back to the kernel's flow hash.
+pub fn unsteer_tun(queue: RawFd) -> io::Result<()> {
+    let none: libc::c_int = -1;
+    // SAFETY: the ioctl reads one int; -1 detaches the program.
+    let rc = unsafe { libc::ioctl(queue, TUNSETSTEERINGEBPF as _, &none) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -277,6 +427,39 @@ fn load_socket_filter(program: &[BpfInsn]) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adaptive_spreads_at_once_when_busy_and_pins_after_a_quiet_second() {
+        let mut a = Adaptive::default();
+        assert!(a.pinned());
+        assert_eq!(
+            a.observe(SPREAD_ABOVE_PER_TICK),
+            None,
+            "at the threshold: stays"
+        );
+        assert_eq!(a.observe(SPREAD_ABOVE_PER_TICK + 1), Some(false));
+        assert_eq!(a.observe(100_000), None);
+        // Quiet ticks, interrupted by a moderate one: the count starts over.
+        for _ in 0..QUIET_TICKS_TO_PIN - 1 {
+            assert_eq!(a.observe(0), None);
+        }
+        assert_eq!(a.observe(QUIET_BELOW_PER_TICK), None, "not quiet");
+        for _ in 0..QUIET_TICKS_TO_PIN - 1 {
+            assert_eq!(a.observe(QUIET_BELOW_PER_TICK - 1), None);
+        }
+        assert_eq!(a.observe(0), Some(true));
+        assert!(a.pinned());
+    }
+
+    #[test]
+    fn affinity_names_round_trip_and_unknown_ones_are_refused() {
+        for name in WorkerAffinity::NAMES {
+            assert_eq!(name.parse::<WorkerAffinity>().unwrap().name(), name);
+        }
+        let err = "pinnned".parse::<WorkerAffinity>().unwrap_err();
+        assert!(err.contains("adaptive, pinned, off"), "{err}");
+        assert_eq!(WorkerAffinity::default(), WorkerAffinity::Adaptive);
+    }
 
     #[test]
     fn workers_take_the_allowed_cpus_in_order() {

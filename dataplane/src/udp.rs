@@ -325,6 +325,17 @@ impl UdpSockets {
         Ok(())
     }
 
+    /// Gives each family's reuseport group back to the kernel's hash.
+    pub fn unsteer(&self) -> io::Result<()> {
+        if self.workers.len() < 2 {
+            return Ok(());
+        }
+        for socket in self.workers[0].sockets() {
+            crate::steering::unsteer_reuseport_group(socket.as_raw_fd())?;
+        }
+        Ok(())
+    }
+
     /// Every socket of every worker.
     pub fn sockets(&self) -> impl Iterator<Item = &BoundSocket> {
         self.workers.iter().flat_map(|w| w.sockets())

@@ -265,6 +265,7 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(POLL_INTERVAL);
         shared.tick(&mut outbox, &mut scratch);
+        shared.follow_load();
         if last_mtu_check.elapsed() >= Duration::from_secs(1) {
             last_mtu_check = Instant::now();
             if !shared.tun.exists() {

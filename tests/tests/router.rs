@@ -219,7 +219,7 @@ fn pinned_workers_carry_pod_traffic_each_on_its_own_cpu() {
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let topo = two_nodes();
-    let pinned = Impl::Tailsk8sWith(&["--pin-workers", "--workers", "2"]);
+    let pinned = Impl::Tailsk8sWith(&["--worker-affinity", "pinned", "--workers", "2"]);
     let mut mesh = Mesh::start(&topo, &[pinned, pinned]).unwrap();
     let [a, b] = topo.nodes() else {
         panic!("two nodes")
@@ -265,5 +265,65 @@ fn pinned_workers_carry_pod_traffic_each_on_its_own_cpu() {
             assert!(cpu.parse::<u32>().is_ok(), "pinned to one CPU: {threads:?}");
         }
     }
+    assert_all_running(&mut mesh);
+}
+
+#[test]
+fn adaptive_workers_spread_under_load_and_pin_again_when_quiet() {
+    if !require_netns() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let topo = two_nodes();
+    let adaptive = Impl::Tailsk8sWith(&["--worker-affinity", "adaptive", "--workers", "2"]);
+    let mut mesh = Mesh::start(&topo, &[adaptive, adaptive]).unwrap();
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    let (a0, b0) = (&a.pods()[0], &b.pods()[0]);
+    ping(a0.netns(), b0.ip(false), 3).unwrap();
+    if cpus < 2 {
+        transfer(a0, b0, false, 20 * MB, "adaptive workers, one CPU");
+        assert_all_running(&mut mesh);
+        return;
+    }
+    for device in mesh.devices_mut() {
+        let log = device.daemon_mut().log();
+        assert!(log.contains("pinned_workers=true"), "{log}");
+        assert!(!log.contains("workers spread"), "spread while idle:\n{log}");
+    }
+    // Far above the spreading threshold (1,000 packets per 100 ms) for several ticks, even
+    // from debug builds on a loaded machine (~30,000 packets per second at 350 Mbit/s).
+    transfer(a0, b0, false, 200 * MB, "adaptive workers under load");
+    // Once quiet for a second, both routers pin their workers again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for device in mesh.devices_mut() {
+        let daemon = device.daemon_mut();
+        loop {
+            let log = daemon.log();
+            let spread = log.find("workers spread");
+            let pinned = log.rfind("workers pinned");
+            assert!(spread.is_some(), "never spread under load:\n{log}");
+            if pinned > spread {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not pinned again after the load:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let threads = thread_cpus(daemon.pid().expect("running"));
+        for (comm, cpus) in &threads {
+            if comm.starts_with("tsk-tun") || comm.starts_with("tsk-udp") {
+                assert!(
+                    cpus.parse::<u32>().is_ok(),
+                    "{comm} not pinned: {threads:?}"
+                );
+            }
+        }
+    }
+    // And the tunnel still works after the moves.
+    ping(b0.netns(), a0.ip(true), 3).unwrap();
     assert_all_running(&mut mesh);
 }

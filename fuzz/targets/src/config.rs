@@ -23,6 +23,7 @@ use tailsk8s::config::{
 };
 use tailsk8s::routes::DEFAULT_FWMARK;
 use tailsk8s_dataplane::key::Key;
+use tailsk8s_dataplane::steering::WorkerAffinity;
 
 use crate::input::Choices;
 
@@ -162,7 +163,11 @@ fn render(cfg: &RouterConfig) -> String {
     let _ = writeln!(out, "fwmark = {}", cfg.fwmark);
     let _ = writeln!(out, "workers = {}", cfg.workers);
     let _ = writeln!(out, "offload = {}", cfg.offload);
-    let _ = writeln!(out, "pin_workers = {}", cfg.pin_workers);
+    let _ = writeln!(
+        out,
+        "worker_affinity = {}",
+        quote(cfg.worker_affinity.name())
+    );
     for p in &cfg.peers {
         out.push_str("\n[[peer]]\n");
         let _ = writeln!(out, "public_key = {}", quote(&p.public_key.to_base64()));
@@ -277,7 +282,9 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
     let fwmark = c.bool().then(|| c.u32());
     let workers = c.bool().then(|| usize::from(c.u16()) % (MAX_WORKERS + 1));
     let offload = c.bool().then(|| c.bool());
-    let pin_workers = c.bool().then(|| c.bool());
+    let worker_affinity = c
+        .bool()
+        .then(|| WorkerAffinity::NAMES[c.below(WorkerAffinity::NAMES.len())]);
 
     let mut top: Vec<String> = Vec::new();
     if let Some(name) = &interface {
@@ -299,8 +306,8 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
     if let Some(o) = offload {
         top.push(format!("offload = {o}"));
     }
-    if let Some(p) = pin_workers {
-        top.push(format!("pin_workers = {p}"));
+    if let Some(a) = worker_affinity {
+        top.push(format!("worker_affinity = {}", quote(a)));
     }
     // Top-level keys in any order (a rotation chosen by the input), maybe with comments.
     let rotate = c.below(top.len());
@@ -384,7 +391,9 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
         fwmark: fwmark.unwrap_or(DEFAULT_FWMARK),
         workers: workers.unwrap_or(0),
         offload: offload.unwrap_or(true),
-        pin_workers: pin_workers.unwrap_or(false),
+        worker_affinity: worker_affinity
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_default(),
         peers,
     };
     (text, expected)
