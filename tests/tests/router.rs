@@ -194,6 +194,25 @@ fn tailsk8s_pair_over_an_ipv6_underlay() {
     assert_all_running(&mut mesh);
 }
 
+/// How many CPUs the routers may use (pinning needs two).
+fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Both nodes run `tailsk8s router FLAGS… IFNAME`.
+fn routers_with<'t>(topo: &'t Topology, flags: &'static [&'static str]) -> Mesh<'t> {
+    let router = Impl::Tailsk8sWith(flags);
+    Mesh::start(topo, &[router, router]).unwrap()
+}
+
+/// The first pod of each of the two nodes.
+fn first_pods(topo: &Topology) -> (&Pod, &Pod) {
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    (&a.pods()[0], &b.pods()[0])
+}
+
 /// The CPU list (`Cpus_allowed_list`) of each thread of `pid`, by thread name.
 fn thread_cpus(pid: u32) -> Vec<(String, String)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
@@ -217,14 +236,10 @@ fn pinned_workers_carry_pod_traffic_each_on_its_own_cpu() {
     if !require_netns() {
         return;
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = usable_cpus();
     let topo = two_nodes();
-    let pinned = Impl::Tailsk8sWith(&["--worker-affinity", "pinned", "--workers", "2"]);
-    let mut mesh = Mesh::start(&topo, &[pinned, pinned]).unwrap();
-    let [a, b] = topo.nodes() else {
-        panic!("two nodes")
-    };
-    let (a0, b0) = (&a.pods()[0], &b.pods()[0]);
+    let mut mesh = routers_with(&topo, &["--worker-affinity", "pinned", "--workers", "2"]);
+    let (a0, b0) = first_pods(&topo);
     for v6 in [false, true] {
         ping(a0.netns(), b0.ip(v6), 3).unwrap();
         ping(b0.netns(), a0.ip(v6), 3).unwrap();
@@ -273,14 +288,10 @@ fn adaptive_workers_spread_under_load_and_pin_again_when_quiet() {
     if !require_netns() {
         return;
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = usable_cpus();
     let topo = two_nodes();
-    let adaptive = Impl::Tailsk8sWith(&["--worker-affinity", "adaptive", "--workers", "2"]);
-    let mut mesh = Mesh::start(&topo, &[adaptive, adaptive]).unwrap();
-    let [a, b] = topo.nodes() else {
-        panic!("two nodes")
-    };
-    let (a0, b0) = (&a.pods()[0], &b.pods()[0]);
+    let mut mesh = routers_with(&topo, &["--worker-affinity", "adaptive", "--workers", "2"]);
+    let (a0, b0) = first_pods(&topo);
     ping(a0.netns(), b0.ip(false), 3).unwrap();
     if cpus < 2 {
         transfer(a0, b0, false, 20 * MB, "adaptive workers, one CPU");
