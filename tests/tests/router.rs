@@ -324,6 +324,11 @@ fn adaptive_workers_spread_under_load_and_pin_again_when_quiet() {
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        let log = daemon.log();
+        assert!(
+            !log.contains("could not"),
+            "a placement change failed:\n{log}"
+        );
         let threads = thread_cpus(daemon.pid().expect("running"));
         for (comm, cpus) in &threads {
             if comm.starts_with("tsk-tun") || comm.starts_with("tsk-udp") {
