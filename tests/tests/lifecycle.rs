@@ -2,7 +2,8 @@
 //! interface gone) on SIGINT and SIGTERM, when its TUN is deleted and when its socket file
 //! is deleted; it replaces a stale socket and refuses a live one; and a start that cannot
 //! succeed (no /dev/net/tun, no CAP_NET_ADMIN, a name too long) says why in one line on
-//! stderr, exits non-zero and leaves nothing behind.
+//! stderr, exits non-zero and leaves nothing behind. Without CAP_BPF it starts, says why its
+//! workers stay spread, and serves.
 //!
 //! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
 
@@ -203,6 +204,42 @@ fn a_stale_socket_is_replaced() {
     let status = wait_for_exit(&mut daemon, EXIT_TIMEOUT).unwrap();
     assert_exit_0(status, &daemon, "after replacing a stale socket");
     assert_nothing_left(&ns, &ifname, "after replacing a stale socket");
+}
+
+#[test]
+fn without_cap_bpf_the_router_says_so_and_serves_with_spread_workers() {
+    if !require_netns_with(&[("setpriv", "util-linux")]) {
+        return;
+    }
+    let ns = Netns::new("nobpf").unwrap();
+    let ifname = names::ifname().unwrap();
+    // Root without the capabilities that load BPF programs (CAP_SYS_ADMIN also would).
+    let drop = "-bpf,-sys_admin,-perfmon";
+    let prefix = [
+        "setpriv",
+        &format!("--inh-caps={drop}"),
+        &format!("--bounding-set={drop}"),
+    ];
+    let mut cmd = router_command(&ns, &prefix, &["--workers", "2", &ifname]);
+    cmd.env("NO_COLOR", "1");
+    let mut daemon =
+        Daemon::spawn(&format!("tailsk8s router {ifname} without CAP_BPF"), cmd).unwrap();
+    wait_until_serving(&mut daemon, &ifname).unwrap();
+    assert!(uapi_get(&ifname).unwrap().contains("listen_port="));
+    let log = daemon.log();
+    assert!(log.contains("pinned_workers=false"), "{log}");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= 2 {
+        // With two CPUs it tried, and says why it could not.
+        assert!(
+            log.contains("workers stay spread") && log.contains("Operation not permitted"),
+            "{log}"
+        );
+    }
+    send_signal(&daemon, libc::SIGTERM).unwrap();
+    let status = wait_for_exit(&mut daemon, EXIT_TIMEOUT).unwrap();
+    assert_exit_0(status, &daemon, "without CAP_BPF");
+    assert_nothing_left(&ns, &ifname, "without CAP_BPF");
 }
 
 /// Removes a path on drop (for sockets a test makes itself).

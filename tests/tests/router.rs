@@ -266,7 +266,11 @@ fn pinned_workers_carry_pod_traffic_each_on_its_own_cpu() {
         }
         assert!(log.contains("pinned_workers=true"), "{log}");
         // As root the steering programs load; a fallback would be a warning.
-        assert!(!log.contains("flow hash"), "steering fell back:\n{log}");
+        assert!(!log.contains("stay spread"), "steering fell back:\n{log}");
+        assert!(
+            !log.contains("could not"),
+            "a placement step failed:\n{log}"
+        );
         let (tun0, udp0, tun1, udp1) = (
             cpu_of("tsk-tun0"),
             cpu_of("tsk-udp0"),
