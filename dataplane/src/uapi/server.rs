@@ -43,6 +43,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the accept loop checks that the socket file is still ours.
 const OWNERSHIP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a connection over the cap waits for a slot before it is closed: `wg` opens a
+/// short connection before every command, and on a loaded node their threads may still be
+/// finishing when the next one arrives.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// Why the UAPI socket could not be set up.
 #[derive(Debug, Error)]
@@ -241,12 +245,16 @@ impl UapiServer {
         flags: &StopFlags,
         active: &Arc<AtomicUsize>,
     ) -> Option<JoinHandle<()>> {
-        if active.load(Ordering::Relaxed) >= self.max_connections {
-            warn!(
-                "UAPI: {} connections already open, closing a new one",
-                self.max_connections
-            );
-            return None;
+        let deadline = Instant::now() + SLOT_WAIT;
+        while active.load(Ordering::Relaxed) >= self.max_connections {
+            if Instant::now() >= deadline || flags.external.load(Ordering::Relaxed) {
+                warn!(
+                    "UAPI: {} connections already open, closing a new one",
+                    self.max_connections
+                );
+                return None;
+            }
+            thread::sleep(Duration::from_millis(5));
         }
         let slot = ConnectionSlot::take(active);
         let device = Arc::clone(device);

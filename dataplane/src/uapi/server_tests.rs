@@ -447,6 +447,25 @@ fn connections_over_the_cap_are_closed() {
 }
 
 #[test]
+fn a_connection_over_the_cap_waits_briefly_for_a_slot() {
+    let dir = TempDir::new();
+    let server = UapiServer::bind_in(&dir.0, "tsk0")
+        .unwrap()
+        .with_max_connections(1);
+    let r = Running::start(server);
+    let mut first = r.connect();
+    assert_eq!(op(&mut first, "get=1\n\n"), "errno=0\n\n");
+    // The first leaves shortly after the second arrives, as `wg`'s probes do.
+    let leaving = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        drop(first);
+    });
+    let mut second = r.connect();
+    assert_eq!(op(&mut second, "get=1\n\n"), "errno=0\n\n");
+    leaving.join().unwrap();
+}
+
+#[test]
 fn line_reader_splits_and_bounds_lines() {
     let flags = StopFlags {
         external: Arc::new(AtomicBool::new(false)),
