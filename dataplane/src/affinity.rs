@@ -24,8 +24,7 @@ pub(crate) struct Placement {
 }
 
 struct State {
-    /// What is applied now.
-    pinned: bool,
+    /// The current placement (also in the `pinned` mode, where it never changes).
     adaptive: Adaptive,
     /// Worker threads: (worker index, thread id).
     threads: Vec<(usize, libc::pid_t)>,
@@ -41,14 +40,13 @@ impl Placement {
             return None;
         }
         let allowed = steering::allowed_cpus().ok()?;
-        let map = CpuMap::for_workers(workers)?;
+        let map = CpuMap::from_allowed(&allowed, workers)?;
         Some(Placement {
             mode,
             map,
             allowed,
             tun_queue,
             state: Mutex::new(State {
-                pinned: false,
                 adaptive: Adaptive::default(),
                 threads: Vec::new(),
                 last_packets: 0,
@@ -60,15 +58,11 @@ impl Placement {
     /// logged why, when the kernel refuses the steering programs: the device then stays
     /// spread for good.
     pub(crate) fn start(&self, sockets: &UdpSockets) -> bool {
-        let mut state = self.state.lock();
-        match self.steer(sockets) {
-            Ok(()) => {
-                state.pinned = true;
-                true
-            }
+        match self.steer(sockets, true) {
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "workers stay spread: the kernel refused the steering programs");
-                self.unsteer(sockets);
+                let _ = self.steer(sockets, false);
                 false
             }
         }
@@ -79,7 +73,7 @@ impl Placement {
         let tid = steering::current_thread_id();
         let mut state = self.state.lock();
         state.threads.push((worker, tid));
-        if state.pinned {
+        if state.adaptive.pinned() {
             self.place(worker, tid, true);
         }
     }
@@ -87,8 +81,8 @@ impl Placement {
     /// New listen sockets (a `listen_port` change) get the current placement.
     pub(crate) fn sockets_replaced(&self, sockets: &UdpSockets) {
         let state = self.state.lock();
-        if state.pinned {
-            if let Err(e) = sockets.steer(&self.map) {
+        if state.adaptive.pinned() {
+            if let Err(e) = sockets.steer(Some(&self.map)) {
                 tracing::warn!(error = %e, "new listen sockets keep the kernel's hash");
             }
         }
@@ -115,16 +109,17 @@ impl Placement {
             for &(worker, tid) in &state.threads {
                 self.place(worker, tid, true);
             }
-            if let Err(e) = self.steer(&sockets) {
+            if let Err(e) = self.steer(&sockets, true) {
                 tracing::warn!(error = %e, "could not steer packets to pinned workers");
             }
         } else {
-            self.unsteer(&sockets);
+            if let Err(e) = self.steer(&sockets, false) {
+                tracing::warn!(error = %e, "could not give packets back to the kernel's hash");
+            }
             for &(worker, tid) in &state.threads {
                 self.place(worker, tid, false);
             }
         }
-        state.pinned = pinned;
         // Rare by design (a second of quiet before pinning again): worth a line each.
         if pinned {
             tracing::info!(
@@ -139,18 +134,12 @@ impl Placement {
         }
     }
 
-    fn steer(&self, sockets: &UdpSockets) -> std::io::Result<()> {
-        steering::steer_tun(self.tun_queue, &self.map)?;
-        sockets.steer(&self.map)
-    }
-
-    fn unsteer(&self, sockets: &UdpSockets) {
-        if let Err(e) = steering::unsteer_tun(self.tun_queue) {
-            tracing::warn!(error = %e, "could not give the TUN back to the flow hash");
-        }
-        if let Err(e) = sockets.unsteer() {
-            tracing::warn!(error = %e, "could not give the listen sockets back to the hash");
-        }
+    /// Steers the TUN's and the sockets' packets to the worker of their CPU, or (`pinned`
+    /// false) gives both back to the kernel's hash.
+    fn steer(&self, sockets: &UdpSockets, pinned: bool) -> std::io::Result<()> {
+        let map = pinned.then_some(&self.map);
+        steering::steer_tun(self.tun_queue, map)?;
+        sockets.steer(map)
     }
 
     fn place(&self, worker: usize, tid: libc::pid_t, pinned: bool) {

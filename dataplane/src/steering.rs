@@ -132,15 +132,10 @@ pub struct CpuMap {
 }
 
 impl CpuMap {
-    /// Worker `k` on the `k`-th CPU this process may run on; `None` when pinning makes no
-    /// sense: one worker (the scheduler places it best), more workers than CPUs, or an
-    /// affinity mask that cannot be read.
-    pub fn for_workers(workers: usize) -> Option<CpuMap> {
-        let allowed = allowed_cpus().ok()?;
-        CpuMap::from_allowed(&allowed, workers)
-    }
-
-    fn from_allowed(allowed: &[u32], workers: usize) -> Option<CpuMap> {
+    /// Worker `k` on `allowed[k]` (the CPUs this process may run on: [`allowed_cpus`]);
+    /// `None` when pinning makes no sense: one worker (the scheduler places it best) or more
+    /// workers than CPUs.
+    pub fn from_allowed(allowed: &[u32], workers: usize) -> Option<CpuMap> {
         if workers < 2 || workers > allowed.len() {
             return None;
         }
@@ -151,11 +146,6 @@ impl CpuMap {
 
     pub fn cpu_of(&self, worker: usize) -> u32 {
         self.cpus[worker % self.cpus.len()]
-    }
-
-    /// Every CPU a worker is pinned to (where spread threads may run).
-    pub fn cpus(&self) -> &[u32] {
-        &self.cpus
     }
 
     /// Classic BPF for a reuseport group whose `k`-th socket is worker `k`'s: returns the
@@ -245,9 +235,22 @@ pub fn set_thread_cpus(tid: libc::pid_t, cpus: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the reuseport group of `socket` (whose `k`-th member is worker `k`'s) deliver to
-/// the worker of the receiving CPU.
-pub fn steer_reuseport_group(socket: RawFd, map: &CpuMap) -> io::Result<()> {
+/// With a map, makes the reuseport group of `socket` (whose `k`-th member is worker `k`'s)
+/// deliver to the worker of the receiving CPU; without, gives the group back to the
+/// kernel's hash.
+pub fn steer_reuseport_group(socket: RawFd, map: Option<&CpuMap>) -> io::Result<()> {
+    let Some(map) = map else {
+        return match crate::udp::set_int_option(
+            socket,
+            libc::SOL_SOCKET,
+            SO_DETACH_REUSEPORT_BPF,
+            0,
+        ) {
+            // ENOENT: no program was attached.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        };
+    };
     let mut program = map.reuseport_program();
     let fprog = libc::sock_fprog {
         len: program.len() as u16,
@@ -269,44 +272,16 @@ pub fn steer_reuseport_group(socket: RawFd, map: &CpuMap) -> io::Result<()> {
     Ok(())
 }
 
-/// Gives a reuseport group back to the kernel's hash.
-pub fn unsteer_reuseport_group(socket: RawFd) -> io::Result<()> {
-    let unused: libc::c_int = 0;
-    // SAFETY: the option reads an int that it ignores.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket,
-            libc::SOL_SOCKET,
-            SO_DETACH_REUSEPORT_BPF,
-            (&unused as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    // ENOENT: no program was attached.
-    if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Gives the TUN's queue choice back to the kernel's flow hash.
-pub fn unsteer_tun(queue: RawFd) -> io::Result<()> {
-    let none: libc::c_int = -1;
-    // SAFETY: the ioctl reads one int; -1 detaches the program.
-    let rc = unsafe { libc::ioctl(queue, TUNSETSTEERINGEBPF as _, &none) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Makes the TUN (any of its queues' fds) queue a packet for the worker of the CPU that
-/// sends it into the TUN.
-pub fn steer_tun(queue: RawFd, map: &CpuMap) -> io::Result<()> {
-    let program = load_socket_filter(&map.tun_program())?;
-    let fd: libc::c_int = std::os::fd::AsRawFd::as_raw_fd(&program);
-    // SAFETY: the ioctl reads one int (the program's fd); the TUN takes its own reference
-    // to the program, so ours may close afterwards.
+/// With a map, makes the TUN (any of its queues' fds) queue a packet for the worker of the
+/// CPU that sends it into the TUN; without, gives the choice back to the kernel's flow hash.
+pub fn steer_tun(queue: RawFd, map: Option<&CpuMap>) -> io::Result<()> {
+    let program = map
+        .map(|map| load_socket_filter(&map.tun_program()))
+        .transpose()?;
+    // -1 detaches the program.
+    let fd: libc::c_int = program.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
+    // SAFETY: the ioctl reads one int (a program's fd, or -1); the TUN takes its own
+    // reference to the program, so ours may close afterwards.
     let rc = unsafe { libc::ioctl(queue, TUNSETSTEERINGEBPF as _, &fd) };
     if rc != 0 {
         return Err(io::Error::last_os_error());

@@ -129,8 +129,13 @@ impl AsRawFd for BoundSocket {
     }
 }
 
-/// Sets an int socket option; false if the kernel refused it.
-fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
+/// Sets an int socket option.
+pub(crate) fn set_int_option(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a plain int option on a descriptor the caller owns; the pointer and length
     // describe `value`.
     let rc = unsafe {
@@ -142,7 +147,10 @@ fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc:
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    rc == 0
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// quinn-udp sets DF on every datagram (PMTU probing, right for QUIC). A tunnel must instead
@@ -150,16 +158,17 @@ fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc:
 /// wireguard-go do: let the kernel fragment it.
 fn allow_fragmentation(socket: &UdpSocket, ipv6: bool) {
     let fd = socket.as_raw_fd();
+    // Best effort: where an option is missing, the kernel's default is kept.
     if ipv6 {
-        set_int_option(
+        let _ = set_int_option(
             fd,
             libc::IPPROTO_IPV6,
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_DONT,
         );
-        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
+        let _ = set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
     } else {
-        set_int_option(
+        let _ = set_int_option(
             fd,
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
@@ -175,7 +184,7 @@ fn force_buffer(socket: &Socket, option: libc::c_int, bytes: usize) {
         option,
         bytes as libc::c_int,
     );
-    if !forced {
+    if forced.is_err() {
         // Without CAP_NET_ADMIN: take what the sysctl limits allow.
         let _ = if option == libc::SO_RCVBUFFORCE {
             socket.set_recv_buffer_size(bytes)
@@ -313,25 +322,15 @@ impl UdpSockets {
         Ok(())
     }
 
-    /// Makes each family's reuseport group deliver to the worker of the receiving CPU (the
-    /// group's `k`-th socket is worker `k`'s: they were bound in that order).
-    pub fn steer(&self, map: &crate::steering::CpuMap) -> io::Result<()> {
+    /// With a map, makes each family's reuseport group deliver to the worker of the
+    /// receiving CPU (the group's `k`-th socket is worker `k`'s: they were bound in that
+    /// order); without, gives the groups back to the kernel's hash.
+    pub fn steer(&self, map: Option<&crate::steering::CpuMap>) -> io::Result<()> {
         if self.workers.len() < 2 {
             return Ok(());
         }
         for socket in self.workers[0].sockets() {
             crate::steering::steer_reuseport_group(socket.as_raw_fd(), map)?;
-        }
-        Ok(())
-    }
-
-    /// Gives each family's reuseport group back to the kernel's hash.
-    pub fn unsteer(&self) -> io::Result<()> {
-        if self.workers.len() < 2 {
-            return Ok(());
-        }
-        for socket in self.workers[0].sockets() {
-            crate::steering::unsteer_reuseport_group(socket.as_raw_fd())?;
         }
         Ok(())
     }

@@ -66,6 +66,22 @@ fn engine_with_peer(private: Key, peer: Key, endpoint: &str, allowed: &str) -> E
     engine
 }
 
+/// Hands every datagram in `sent` to `to` as coming from `from`; returns how many packets
+/// `received` holds for the TUN afterwards.
+fn deliver(
+    to: &Engine,
+    from: SocketAddr,
+    sent: &Outbox,
+    scratch: &mut [u8; tailsk8s_dataplane::engine::SCRATCH_LEN],
+    received: &mut Outbox,
+) -> usize {
+    for (_, datagram) in sent.datagrams() {
+        to.batch()
+            .handle_datagram(from, None, datagram, scratch, received);
+    }
+    received.packets().count()
+}
+
 #[test]
 fn encrypt_and_decrypt_allocate_nothing_once_warm() {
     let (ka, kb) = (Key::generate_private(), Key::generate_private());
@@ -89,22 +105,14 @@ fn encrypt_and_decrypt_allocate_nothing_once_warm() {
         a.batch()
             .handle_tun_packet(&mut packet, len, &mut scratch_a, &mut out_a);
         // Handshake messages and data alike go to b, and b's answers back to a.
-        for (_, datagram) in out_a.datagrams() {
-            b.batch()
-                .handle_datagram(a_addr, None, datagram, &mut scratch_b, &mut out_b);
-        }
-        *count += out_b.packets().count();
+        *count += deliver(&b, a_addr, &out_a, &mut scratch_b, &mut out_b);
         let replies: Vec<Vec<u8>> = out_b.datagrams().map(|(_, d)| d.to_vec()).collect();
         out_b.clear();
         for reply in replies {
             out_a.clear();
             a.batch()
                 .handle_datagram(b_addr, None, &reply, &mut scratch_a, &mut out_a);
-            for (_, datagram) in out_a.datagrams() {
-                b.batch()
-                    .handle_datagram(a_addr, None, datagram, &mut scratch_b, &mut out_b);
-            }
-            *count += out_b.packets().count();
+            *count += deliver(&b, a_addr, &out_a, &mut scratch_b, &mut out_b);
             out_b.clear();
         }
     };
@@ -121,11 +129,7 @@ fn encrypt_and_decrypt_allocate_nothing_once_warm() {
         out_a.clear();
         a.batch()
             .handle_tun_packet(&mut packet, len, &mut scratch_a, &mut out_a);
-        for (_, datagram) in out_a.datagrams() {
-            b.batch()
-                .handle_datagram(a_addr, None, datagram, &mut scratch_b, &mut out_b);
-        }
-        steady += out_b.packets().count();
+        steady += deliver(&b, a_addr, &out_a, &mut scratch_b, &mut out_b);
         out_b.clear();
     }
     COUNTING.set(false);
