@@ -39,6 +39,9 @@ pub enum Command {
     Router(RouterArgs),
     /// Run the demonstration.
     Demo(DemoArgs),
+    /// Write this node's CNI configuration (bridge `cnio0`, host-local IPAM over the node's
+    /// pod CIDRs, MTU = tunnel MTU) unless the CNI directory already holds one.
+    CniConfig(CniConfigArgs),
     /// Print a new private key in base64 (like `wg genkey`).
     Genkey,
     /// Read a base64 private key on stdin and print its public key (like `wg pubkey`).
@@ -74,6 +77,28 @@ pub struct RouterArgs {
 /// `tailsk8s demo`
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct DemoArgs {}
+
+/// `tailsk8s cni-config [--config FILE] [--pod-cidr CIDR]… [--node-name NAME] [--cni-dir DIR]`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct CniConfigArgs {
+    /// The router's config file: its `mtu` (and `pod_cidrs`) apply.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's pod CIDR (IPv4 and/or IPv6; repeat for dual stack), when the config file
+    /// names none.
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The Kubernetes Node to read `spec.podCIDRs` from when neither names one (in a cluster,
+    /// with the pod's service account).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Where the container runtime reads CNI configurations.
+    #[arg(long, value_name = "DIR", default_value = crate::cni::DEFAULT_CNI_DIR)]
+    pub cni_dir: PathBuf,
+    /// The pods' bridge.
+    #[arg(long, value_name = "NAME", default_value = crate::cni::DEFAULT_BRIDGE)]
+    pub bridge: String,
+}
 
 /// Errors of the command line itself (usage errors are clap's).
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -142,6 +167,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Router(args) => crate::router::run(&args),
         Command::Demo(args) => crate::demo::run(&args),
+        Command::CniConfig(args) => crate::cni::command(&args),
         Command::Genkey => {
             warn_if_stdout_is_shared_file();
             genkey(&mut std::io::stdout().lock())

@@ -4,9 +4,11 @@
 //! rest to the router runtime ([`router`]) or the demo ([`demo`]).
 
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod demo;
 pub mod key_file;
+pub mod pod_cidr;
 pub mod router;
 pub mod routes;
 pub mod userspace;
