@@ -3,7 +3,7 @@
 //! (this very binary) with a generated key; the nodes share an underlay. The demo shows pods
 //! pinging across nodes (IPv4 and IPv6) and on the same node, a 5-second TCP transfer with
 //! its throughput, and each router's peers as `wg show` would, then removes everything — also
-//! on Ctrl-C. The cluster is built with the same harness the end-to-end tests use.
+//! on Ctrl-C. The cluster is the lab's (`tailsk8s-lab`), the one the end-to-end tests use.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,10 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use tailsk8s_dataplane::uapi::client;
-use tailsk8s_e2e::config_router::ConfigMesh;
-use tailsk8s_e2e::topology::TopologyBuilder;
-use tailsk8s_e2e::wg::MeshOptions;
-use tailsk8s_e2e::{ping, tools};
+use tailsk8s_lab::topology::Pod;
+use tailsk8s_lab::{ping, tools, ConfigMesh, MeshOptions, TopologyBuilder};
 
 use crate::cli::DemoArgs;
 
@@ -129,10 +127,7 @@ fn socket_path(ifname: &str) -> PathBuf {
 }
 
 /// Runs iperf3 between two pods and returns the receiver's Gbit/s.
-fn transfer(
-    from: &tailsk8s_e2e::topology::Pod,
-    to: &tailsk8s_e2e::topology::Pod,
-) -> anyhow::Result<f64> {
+fn transfer(from: &Pod, to: &Pod) -> anyhow::Result<f64> {
     let server = to
         .netns()
         .spawn("iperf3", &["-s", "-1", "-B", &to.ipv4().to_string()])?;

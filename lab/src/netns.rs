@@ -1,7 +1,7 @@
 //! [`Netns`]: a named network namespace that exists exactly as long as its guard, and the
 //! ways to run things inside it.
 //!
-//! Commands run through `ip netns exec` (or `ip -n` for `ip` itself). Sockets the test
+//! Commands run through `ip netns exec` (or `ip -n` for `ip` itself). Sockets the calling
 //! process needs inside a namespace are made by [`Netns::enter`], which runs a closure on a
 //! fresh thread switched into the namespace with `setns`: a socket belongs to the namespace
 //! it was created in, so it keeps working there after the thread ends.

@@ -13,7 +13,8 @@
 //! `ul0`: a veth pair for two nodes, a bridge in an extra namespace for more. Nodes
 //! forward IPv4 and IPv6. Interface names are per namespace, so every node has `cnio0`.
 //!
-//! Nothing routes between nodes' pod CIDRs until a test adds a tunnel ([`crate::Mesh`]).
+//! Nothing routes between nodes' pod CIDRs until routers run on the nodes
+//! ([`crate::ConfigMesh`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
