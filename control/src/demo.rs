@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use tailsk8s_dataplane::uapi::client;
 use tailsk8s_lab::topology::Pod;
-use tailsk8s_lab::{ping, tools, ConfigMesh, MeshOptions, TopologyBuilder};
+use tailsk8s_lab::{ping, tools, wait, ConfigMesh, MeshOptions, TopologyBuilder};
 
 use crate::cli::DemoArgs;
 
@@ -29,6 +29,10 @@ macro_rules! say {
 
 /// Seconds of the throughput run.
 const TRANSFER_SECONDS: u32 = 5;
+/// iperf3's default port.
+const IPERF3_PORT: u16 = 5201;
+/// How long a freshly started iperf3 server gets to listen.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the demo; everything it created is gone when it returns.
 pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
@@ -128,25 +132,20 @@ fn socket_path(ifname: &str) -> PathBuf {
 
 /// Runs iperf3 between two pods and returns the receiver's Gbit/s.
 fn transfer(from: &Pod, to: &Pod) -> anyhow::Result<f64> {
-    let server = to
+    let mut server = to
         .netns()
         .spawn("iperf3", &["-s", "-1", "-B", &to.ipv4().to_string()])?;
+    wait::until("the iperf3 server listens", SERVER_TIMEOUT, || {
+        if let Some(status) = server.exited()? {
+            bail!("the iperf3 server exited ({status}):\n{}", server.log());
+        }
+        Ok(to.netns().tcp_listening(IPERF3_PORT)?.then_some(()))
+    })?;
     let target = to.ipv4().to_string();
     let seconds = TRANSFER_SECONDS.to_string();
-    let mut output = String::new();
-    for _ in 0..50 {
-        match from
-            .netns()
-            .output("iperf3", &["-c", &target, "-t", &seconds, "-f", "g"])
-        {
-            Ok(out) => {
-                output = out;
-                break;
-            }
-            // The server may not listen yet.
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
+    let output = from
+        .netns()
+        .output("iperf3", &["-c", &target, "-t", &seconds, "-f", "g"])?;
     drop(server);
     output
         .lines()

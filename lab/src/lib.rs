@@ -23,6 +23,7 @@
 //!   lifecycle and UAPI readiness.
 //! - [`mesh`]: a router per node, peered with every other ([`ConfigMesh`]).
 //! - [`traffic`]: ping and checksummed TCP transfers between namespaces.
+//! - [`wait`]: waiting for a condition with a deadline.
 
 pub mod binary;
 pub mod mesh;
@@ -33,6 +34,7 @@ pub mod router;
 pub mod tools;
 pub mod topology;
 pub mod traffic;
+pub mod wait;
 
 pub use binary::tailsk8s_binary;
 pub use mesh::{ConfigMesh, EndpointFamily, MeshOptions};

@@ -313,7 +313,12 @@ mod tests {
         // An ignored signal stays ignored across exec, so `sleep` itself ignores TERM.
         cmd.args(["-c", "trap '' TERM; exec sleep 30"]);
         let mut daemon = Daemon::spawn("stubborn", cmd).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        // Once the shell has exec'd `sleep`, its trap is in place.
+        let comm = format!("/proc/{}/comm", daemon.pid().unwrap());
+        crate::wait::until("sh execs sleep", Duration::from_secs(5), || {
+            Ok((std::fs::read_to_string(&comm)?.trim() == "sleep").then_some(()))
+        })
+        .unwrap();
         let started = Instant::now();
         let status = daemon.stop().expect("reaped");
         assert!(started.elapsed() >= STOP_TIMEOUT);
