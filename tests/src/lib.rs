@@ -24,7 +24,7 @@ pub mod gate;
 pub mod process;
 pub mod wg;
 
-pub use tailsk8s_lab::{names, netns, tools, topology, traffic};
+pub use tailsk8s_lab::{names, netns, tools, topology, traffic, wait};
 
 pub use config_router::{ConfigFile, ConfigMesh, ConfigRouter, KeyPair, ShowDump};
 pub use dump::{DumpError, InterfaceDump, PeerDump, WgDump};
