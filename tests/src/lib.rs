@@ -17,11 +17,13 @@
 //! - [`config_router`]: the lab's config-file router and mesh, plus the routes and rules the
 //!   router installs as the kernel reports them, and its `wg show dump`.
 //! - [`dump`]: parsing `wg show IFNAME dump`.
+//! - [`threads`]: a process's threads as /proc shows them (CPU affinity, wake-ups).
 
 pub mod config_router;
 pub mod dump;
 pub mod gate;
 pub mod process;
+pub mod threads;
 pub mod wg;
 
 pub use tailsk8s_lab::{names, netns, tools, topology, traffic, wait};

@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 
 use tailsk8s_e2e::gate::require_netns_with;
+use tailsk8s_e2e::threads::{thread, worker_threads};
 use tailsk8s_e2e::{
     ping, require_netns, tcp_transfer, EndpointFamily, Impl, Mesh, MeshOptions, Pod, Topology,
     TopologyBuilder,
@@ -214,52 +215,6 @@ fn first_pods(topo: &Topology) -> (&Pod, &Pod) {
     (&a.pods()[0], &b.pods()[0])
 }
 
-/// One thread of a router, as /proc reports it.
-#[derive(Debug, Clone)]
-struct Thread {
-    name: String,
-    /// `Cpus_allowed_list`, e.g. `1` or `0-1`.
-    cpus: String,
-    /// `voluntary_ctxt_switches`: a worker thread blocks in poll between batches, so this
-    /// counts its wake-ups.
-    wakeups: u64,
-}
-
-/// The threads of process `pid`.
-fn threads(pid: u32) -> Vec<Thread> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks
-        .filter_map(Result::ok)
-        .map(|task| {
-            let path = task.path();
-            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string()
-            };
-            Thread {
-                name: comm.trim().to_string(),
-                cpus: field("Cpus_allowed_list:"),
-                wakeups: field("voluntary_ctxt_switches:").parse().unwrap_or(0),
-            }
-        })
-        .collect()
-}
-
-/// The thread named `name` of `pid`.
-fn thread(pid: u32, name: &str) -> Thread {
-    let all = threads(pid);
-    all.iter()
-        .find(|t| t.name == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no thread {name} in {pid}: {all:?}"))
-}
-
 /// Where the two workers of router `pid` run: `Ok([cpu of worker 0, cpu of worker 1])` when
 /// both are pinned — each worker's TUN and UDP thread on one and the same CPU, the two
 /// workers on different CPUs — else `Err` saying what is not so.
@@ -283,10 +238,8 @@ fn pinned_workers(pid: u32) -> Result<[u32; 2], String> {
 
 /// Whether router `pid`'s workers are spread: their threads may run on more than one CPU.
 fn workers_spread(pid: u32) -> bool {
-    threads(pid)
-        .iter()
-        .filter(|t| t.name.starts_with("tsk-tun") || t.name.starts_with("tsk-udp"))
-        .all(|t| t.cpus.parse::<u32>().is_err())
+    let workers = worker_threads(pid);
+    !workers.is_empty() && workers.iter().all(|t| !t.on_one_cpu())
 }
 
 /// Checks that the kernel hands each packet to the worker of the CPU it is on — the TUN
