@@ -1,8 +1,8 @@
 //! Which `tailsk8s` binary the lab runs, and the extra router flags every router gets.
 //!
-//! Callers that are the binary (the demo) pass their own path. Everyone else (the tests, the
-//! `tailsk8s-lab` tool, benchmarks) takes `$TAILSK8S_BIN`, else `tailsk8s` in the cargo target
-//! directory the caller was built into.
+//! Callers that are the binary (the demo) pass their own path. Everyone else (the tests)
+//! takes `$TAILSK8S_BIN`, else `tailsk8s` in the cargo target directory the caller was built
+//! into.
 
 use std::path::{Path, PathBuf};
 

@@ -4,9 +4,8 @@
 //! `cnio0` and pods, joined by an underlay — and [`ConfigMesh`] runs one
 //! `tailsk8s router --config FILE` per node, each listing every other node as a peer.
 //! [`ping`] shows reachability and [`tcp_transfer`] moves checksummed bytes between pods.
-//! `tailsk8s demo` shows a cluster to a user, the end-to-end tests (`tailsk8s-e2e`) check the
-//! router against it, and `tailsk8s-lab up` keeps one running for a benchmark or a look
-//! around.
+//! `tailsk8s demo` shows a cluster to a user, and the end-to-end tests (`tailsk8s-e2e`) check
+//! the router against it.
 //!
 //! Every namespace, process and file is owned by a guard that removes it on `Drop`, also
 //! when the caller panics; names carry the process id so parallel runs never collide.
