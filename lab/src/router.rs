@@ -328,7 +328,8 @@ pub struct ConfigRouter<'a> {
 }
 
 impl<'a> ConfigRouter<'a> {
-    /// A router for `ns` using the binary under test ([`tailsk8s_binary`]).
+    /// A router for `ns` running [`tailsk8s_binary`] (`$TAILSK8S_BIN` or the one beside this
+    /// program).
     pub fn new(ns: &'a Netns) -> anyhow::Result<ConfigRouter<'a>> {
         ConfigRouter::with_binary(&tailsk8s_binary()?, ns)
     }
@@ -498,7 +499,7 @@ impl Drop for ConfigRouter<'_> {
     fn drop(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
             daemon.stop();
-            // Dropped here, so a panicking test prints the log before the files go.
+            // Dropped here, so a panicking caller prints the log before the files go.
             drop(daemon);
             // A router that was killed leaves its socket: remove it, or `wg show` tries it
             // forever. The name is ours alone, so no other process's socket goes.
