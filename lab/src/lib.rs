@@ -4,8 +4,9 @@
 //! `cnio0` and pods, joined by an underlay — and [`ConfigMesh`] runs one
 //! `tailsk8s router --config FILE` per node, each listing every other node as a peer.
 //! [`ping`] shows reachability and [`tcp_transfer`] moves checksummed bytes between pods.
-//! `tailsk8s demo` shows a cluster to a user, and the end-to-end tests (`tailsk8s-e2e`) check
-//! the router against it.
+//! `tailsk8s demo` shows a cluster to a user, the end-to-end tests (`tailsk8s-e2e`) check the
+//! router against it, and `tailsk8s-lab up` (src/main.rs) keeps a topology up for
+//! benches/iperf3, which runs its own data planes on it.
 //!
 //! Every namespace, process and file is owned by a guard that removes it on `Drop`, also
 //! when the caller panics; names carry the process id so parallel runs never collide.
