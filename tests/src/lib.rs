@@ -11,20 +11,39 @@
 //! The lab's modules are re-exported under their names (`tailsk8s_e2e::topology`, …), so a
 //! test sees one crate. Module map of what is the tests' own, one concern each:
 //! - [`gate`]: may this test run here (root, TUN, commands) or must it skip / fail.
-//! - [`process`]: the lab's process module, plus waiting out sockets inherited by children
-//!   of other test threads.
+//! - [`inherited_fds`]: waiting out sockets inherited by children of other test threads
+//!   (with the lab's process module: [`process`]).
 //! - [`wg`]: WireGuard devices ([`Impl`], [`WgDevice`], [`Mesh`]) configured with `wg`.
-//! - [`config_router`]: the lab's config-file router and mesh, plus the routes and rules the
-//!   router installs as the kernel reports them, and its `wg show dump`.
+//! - [`router_checks`]: the routes and rules a config-file router installs as the kernel
+//!   reports them, and its `wg show dump` (with the lab's router and mesh:
+//!   [`config_router`]).
 //! - [`dump`]: parsing `wg show IFNAME dump`.
 //! - [`threads`]: a process's threads as /proc shows them (CPU affinity, wake-ups).
 
-pub mod config_router;
 pub mod dump;
 pub mod gate;
-pub mod process;
+pub mod inherited_fds;
+pub mod router_checks;
 pub mod threads;
 pub mod wg;
+
+/// The lab's config-file router and mesh, with the tests' checks around them
+/// ([`router_checks`]).
+pub mod config_router {
+    pub use crate::router_checks::*;
+    pub use tailsk8s_lab::mesh::ConfigMesh;
+    pub use tailsk8s_lab::process::{run_to_exit, Exited};
+    pub use tailsk8s_lab::router::{
+        send_signal, socket_path, toml_string, uapi_get, wait_for_exit, wait_until_serving,
+        ConfigFile, ConfigRouter, KeyPair, PeerSpec, EXIT_TIMEOUT, READY_TIMEOUT, UAPI_DIR,
+    };
+}
+
+/// The lab's process module, and waiting out inherited sockets ([`inherited_fds`]).
+pub mod process {
+    pub use crate::inherited_fds::*;
+    pub use tailsk8s_lab::process::*;
+}
 
 pub use tailsk8s_lab::{names, netns, tools, topology, traffic, wait};
 

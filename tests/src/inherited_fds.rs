@@ -1,9 +1,7 @@
-//! Running commands: the lab's [`tailsk8s_lab::process`], and waiting out sockets that other
-//! test threads' children may still hold.
+//! Waiting out sockets that children of other test threads may still hold. Tests reach it,
+//! with the lab's process module, as `tailsk8s_e2e::process`.
 
 use std::time::{Duration, Instant};
-
-pub use tailsk8s_lab::process::*;
 
 /// How long a socket this process closed may stay open in a child that another test
 /// thread forked and has not yet exec'd (close-on-exec only closes it at the exec).

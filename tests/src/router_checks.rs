@@ -1,7 +1,7 @@
-//! What the end-to-end tests check around a config-file router, beside the lab's own
-//! [`tailsk8s_lab::router`] and [`tailsk8s_lab::mesh`] (re-exported here): the routes and
-//! rules it installs, read back from the kernel; the line an error names; and its peers as
-//! the real `wg` reads them ([`ShowDump`]).
+//! What the end-to-end tests check around a config-file router (the lab's
+//! [`tailsk8s_lab::router`]): the routes and rules it installs, read back from the kernel;
+//! the line an error names; and its peers as the real `wg` reads them ([`ShowDump`]). Tests
+//! reach it, with the lab's router and mesh, as `tailsk8s_e2e::config_router`.
 //!
 //! The routing constants mirror control/src/routes.rs: the tests read them back from the
 //! kernel, which is the point — they are the contract, not a copy of the code.
