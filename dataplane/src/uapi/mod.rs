@@ -23,6 +23,3 @@ pub mod server;
 pub use format::format_get;
 pub use parse::{parse_set, ParseError, SetParser, MAX_LINE_LEN};
 pub use server::{ServeExit, SocketWatch, UapiError, UapiServer, DEFAULT_SOCKET_DIR};
-
-#[cfg(test)]
-mod test_device;
