@@ -5,7 +5,7 @@
 //! - [`parse`]: the lines of a `set=1` operation → one [`crate::config::DeviceUpdate`]
 //!   (pure, sans-IO; the whole operation is parsed before anything is applied, so malformed
 //!   input changes nothing).
-//! - [`format`]: a [`crate::config::DeviceSnapshot`] → the `get=1` reply text (pure).
+//! - [`format`](mod@format): a [`crate::config::DeviceSnapshot`] → the `get=1` reply text (pure).
 //! - [`server`]: the socket itself: binding (stale/live socket detection, permissions),
 //!   ownership checks, and one thread per connection running get/set operations against a
 //!   [`crate::config::DeviceControl`].
