@@ -534,7 +534,8 @@ fn stop_is_prompt_with_open_connections_and_removes_the_socket() {
     let mut busy = r.connect();
     busy.write_all(b"set=1\nlisten_port=5\n").unwrap(); // a set left unfinished
     let _idle = r.connect();
-    thread::sleep(Duration::from_millis(200));
+    // Connections are accepted in order: once a third is answered, both are being served.
+    assert_served(&mut r.connect());
     let path = r.path.clone();
     let start = Instant::now();
     assert_eq!(r.finish(), ServeExit::Stopped);
