@@ -344,6 +344,8 @@ fn listen_port_zero_binds_a_fresh_random_port() {
     assert_ne!(first, 0);
     set_ok(&device, "listen_port=0\n");
     let second = device.get().listen_port;
+    // The old sockets are held while the new ones bind, so the port cannot come back.
+    assert_ne!(second, first);
     assert_ne!(second, 0);
     assert!(port_taken(second));
     // Asking for the port already bound keeps it.
