@@ -288,12 +288,12 @@ fn assert_steered_by_cpu(from: &Pod, to: &Pod, routers: [u32; 2]) {
         for ((pid, on, off), (on_before, off_before)) in watched.iter().zip(before) {
             let on_wakeups = thread(*pid, on).wakeups - on_before;
             let off_wakeups = thread(*pid, off).wakeups - off_before;
-            // One wake-up per packet, or a little fewer if a busy CPU delays the thread
-            // past the next packet; the other worker still wakes every poll interval
-            // (100 ms) to check for shutdown, a few times during the pings. Measured: 50
-            // against 7 steered, and the reverse under the kernel's hash.
+            // One wake-up per packet, or fewer if a busy CPU delays the thread past the
+            // next packet; the other worker still wakes every poll interval (100 ms) to
+            // check for shutdown, a few times during the pings. Measured: 50 against 7
+            // steered, and the reverse under the kernel's hash.
             assert!(
-                on_wakeups >= PINGS * 3 / 4 && off_wakeups * 2 < on_wakeups,
+                on_wakeups >= PINGS / 2 && off_wakeups * 2 < on_wakeups,
                 "{PINGS} pings sent from CPU {cpu} (worker {worker}'s): {on} of router {pid} \
                  woke {on_wakeups} times, {off} {off_wakeups} times"
             );
