@@ -9,6 +9,7 @@
 pub mod affinity;
 pub mod allowed_ips;
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod engine;
 pub mod gro;
