@@ -19,7 +19,7 @@ pub mod packet;
 pub mod peer;
 pub mod stats;
 pub mod steering;
+pub mod sys;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
-pub mod workers;

@@ -131,11 +131,6 @@ impl Tun {
         self.offload && self.queues[0].udp_gso()
     }
 
-    /// An outbox whose TUN writes fit this device (headers, superpackets or not).
-    pub fn outbox(&self) -> crate::outbox::Outbox {
-        crate::outbox::Outbox::new(self.offload, self.udp_gso())
-    }
-
     pub fn queue_count(&self) -> usize {
         self.queues.len()
     }

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use quinn_udp::RecvMeta;
 
-use crate::device::{ExitReason, Shared};
+use super::shared::{ExitReason, Shared};
 use crate::engine::new_scratch;
 use crate::offload::{copy_into, split, VNET_HDR_LEN};
 use crate::stats::DropReason;
+use crate::sys::poll_fds;
 use crate::udp::UdpSockets;
 
 /// Packets one TUN thread collects before handing them to the engine (one 64 KiB
@@ -36,31 +37,7 @@ const TUN_FLUSH_PACKETS: usize = 128;
 /// Room for one packet, or one GRO-coalesced run of datagrams.
 const BUF_LEN: usize = 65536 + 64;
 /// How often threads wake to notice a stop request or new sockets.
-pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Waits until one of `fds` (negative entries are ignored) is ready for `events` or the
-/// timeout passes.
-pub(crate) fn poll_fds(fds: &[i32], events: libc::c_short, timeout: Duration) -> bool {
-    let mut pollfds = [libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    }; 4];
-    let n = fds.len().min(pollfds.len());
-    for (slot, fd) in pollfds.iter_mut().zip(fds) {
-        slot.fd = *fd;
-        slot.events = events;
-    }
-    // SAFETY: `pollfds[..n]` is a valid array of initialised pollfd structs.
-    let ready = unsafe {
-        libc::poll(
-            pollfds.as_mut_ptr(),
-            n as libc::nfds_t,
-            timeout.as_millis() as libc::c_int,
-        )
-    };
-    ready > 0
-}
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Follows socket replacements (a UAPI `listen_port` change) without taking a lock per batch.
 struct SocketView {
@@ -106,7 +83,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
     let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); TUN_BATCH];
     let mut sizes = [0usize; TUN_BATCH];
     let mut scratch = new_scratch();
-    let mut outbox = shared.tun.outbox();
+    let mut outbox = shared.outbox();
     let mut view = SocketView::new(&shared);
     let fd = queue.as_raw_fd();
     while !shared.stop.load(Relaxed) {
@@ -177,7 +154,7 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
     let mut bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
     let mut metas = [RecvMeta::default(); UDP_BATCH];
     let mut scratch = new_scratch();
-    let mut outbox = shared.tun.outbox();
+    let mut outbox = shared.outbox();
     let mut view = SocketView::new(&shared);
     while !shared.stop.load(Relaxed) {
         view.refresh(&shared);
@@ -260,7 +237,7 @@ fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 
 pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut scratch = new_scratch();
-    let mut outbox = shared.tun.outbox();
+    let mut outbox = shared.outbox();
     let mut last_mtu_check = Instant::now();
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(POLL_INTERVAL);
