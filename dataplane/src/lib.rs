@@ -8,6 +8,7 @@
 
 pub mod affinity;
 pub mod allowed_ips;
+pub mod checksum;
 pub mod config;
 pub mod device;
 pub mod engine;
@@ -23,3 +24,4 @@ pub mod sys;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
+pub mod vnet;

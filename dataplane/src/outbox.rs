@@ -12,11 +12,11 @@ use tun_rs::SyncDevice;
 
 use crate::engine::Transmit;
 use crate::gro::Coalescer;
-use crate::offload::VNET_HDR_LEN;
 use crate::peer::Endpoint;
 use crate::stats::{DropReason, Stats};
 use crate::sys;
 use crate::udp::SocketPair;
+use crate::vnet::VNET_HDR_LEN;
 
 /// Largest UDP payload one GSO send may carry (IPv4's limit; IPv6's is a little larger).
 const MAX_GSO_BYTES: usize = 65507;

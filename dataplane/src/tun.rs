@@ -51,9 +51,6 @@ pub fn check_ifname(name: &str) -> Result<(), TunError> {
     }
 }
 
-/// Headroom every TUN write buffer keeps in front of its packet for the virtio-net header.
-pub const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
-
 /// How a TUN device was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TunOptions {

@@ -1,9 +1,10 @@
 //! A running device: the engine, the TUN (one queue per worker) and the listen sockets (one
 //! `SO_REUSEPORT` pair per worker), started, stopped and handed to the UAPI. It owns what
-//! runs beneath it: the state its threads share ([`shared`]) and the threads themselves
-//! ([`workers`]).
+//! runs beneath it: the state its threads share (`shared`), the threads themselves
+//! (`workers`) and the TUN thread's batch (`tun_batch`).
 
 mod shared;
+mod tun_batch;
 mod workers;
 
 use std::io;

@@ -47,7 +47,8 @@ use tailsk8s_dataplane::engine::DEFAULT_MTU;
 use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::packet::{ICMPV4_ERROR_MAX_LEN, ICMPV6_ERROR_MAX_LEN};
 
-use tailsk8s_dataplane::offload::{self, VNET_HDR_LEN};
+use tailsk8s_dataplane::offload;
+use tailsk8s_dataplane::vnet::VNET_HDR_LEN;
 use tun_rs::VirtioNetHdr;
 
 use crate::headers::{self, Segment, Transport, FIN, GSO_NONE, PSH, TCP, UDP};
