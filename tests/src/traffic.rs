@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -118,9 +119,25 @@ pub fn tcp_transfer(
     receiver_addr: IpAddr,
     bytes: u64,
 ) -> anyhow::Result<TransferReport> {
+    tcp_transfer_with_mss(sender, receiver, receiver_addr, bytes, None)
+}
+
+/// [`tcp_transfer`] with the sender's segments at most `mss` bytes (TCP_MAXSEG on the
+/// listener: its SYN-ACK announces that MSS, and the sender must keep to it; Linux takes 88
+/// to 65,535). Fails unless the sender's MSS is then at most `mss`.
+pub fn tcp_transfer_with_mss(
+    sender: &Netns,
+    receiver: &Netns,
+    receiver_addr: IpAddr,
+    bytes: u64,
+    mss: Option<u16>,
+) -> anyhow::Result<TransferReport> {
     let listener = receiver
         .enter(|| TcpListener::bind(SocketAddr::new(receiver_addr, 0)))?
         .with_context(|| format!("cannot listen on {receiver_addr} in {}", receiver.name()))?;
+    if let Some(mss) = mss {
+        set_mss(&listener, mss).with_context(|| format!("cannot set MSS {mss}"))?;
+    }
     let target = listener.local_addr()?;
     let abort = AtomicBool::new(false);
     let started = Instant::now();
@@ -135,6 +152,12 @@ pub fn tcp_transfer(
             .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
         let (stream, bytes_sent, sent_checksum) =
             sent.with_context(|| format!("sending to {target} from {}", sender.name()))?;
+        if let Some(mss) = mss {
+            let used = mss_of(&stream)?;
+            if used > i32::from(mss) {
+                anyhow::bail!("the sender's MSS is {used}, above the {mss} asked for");
+            }
+        }
         let (source, bytes_received, received_checksum) =
             received.with_context(|| format!("receiving on {target} in {}", receiver.name()))?;
         Ok(TransferReport {
@@ -148,6 +171,45 @@ pub fn tcp_transfer(
             elapsed: started.elapsed(),
         })
     })
+}
+
+/// Sets TCP_MAXSEG on a socket.
+fn set_mss(socket: &impl AsRawFd, mss: u16) -> std::io::Result<()> {
+    let value = libc::c_int::from(mss);
+    // SAFETY: an int option on a descriptor the caller owns; pointer and length describe it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A connected socket's MSS (TCP_MAXSEG reads back the one in use).
+fn mss_of(socket: &impl AsRawFd) -> std::io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int option read into `value`, whose size `len` gives.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(value)
 }
 
 /// Connects from inside `ns` and writes `bytes` random bytes, then half-closes. Returns the
