@@ -3,8 +3,9 @@
 //! The heart is [`engine::Engine`], a sans-IO WireGuard router: it is fed "a packet came
 //! from the TUN", "a datagram came from that address" and "time passed", and it hands back
 //! what to write where through a [`engine::Transmit`] sink. No sockets, threads or clocks
-//! live inside it. Around it sit thin Linux drivers (`tun`, `udp`), the worker loops that
-//! tie them together (`workers`, `device`), and the UAPI server that `wg` talks to (`uapi`).
+//! live inside it. Around it sit thin Linux drivers (`tun`, `udp`, `outbox`, on the OS calls
+//! in `sys`), the device that ties them together with its worker threads (`device`, placed by
+//! `affinity` through `steering`), and the UAPI server that `wg` talks to (`uapi`).
 
 pub mod affinity;
 pub mod allowed_ips;

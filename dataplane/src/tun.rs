@@ -1,6 +1,7 @@
 //! The TUN device: created (or attached to) by name through `tun-rs`, packets read and written
-//! without a packet-information header, nonblocking so one worker can poll it beside its UDP
-//! sockets. Offloads and multiple queues come with the fast path.
+//! without a packet-information header, one nonblocking queue per worker (`IFF_MULTI_QUEUE`),
+//! with offloads (`IFF_VNET_HDR`, TSO/USO) when the kernel grants them. Also the kernel's rules
+//! for interface names.
 
 use std::io;
 

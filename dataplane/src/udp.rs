@@ -1,6 +1,7 @@
-//! The UDP side: one IPv4 and one IPv6 socket on the listen port (either may be missing when
-//! the host lacks that family), batched receive (`recvmmsg`, UDP GRO) and per-datagram source
-//! address control through `quinn-udp`, large socket buffers, and the fwmark (`SO_MARK`).
+//! The UDP side: per worker one IPv4 and one IPv6 socket on the listen port (either may be
+//! missing when the host lacks that family), every worker's in one `SO_REUSEPORT` group per
+//! family; batched receive (`recvmmsg`, UDP GRO), GSO sends and per-datagram source address
+//! control through `quinn-udp`, large socket buffers, and the fwmark (`SO_MARK`).
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};

@@ -7,7 +7,8 @@
 //!                (a superpacket with more segments than a batch: batch after batch)
 //!  udp thread    poll sockets ─► recvmmsg + UDP GRO ─► engine (decrypt) ─► outbox
 //!                ─► GRO-coalesced TUN writes, UDP sends (handshake replies)
-//!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; follow the TUN's MTU
+//!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; the adaptive placement follows
+//!                the load; every second: follow the TUN's MTU, notice a deleted TUN
 //! ```
 //!
 //! A thread reads into its own buffers, holds the engine's read lock only while the engine
