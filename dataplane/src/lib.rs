@@ -21,7 +21,7 @@ pub mod packet;
 pub mod peer;
 pub mod stats;
 pub mod steering;
-pub mod sys;
+pub(crate) mod sys;
 pub mod tun;
 pub mod uapi;
 pub mod udp;

@@ -21,7 +21,7 @@ use crate::vnet::{
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN,
 };
 /// Room after each packet for WireGuard's padding to 16 bytes.
-const PAD_ROOM: usize = 16;
+pub const PAD_ROOM: usize = 16;
 
 /// Why a TUN read could not be split (the read is dropped and counted).
 #[derive(Debug, Error, PartialEq, Eq)]

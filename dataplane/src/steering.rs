@@ -25,7 +25,7 @@ pub struct CpuMap {
 }
 
 impl CpuMap {
-    /// Worker `k` on `allowed[k]` (the CPUs this process may run on: [`sys::allowed_cpus`]);
+    /// Worker `k` on `allowed[k]` (the CPUs this process may run on: `sys::allowed_cpus`);
     /// `None` when pinning makes no sense: one worker (the scheduler places it best) or more
     /// workers than CPUs.
     pub fn from_allowed(allowed: &[u32], workers: usize) -> Option<CpuMap> {

@@ -56,7 +56,7 @@ pub(crate) fn set_int_option(
 }
 
 /// The CPUs this process may run on (its affinity mask: a pod's cpuset, `taskset`).
-pub fn allowed_cpus() -> io::Result<Vec<u32>> {
+pub(crate) fn allowed_cpus() -> io::Result<Vec<u32>> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
@@ -72,13 +72,13 @@ pub fn allowed_cpus() -> io::Result<Vec<u32>> {
 }
 
 /// The calling thread's id (for [`set_thread_cpus`] from another thread).
-pub fn current_thread_id() -> libc::pid_t {
+pub(crate) fn current_thread_id() -> libc::pid_t {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::gettid() }
 }
 
 /// Lets thread `tid` (0 = the caller) run only on `cpus`.
-pub fn set_thread_cpus(tid: libc::pid_t, cpus: &[u32]) -> io::Result<()> {
+pub(crate) fn set_thread_cpus(tid: libc::pid_t, cpus: &[u32]) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus {

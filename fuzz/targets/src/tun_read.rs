@@ -48,7 +48,7 @@ use tailsk8s_dataplane::engine::DEFAULT_MTU;
 use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::packet::{ICMPV4_ERROR_MAX_LEN, ICMPV6_ERROR_MAX_LEN};
 
-use tailsk8s_dataplane::offload;
+use tailsk8s_dataplane::offload::{self, PAD_ROOM};
 use tailsk8s_dataplane::vnet::VNET_HDR_LEN;
 use tun_rs::VirtioNetHdr;
 
@@ -65,8 +65,6 @@ const LOW_ORDER: usize = 3;
 /// Buffers one split batch may fill: a TUN read finds at least 64 free in the worker's batch,
 /// and a superpacket with more segments goes on batch after batch.
 const SPLIT_BUFFERS: usize = 64;
-/// Spare bytes `offload::split` promises after each packet (WireGuard pads to 16).
-pub const PAD_ROOM: usize = 16;
 
 struct World {
     local: Local,
