@@ -76,8 +76,10 @@ pub struct Split<'a> {
 }
 
 enum Kind {
-    /// One packet, its checksum completed; `None` once taken.
-    Plain(Option<()>),
+    /// One packet, its checksum completed; `taken` once written out.
+    Plain {
+        taken: bool,
+    },
     Segmented(Segmented),
 }
 
@@ -121,7 +123,7 @@ impl<'a> Split<'a> {
             }
             return Ok(Split {
                 packet,
-                kind: Kind::Plain(Some(())),
+                kind: Kind::Plain { taken: false },
             });
         }
         if hdr.gso_size == 0 {
@@ -197,7 +199,7 @@ impl<'a> Split<'a> {
     /// Packets still to come.
     pub fn remaining(&self) -> usize {
         match &self.kind {
-            Kind::Plain(packet) => usize::from(packet.is_some()),
+            Kind::Plain { taken } => usize::from(!taken),
             Kind::Segmented(s) => s.payload.div_ceil(s.segment) - s.done,
         }
     }
@@ -214,8 +216,8 @@ impl<'a> Split<'a> {
             return Err(SplitError::TooManySegments(self.remaining().max(1)));
         }
         let s = match &mut self.kind {
-            Kind::Plain(packet) => {
-                if packet.take().is_none() {
+            Kind::Plain { taken } => {
+                if std::mem::replace(taken, true) {
                     return Ok(0);
                 }
                 copy_into(&mut bufs[0], self.packet);
