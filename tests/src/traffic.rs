@@ -71,6 +71,10 @@ pub struct TransferReport {
     /// The peer address the receiver's `accept` returned.
     pub source_seen_by_receiver: SocketAddr,
     pub elapsed: Duration,
+    /// The sender's MSS at the end (TCP_MAXSEG).
+    pub sender_mss: u32,
+    /// Segments the sender's kernel retransmitted (`tcpi_total_retrans`).
+    pub sender_retransmits: u32,
 }
 
 impl TransferReport {
@@ -102,6 +106,13 @@ impl TransferReport {
             );
         }
         Ok(())
+    }
+
+    /// Retransmitted segments per segment the data needed (at the sender's MSS): about 0 on
+    /// a path that loses nothing.
+    pub fn retransmitted_share(&self) -> f64 {
+        let segments = self.bytes_sent.div_ceil(u64::from(self.sender_mss.max(1)));
+        f64::from(self.sender_retransmits) / segments.max(1) as f64
     }
 
     /// Megabits per second, for information only (tests never assert on time).
@@ -152,10 +163,10 @@ pub fn tcp_transfer_with_mss(
             .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
         let (stream, bytes_sent, sent_checksum) =
             sent.with_context(|| format!("sending to {target} from {}", sender.name()))?;
+        let sender_mss = u32::try_from(mss_of(&stream)?).unwrap_or(0);
         if let Some(mss) = mss {
-            let used = mss_of(&stream)?;
-            if used > i32::from(mss) {
-                anyhow::bail!("the sender's MSS is {used}, above the {mss} asked for");
+            if sender_mss > u32::from(mss) {
+                anyhow::bail!("the sender's MSS is {sender_mss}, above the {mss} asked for");
             }
         }
         let (source, bytes_received, received_checksum) =
@@ -169,6 +180,8 @@ pub fn tcp_transfer_with_mss(
             sender_addr: stream.local_addr()?,
             source_seen_by_receiver: source,
             elapsed: started.elapsed(),
+            sender_mss,
+            sender_retransmits: retransmits_of(&stream)?,
         })
     })
 }
@@ -210,6 +223,27 @@ fn mss_of(socket: &impl AsRawFd) -> std::io::Result<libc::c_int> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(value)
+}
+
+/// Segments the kernel retransmitted on a connection so far (`tcpi_total_retrans`).
+fn retransmits_of(socket: &impl AsRawFd) -> std::io::Result<u32> {
+    // SAFETY: an all-zero tcp_info is a valid value to be overwritten.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.tcpi_total_retrans)
 }
 
 /// Connects from inside `ns` and writes `bytes` random bytes, then half-closes. Returns the
@@ -411,6 +445,8 @@ mod tests {
             sender_addr: source,
             source_seen_by_receiver: source,
             elapsed: Duration::from_secs(1),
+            sender_mss: 1380,
+            sender_retransmits: 0,
         }
     }
 
