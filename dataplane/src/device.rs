@@ -7,7 +7,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
@@ -136,7 +136,7 @@ impl Shared {
 
 impl DeviceControl for Shared {
     fn get(&self) -> DeviceSnapshot {
-        let (private_key, peers) = self.engine.peer_snapshots();
+        let (private_key, peers) = self.engine.peer_snapshots(SystemTime::now());
         DeviceSnapshot {
             private_key,
             listen_port: self.sockets().port(),
@@ -218,7 +218,7 @@ impl Device {
         )
         .filter(|placement| placement.start(&sockets));
         let shared = Arc::new(Shared {
-            engine: Engine::new(usize::from(options.mtu)),
+            engine: Engine::new(usize::from(options.mtu), Instant::now()),
             tun,
             sockets: RwLock::new(Arc::new(sockets)),
             sockets_generation: AtomicU64::new(0),

@@ -19,6 +19,8 @@ pub mod packet;
 pub mod peer;
 pub mod stats;
 pub mod steering;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
