@@ -144,10 +144,27 @@ impl Node {
         out
     }
 
+    /// A packet read from the TUN into `buf[..len]`, the rest of `buf` being room to pad in;
+    /// returns what the engine did.
+    pub fn tun_buf_in(&mut self, buf: &mut [u8], len: usize) -> Capture {
+        let mut out = Capture::default();
+        self.tun_packet(buf, len, &mut out);
+        out
+    }
+
     /// `datagram` from `from`, received on this node's own address.
     pub fn net_in(&mut self, from: SocketAddr, datagram: &[u8]) -> Capture {
+        self.net_in_at(from, Some(self.addr.ip()), datagram)
+    }
+
+    /// `datagram` from `from`, received on `local_ip`.
+    pub fn net_in_at(
+        &mut self,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+    ) -> Capture {
         let mut out = Capture::default();
-        let local_ip = Some(self.addr.ip());
         self.datagram(from, local_ip, datagram, &mut out);
         out
     }

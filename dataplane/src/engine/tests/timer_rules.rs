@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::engine::messages::{DATA_OVERHEAD, INITIATION_LEN, MESSAGE_DATA};
+use crate::engine::messages::{DATA_OVERHEAD, MESSAGE_DATA};
 use crate::testing::{established_pair, pump, Capture, Node};
 
 /// The protocol's constants (shared/reference/wireguard-protocol.md), in seconds.
@@ -91,6 +91,7 @@ fn persistent_keepalive_counts_from_the_last_datagram_sent() {
 mod boringtun_rules {
     use super::protocol::*;
     use super::*;
+    use crate::engine::messages::INITIATION_LEN;
     use crate::stats::DropReason;
 
     fn ping_ba(seq: u16) -> Vec<u8> {
