@@ -21,8 +21,9 @@ use crate::routes::{RouteManager, ROUTE_TABLE, RULE_PRIORITY};
 /// How often the main loop looks at signals, the TUN and the socket file.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// MTU of a device driven by `wg` alone (wg-quick sets its own afterwards).
-const UAPI_ONLY_MTU: u16 = 1420;
+/// MTU of a device driven by `wg` alone (wg-quick sets its own afterwards): the engine's
+/// default, as the TUN's integer type.
+const UAPI_ONLY_MTU: u16 = tailsk8s_dataplane::engine::DEFAULT_MTU as u16;
 
 /// Why the router stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]

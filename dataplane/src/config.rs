@@ -83,14 +83,16 @@ pub struct PeerSnapshot {
     pub public_key: Key,
     pub preshared_key: Option<Key>,
     pub endpoint: Option<SocketAddr>,
-    /// Wall-clock time of the last completed handshake (absolute, as `wg` expects).
+    /// Wall-clock time of the last completed handshake (absolute, as `wg` expects): the
+    /// wall clock given to the snapshot minus the handshake's age in engine time.
     pub last_handshake: Option<SystemTime>,
     /// Wire bytes of WireGuard messages received from / sent to this peer.
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     /// Seconds; 0 when disabled.
     pub persistent_keepalive: u16,
-    /// In the order they were added, normalised (host bits cleared).
+    /// Normalised (host bits cleared) and sorted: IPv4 before IPv6, each ascending by
+    /// address and then by prefix length (not the order they were added).
     pub allowed_ips: Vec<IpNet>,
 }
 

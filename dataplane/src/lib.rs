@@ -3,8 +3,10 @@
 //! The heart is [`engine::Engine`], a sans-IO WireGuard router: it is fed "a packet came
 //! from the TUN", "a datagram came from that address" and "time passed", and it hands back
 //! what to write where through a [`engine::Transmit`] sink. No sockets, threads or clocks
-//! live inside it. Around it sit thin Linux drivers (`tun`, `udp`), the worker loops that
-//! tie them together (`workers`, `device`), and the UAPI server that `wg` talks to (`uapi`).
+//! live inside it (boringtun's Noise state reads its own clock: see `engine::timers`).
+//! Around it sit thin Linux drivers (`tun`, `udp`), the worker loops that tie them together
+//! (`workers`, `device`), and the UAPI server that `wg` talks to (`uapi`). `testing` (unit
+//! tests and the `testing` feature only) wires engines back to back in memory.
 
 pub mod affinity;
 pub mod allowed_ips;

@@ -45,9 +45,14 @@ pub use messages::{DATA_OVERHEAD, MAX_PEERS};
 /// overhead, rounded up. Drivers own one such buffer per worker.
 pub const SCRATCH_LEN: usize = 65536 + 64;
 
-/// Default tunnel MTU (1500 underlay minus IPv6 + UDP + WireGuard overhead: 40 + 8 + 32).
-/// The one home of this value: the config file's and the UAPI-only router's defaults are it.
+/// Default tunnel MTU, as `wg-quick` picks it: a 1500-byte underlay minus IPv6 + UDP +
+/// WireGuard data overhead (40 + 8 + 32). The one home of this value: the config file's
+/// default and the `wg`-only router's MTU refer to it.
 pub const DEFAULT_MTU: usize = 1420;
+const _: () = assert!(
+    DEFAULT_MTU <= u16::MAX as usize,
+    "an MTU fits the TUN's u16"
+);
 
 /// Handshake initiations the shared rate limiter lets through per second before it demands
 /// cookies (boringtun counts each initiation twice: our pre-check and the peer's own check).
@@ -157,9 +162,9 @@ impl Engine {
         Ok(send_now)
     }
 
-    /// The peers as `wg show` reports them, in slot order. `now` is the wall-clock time of
-    /// the engine's last tick's instant, near enough: a handshake's time is reported as `now`
-    /// minus its age in engine time.
+    /// The peers as `wg show` reports them, in slot order. `now` is the caller's wall clock:
+    /// the engine keeps a handshake's time as engine time and reports it as `now` minus the
+    /// handshake's age (so a wall clock stepped since then does not matter).
     pub fn peer_snapshots(&self, now: SystemTime) -> (Option<Key>, Vec<PeerSnapshot>) {
         let config = self.config.read();
         let now_ms = self.now_ms.load(Relaxed);
