@@ -54,6 +54,10 @@ const _: () = assert!(
     "an MTU fits the TUN's u16"
 );
 
+/// True in a build whose boringtun runs on the test clock (`boringtun-mock-clock`, see
+/// [`timers`]): such a build must not route, and the router refuses to start.
+pub const BORINGTUN_CLOCK_DRIVEN_BY_TESTS: bool = cfg!(feature = "boringtun-mock-clock");
+
 /// Handshake initiations the shared rate limiter lets through per second before it demands
 /// cookies (boringtun counts each initiation twice: our pre-check and the peer's own check).
 const HANDSHAKES_PER_SECOND: u64 = 2 * 100;

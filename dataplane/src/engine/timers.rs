@@ -11,22 +11,27 @@
 //!
 //! WireGuard's timer rules (REKEY_AFTER_TIME, REJECT_AFTER_TIME, REKEY_TIMEOUT,
 //! REKEY_ATTEMPT_TIME, KEEPALIVE_TIMEOUT) live inside boringtun's `Tunn`, which reads its own
-//! clock: boringtun 0.7.1 has no `*_at(now)` calls. The engine's own rules (persistent
+//! clock: boringtun 0.7.1 has no `*_at(now)` calls (it also reads the wall clock once per
+//! `Tunn`, to date handshake initiations, which no feature changes). The engine's own rules (persistent
 //! keepalive, the rate limiter's second, a handshake's age for `wg show`) run on engine
 //! time. boringtun's only way to drive its clock from outside is its `mock-instant` feature
 //! (a thread-local mock clock); this crate's `boringtun-mock-clock` feature turns it on and
 //! makes every entry point of the engine set that clock to engine time
-//! ([`set_boringtun_clock`]), so tests step boringtun's rules with the times they pass in.
+//! (`set_boringtun_clock`), so tests step boringtun's rules with the times they pass in.
 //! No manifest in the workspace enables that feature: a dev-dependency that did would be
-//! unified into the router binary under `cargo test --workspace`. Even so, a binary built
-//! with it keeps working, because engine time is then boringtun's time on every thread.
+//! unified into the router binary under `cargo test --workspace`. A binary must never have
+//! it: boringtun would then run on per-thread engine time, and `mock_instant` panics where a
+//! worker whose batch began before a tick sees an instant the tick already stored. The
+//! router refuses to start when built with it ([`BORINGTUN_CLOCK_DRIVEN_BY_TESTS`]).
+//!
+//! [`BORINGTUN_CLOCK_DRIVEN_BY_TESTS`]: super::BORINGTUN_CLOCK_DRIVEN_BY_TESTS
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
 use super::{send_counted, Engine, Transmit, SCRATCH_LEN};
-use std::sync::atomic::Ordering::Relaxed;
 
 /// How often boringtun's shared rate limiter forgets the handshakes it counted.
 const RATE_LIMITER_RESET_MS: u64 = 1000;
