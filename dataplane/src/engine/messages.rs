@@ -4,10 +4,12 @@
 //! datagram to the right peer before any cryptography runs.
 //!
 //! ```text
-//!  initiation   type(4) sender(4) ephemeral(32) static(32+16) timestamp(12+16) mac1(16) mac2(16) = 148
-//!  response     type(4) sender(4) receiver(4) ephemeral(32) empty(0+16) mac1(16) mac2(16)      =  92
-//!  cookie reply type(4) receiver(4) nonce(24) cookie(16+16)                                      =  64
-//!  data         type(4) receiver(4) counter(8) packet(n+16)                                      = 32 + n
+//!  initiation    type(4) sender(4) ephemeral(32) static(32+16) timestamp(12+16)
+//!                mac1(16) mac2(16)                                           = 148
+//!  response      type(4) sender(4) receiver(4) ephemeral(32) empty(0+16)
+//!                mac1(16) mac2(16)                                           =  92
+//!  cookie reply  type(4) receiver(4) nonce(24) cookie(16+16)                 =  64
+//!  data          type(4) receiver(4) counter(8) packet(n+16)                 =  32 + n
 //! ```
 //!
 //! The type is a little-endian u32 whose upper three bytes are reserved zero, so a datagram

@@ -8,7 +8,8 @@
 //!  ─► Tunn::decapsulate
 //!     ├─ handshake done  ─► roam, last handshake ─► response / queued packets / keepalive ─► send
 //!     ├─ keepalive, cookie ─► count (roam unless a cookie reply)
-//!     └─ data ─► roam ─► inner header intact? ─► inner source ∈ this peer's allowed IPs? ─► write_tun
+//!     └─ data ─► roam ─► inner header intact? ─► inner source ∈ this peer's allowed IPs?
+//!                ─► write_tun
 //! ```
 //!
 //! Functions in the order a datagram meets them: [`Batch::handle_datagram`] (the pipeline),

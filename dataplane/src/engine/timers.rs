@@ -12,9 +12,9 @@
 //! WireGuard's timer rules (REKEY_AFTER_TIME, REJECT_AFTER_TIME, REKEY_TIMEOUT,
 //! REKEY_ATTEMPT_TIME, KEEPALIVE_TIMEOUT) live inside boringtun's `Tunn`, which reads its own
 //! clock: boringtun 0.7.1 has no `*_at(now)` calls (it also reads the wall clock once per
-//! `Tunn`, to date handshake initiations, which no feature changes). The engine's own rules (persistent
-//! keepalive, the rate limiter's second, a handshake's age for `wg show`) run on engine
-//! time. boringtun's only way to drive its clock from outside is its `mock-instant` feature
+//! `Tunn`, to date handshake initiations, which no feature changes). The engine's own rules
+//! (persistent keepalive, the rate limiter's second, a handshake's age for `wg show`) run on
+//! engine time. boringtun's only way to drive its clock from outside is its `mock-instant` feature
 //! (a thread-local mock clock); this crate's `boringtun-mock-clock` feature turns it on and
 //! makes every entry point of the engine set that clock to engine time
 //! (`set_boringtun_clock`), so tests step boringtun's rules with the times they pass in.
