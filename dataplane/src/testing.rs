@@ -4,8 +4,10 @@
 //! own time), and two nodes wired back to back ([`pair`], [`pump`], [`established_pair`]).
 //!
 //! Compiled only for this crate's unit tests and with the `testing` feature, which the
-//! benches, the fuzz targets and this crate's integration tests enable; the router never
-//! calls it. Setup failures panic: they are bugs in the fixture or the test, not findings.
+//! benches, the fuzz targets and this crate's integration tests enable. A workspace-wide
+//! build unifies the feature into the library the router links (the fuzz targets are a
+//! member), which only adds this module: it changes nothing else and the router never calls
+//! it. Setup failures panic: they are bugs in the fixture or the test, not findings.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
