@@ -3,7 +3,7 @@
 //! (this very binary) with a generated key; the nodes share an underlay. The demo shows pods
 //! pinging across nodes (IPv4 and IPv6) and on the same node, a 5-second TCP transfer with
 //! its throughput, and each router's peers as `wg show` would, then removes everything — also
-//! on Ctrl-C. The cluster is built with the same harness the end-to-end tests use.
+//! on Ctrl-C. The cluster is the lab's (`tailsk8s-lab`), the one the end-to-end tests use.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,10 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use tailsk8s_dataplane::uapi::client;
-use tailsk8s_e2e::config_router::ConfigMesh;
-use tailsk8s_e2e::topology::TopologyBuilder;
-use tailsk8s_e2e::wg::MeshOptions;
-use tailsk8s_e2e::{ping, tools};
+use tailsk8s_lab::topology::Pod;
+use tailsk8s_lab::{ping, tools, wait, ConfigMesh, MeshOptions, TopologyBuilder};
 
 use crate::cli::DemoArgs;
 
@@ -31,6 +29,10 @@ macro_rules! say {
 
 /// Seconds of the throughput run.
 const TRANSFER_SECONDS: u32 = 5;
+/// iperf3's default port.
+const IPERF3_PORT: u16 = 5201;
+/// How long a freshly started iperf3 server gets to listen.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the demo; everything it created is gone when it returns.
 pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
@@ -129,29 +131,21 @@ fn socket_path(ifname: &str) -> PathBuf {
 }
 
 /// Runs iperf3 between two pods and returns the receiver's Gbit/s.
-fn transfer(
-    from: &tailsk8s_e2e::topology::Pod,
-    to: &tailsk8s_e2e::topology::Pod,
-) -> anyhow::Result<f64> {
-    let server = to
+fn transfer(from: &Pod, to: &Pod) -> anyhow::Result<f64> {
+    let mut server = to
         .netns()
         .spawn("iperf3", &["-s", "-1", "-B", &to.ipv4().to_string()])?;
+    wait::until("the iperf3 server listens", SERVER_TIMEOUT, || {
+        if let Some(status) = server.exited()? {
+            bail!("the iperf3 server exited ({status}):\n{}", server.log());
+        }
+        Ok(to.netns().tcp_listening(IPERF3_PORT)?.then_some(()))
+    })?;
     let target = to.ipv4().to_string();
     let seconds = TRANSFER_SECONDS.to_string();
-    let mut output = String::new();
-    for _ in 0..50 {
-        match from
-            .netns()
-            .output("iperf3", &["-c", &target, "-t", &seconds, "-f", "g"])
-        {
-            Ok(out) => {
-                output = out;
-                break;
-            }
-            // The server may not listen yet.
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
+    let output = from
+        .netns()
+        .output("iperf3", &["-c", &target, "-t", &seconds, "-f", "g"])?;
     drop(server);
     output
         .lines()

@@ -1,7 +1,9 @@
 //! tailsk8s control plane: the `tailsk8s` binary's logic, kept in a library so it can be
 //! tested. The command line ([`cli`]) reads the router's config file ([`config`]) and key
 //! files ([`key_file`]), installs the kernel routes to the TUN ([`routes`]), and hands the
-//! rest to the router runtime ([`router`]) or the demo ([`demo`]).
+//! rest to the router runtime ([`router`]) or the demo ([`demo`]). Invoked as `tailsk8s-wg`,
+//! the binary is instead the wireguard-go-compatible entry point `wg-quick` runs
+//! ([`userspace`]).
 
 pub mod cli;
 pub mod config;

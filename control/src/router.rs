@@ -1,8 +1,9 @@
 //! `tailsk8s router`: the node agent's main loop. It validates everything it was given before
-//! touching the host, then creates the device (TUN + listen sockets + engine threads), serves
-//! the UAPI socket that `wg` talks to, applies the config file (if any) and its kernel routes,
-//! and tears all of it down on SIGINT/SIGTERM, when the TUN is deleted, or when its UAPI
-//! socket file is deleted.
+//! touching the host, then binds the UAPI socket that `wg` talks to (first: a live one means
+//! another daemon owns the name), creates the device (TUN + listen sockets + engine threads),
+//! applies the config file (if any) and its kernel routes, serves the socket, and tears all
+//! of it down on SIGINT/SIGTERM, when the TUN is deleted, or when its UAPI socket file is
+//! deleted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

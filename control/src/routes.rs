@@ -10,8 +10,8 @@
 //!
 //! Why the rule excludes our fwmark: a peer's allowed IPs may cover its own endpoint (at the
 //! extreme, `0.0.0.0/0`); routing our encrypted UDP packets into our own TUN would loop. The
-//! router marks its UDP socket with the config's `fwmark` (default [`DEFAULT_FWMARK`]), and the
-//! rule is `not fwmark M/M lookup T`, so the router's own packets use the node's normal
+//! router marks its UDP sockets with the config's `fwmark` (default [`DEFAULT_FWMARK`]), and
+//! the rule is `not fwmark M/M lookup T`, so the router's own packets use the node's normal
 //! routing while everything else to the allowed IPs goes to the TUN (`wg-quick` does the
 //! same). With `fwmark = 0` nothing tells our packets apart: the rule applies to all traffic,
 //! and default routes (`/0`) are skipped with a warning so they cannot take the underlay away

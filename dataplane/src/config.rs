@@ -10,8 +10,8 @@ use ipnet::IpNet;
 
 use crate::key::Key;
 
-/// One change to the device, applied in this order: private key, listen port, fwmark,
-/// `replace_peers`, then each peer block in sequence.
+/// One change to the device. A running device applies it in this order: fwmark, listen port,
+/// private key, `replace_peers`, then each peer block in sequence (see [`crate::control`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceUpdate {
     /// `Some(None)` removes the private key (UAPI: all zeros).
@@ -91,8 +91,8 @@ pub struct PeerSnapshot {
     pub tx_bytes: u64,
     /// Seconds; 0 when disabled.
     pub persistent_keepalive: u16,
-    /// Normalised (host bits cleared) and sorted: IPv4 before IPv6, each ascending by
-    /// address and then by prefix length (not the order they were added).
+    /// Sorted (IPv4 before IPv6, then by address, then by prefix length: `IpNet`'s order),
+    /// normalised (host bits cleared).
     pub allowed_ips: Vec<IpNet>,
 }
 

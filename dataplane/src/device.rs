@@ -1,19 +1,20 @@
 //! A running device: the engine, the TUN (one queue per worker) and the listen sockets (one
 //! `SO_REUSEPORT` pair per worker), its threads (see [`crate::workers`]) and its lifecycle.
-//! The device also implements [`DeviceControl`] (UAPI get/set) because a set may rebind the
-//! listen sockets or change their fwmark.
+//! The device also implements [`DeviceControl`] (UAPI get/set, see [`crate::control`]) because
+//! a set may rebind the listen sockets or change their fwmark.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
 use crate::affinity::Placement;
-use crate::config::{DeviceControl, DeviceSnapshot, DeviceUpdate, ErrnoError, SetError};
+use crate::config::{DeviceControl, DeviceSnapshot, DeviceUpdate, SetError};
+use crate::control::{self, ListenSockets};
 use crate::engine::{new_scratch, Engine};
 use crate::outbox::Outbox;
 use crate::steering::WorkerAffinity;
@@ -134,49 +135,41 @@ impl Shared {
     }
 }
 
+impl ListenSockets for Shared {
+    fn port(&self) -> u16 {
+        self.sockets().port()
+    }
+
+    fn fwmark(&self) -> u32 {
+        self.fwmark.load(Relaxed)
+    }
+
+    fn set_fwmark(&self, fwmark: u32) -> io::Result<()> {
+        self.sockets().set_mark(fwmark)?;
+        self.fwmark.store(fwmark, Relaxed);
+        Ok(())
+    }
+
+    fn rebind(&self, port: u16) -> io::Result<()> {
+        let fresh = UdpSockets::bind(port, self.fwmark.load(Relaxed), self.workers)?;
+        *self.sockets.write() = Arc::new(fresh);
+        self.sockets_generation.fetch_add(1, Relaxed);
+        // After the swap, outside the sockets lock: a placement change racing with this one
+        // then sees the new sockets, and this applies the latest placement.
+        if let Some(placement) = &self.placement {
+            placement.sockets_replaced(&self.sockets());
+        }
+        Ok(())
+    }
+}
+
 impl DeviceControl for Shared {
     fn get(&self) -> DeviceSnapshot {
-        let (private_key, peers) = self.engine.peer_snapshots(SystemTime::now());
-        DeviceSnapshot {
-            private_key,
-            listen_port: self.sockets().port(),
-            fwmark: self.fwmark.load(Relaxed),
-            peers,
-        }
+        control::get(&self.engine, self)
     }
 
     fn set(&self, update: DeviceUpdate) -> Result<(), SetError> {
-        if let Some(fwmark) = update.fwmark {
-            self.sockets().set_mark(fwmark).map_err(|e| SetError::Io {
-                context: format!("setting fwmark {fwmark}"),
-                source: ErrnoError(e.raw_os_error().unwrap_or(libc::EIO)),
-            })?;
-            self.fwmark.store(fwmark, Relaxed);
-        }
-        if let Some(port) = update.listen_port {
-            if port == 0 || port != self.sockets().port() {
-                let fresh = UdpSockets::bind(port, self.fwmark.load(Relaxed), self.workers)
-                    .map_err(|e| {
-                        if e.kind() == io::ErrorKind::AddrInUse {
-                            SetError::AddressInUse(format!("UDP port {port}"))
-                        } else {
-                            SetError::Io {
-                                context: format!("binding UDP port {port}"),
-                                source: ErrnoError(e.raw_os_error().unwrap_or(libc::EIO)),
-                            }
-                        }
-                    })?;
-                *self.sockets.write() = Arc::new(fresh);
-                self.sockets_generation.fetch_add(1, Relaxed);
-                // After the swap, outside the sockets lock: a placement change racing with
-                // this one then sees the new sockets, and this applies the latest placement.
-                if let Some(placement) = &self.placement {
-                    placement.sockets_replaced(&self.sockets());
-                }
-            }
-        }
-        let send_now = self.engine.apply(&update)?;
-        if send_now {
+        if control::set(&self.engine, self, &update)? {
             let mut outbox = self.tun.outbox();
             let mut scratch = new_scratch();
             self.tick(&mut outbox, &mut scratch);

@@ -11,6 +11,7 @@
 pub mod affinity;
 pub mod allowed_ips;
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod engine;
 pub mod gro;

@@ -9,6 +9,16 @@ use std::path::Path;
 
 use crate::tools;
 
+/// Commands every namespace test needs, with the Debian package that provides each (so a
+/// skip message can say what to install).
+pub const BASE_COMMANDS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("wg", "wireguard-tools"),
+    ("wireguard-go", "wireguard-go"),
+    ("ping", "iputils-ping"),
+    ("sysctl", "procps"),
+];
+
 /// Set to `1` to turn every skip into a failure.
 pub const REQUIRE_NETNS_ENV: &str = "TAILSK8S_REQUIRE_NETNS";
 
@@ -44,7 +54,7 @@ pub fn missing_requirements(extra: &[(&str, &str)]) -> Vec<String> {
     if !Path::new("/dev/net/tun").exists() {
         missing.push("/dev/net/tun does not exist".to_string());
     }
-    for (command, package) in tools::BASE_COMMANDS.iter().chain(extra) {
+    for (command, package) in BASE_COMMANDS.iter().chain(extra) {
         if tools::find(command).is_none() {
             missing.push(format!(
                 "command `{command}` not found (Debian package {package})"

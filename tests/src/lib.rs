@@ -1,41 +1,53 @@
-//! End-to-end harness for tailsk8s: real topologies in network namespaces, driven by real
-//! tools.
+//! End-to-end tests of tailsk8s, on the clusters of the lab (`tailsk8s-lab`: namespaces,
+//! pod bridges, pods, config-file routers, ping, checksummed transfers), with what only the
+//! tests need.
 //!
 //! A test asks [`require_netns`] whether this machine can build namespaces (root,
-//! `/dev/net/tun`, the commands), builds a kubenet-style [`Topology`] (nodes with a pod
-//! bridge, an underlay between them), starts one WireGuard implementation per node with
-//! [`Mesh::start`] (the `tailsk8s` binary or wireguard-go, both driven over UAPI by the real
-//! `wg`), and checks reachability with [`ping`] and data integrity with [`tcp_transfer`].
+//! `/dev/net/tun`, the commands), builds a kubenet-style [`Topology`], starts one WireGuard
+//! implementation per node with [`Mesh::start`] (the `tailsk8s` binary or wireguard-go, both
+//! driven over UAPI by the real `wg`) or config-file routers with [`ConfigMesh::start`], and
+//! checks reachability with [`ping`] and data integrity with [`tcp_transfer`].
 //!
-//! Every namespace, process and file is owned by a guard that removes it on `Drop`, also when
-//! the test panics; names carry the process id so parallel tests and parallel runs by other
-//! users of the machine never collide.
-//!
-//! Module map, one concern each:
+//! The lab's modules are re-exported under their names (`tailsk8s_e2e::topology`, …), so a
+//! test sees one crate. Module map of what is the tests' own, one concern each:
 //! - [`gate`]: may this test run here (root, TUN, commands) or must it skip / fail.
-//! - [`tools`]: where the external commands are.
-//! - [`names`]: host-wide unique names and scratch files.
-//! - [`process`]: running commands, and the [`Daemon`] guard for long-running ones.
-//! - [`netns`]: the [`Netns`] guard and running things inside a namespace.
-//! - [`topology`]: nodes, pod bridges, pods and the underlay, with their addresses.
+//! - [`inherited_fds`]: waiting out sockets inherited by children of other test threads
+//!   (with the lab's process module: [`process`]).
 //! - [`wg`]: WireGuard devices ([`Impl`], [`WgDevice`], [`Mesh`]) configured with `wg`.
-//! - [`config_router`]: the router configured by its own config file ([`ConfigRouter`],
-//!   [`ConfigMesh`]), its process lifecycle, and the routes and rules it installs.
+//! - [`router_checks`]: the routes and rules a config-file router installs as the kernel
+//!   reports them, and its `wg show dump` (with the lab's router and mesh:
+//!   [`config_router`]).
 //! - [`dump`]: parsing `wg show IFNAME dump`.
-//! - [`traffic`]: ping and checksummed TCP transfers between namespaces.
+//! - [`threads`]: a process's threads as /proc shows them (CPU affinity, wake-ups).
 
-pub mod config_router;
 pub mod dump;
 pub mod gate;
-pub mod names;
-pub mod netns;
-pub mod process;
-pub mod tools;
-pub mod topology;
-pub mod traffic;
+pub mod inherited_fds;
+pub mod router_checks;
+pub mod threads;
 pub mod wg;
 
-pub use config_router::{ConfigFile, ConfigMesh, ConfigRouter, KeyPair};
+/// The lab's config-file router and mesh, with the tests' checks around them
+/// ([`router_checks`]).
+pub mod config_router {
+    pub use crate::router_checks::*;
+    pub use tailsk8s_lab::mesh::ConfigMesh;
+    pub use tailsk8s_lab::process::{run_to_exit, Exited};
+    pub use tailsk8s_lab::router::{
+        send_signal, socket_path, toml_string, uapi_get, wait_for_exit, wait_until_serving,
+        ConfigFile, ConfigRouter, KeyPair, PeerSpec, EXIT_TIMEOUT, READY_TIMEOUT, UAPI_DIR,
+    };
+}
+
+/// The lab's process module, and waiting out inherited sockets ([`inherited_fds`]).
+pub mod process {
+    pub use crate::inherited_fds::*;
+    pub use tailsk8s_lab::process::*;
+}
+
+pub use tailsk8s_lab::{names, netns, tools, topology, traffic, wait};
+
+pub use config_router::{ConfigFile, ConfigMesh, ConfigRouter, KeyPair, ShowDump};
 pub use dump::{DumpError, InterfaceDump, PeerDump, WgDump};
 pub use gate::{require_netns, REQUIRE_NETNS_ENV};
 pub use netns::Netns;

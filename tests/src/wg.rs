@@ -21,19 +21,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ipnet::IpNet;
 
-use crate::dump::WgDump;
-use crate::names;
-use crate::netns::Netns;
-use crate::process::{self, Daemon};
-use crate::tools;
-use crate::topology::Topology;
+pub use tailsk8s_lab::binary::{router_flags, tailsk8s_binary, ROUTER_FLAGS_ENV, TAILSK8S_BIN_ENV};
+pub use tailsk8s_lab::mesh::{EndpointFamily, MeshOptions};
+use tailsk8s_lab::names;
+use tailsk8s_lab::netns::Netns;
+use tailsk8s_lab::process::{self, Daemon};
+pub use tailsk8s_lab::router::{PeerSpec, READY_TIMEOUT, UAPI_DIR};
+use tailsk8s_lab::tools;
+use tailsk8s_lab::topology::Topology;
 
-/// Environment variable naming the `tailsk8s` binary to test.
-pub const TAILSK8S_BIN_ENV: &str = "TAILSK8S_BIN";
-/// Where UAPI sockets live (host-wide).
-pub const UAPI_DIR: &str = "/var/run/wireguard";
-/// How long a freshly started daemon gets to answer `wg show`.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::dump::WgDump;
 
 /// Which WireGuard implementation runs on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,78 +76,18 @@ impl Impl {
     }
 }
 
-/// The `tailsk8s` binary: `$TAILSK8S_BIN`, else `tailsk8s` in the cargo target directory
-/// this test binary was built into (`target/debug/deps/x` → `target/debug/tailsk8s`).
-pub fn tailsk8s_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(TAILSK8S_BIN_ENV) {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            anyhow::bail!("{TAILSK8S_BIN_ENV}={} does not exist", path.display());
-        }
-        return Ok(path);
+/// The arguments after `wg set IFNAME` that configure `peer`.
+fn wg_args(peer: &PeerSpec) -> Vec<String> {
+    let mut args = vec!["peer".to_string(), peer.public_key.clone()];
+    if let Some(endpoint) = peer.endpoint {
+        args.extend(["endpoint".to_string(), endpoint.to_string()]);
     }
-    let exe = std::env::current_exe().context("cannot find the test binary's path")?;
-    let path = binary_beside_test(&exe).ok_or_else(|| {
-        anyhow::anyhow!("cannot derive the target directory from {}", exe.display())
-    })?;
-    if !path.is_file() {
-        anyhow::bail!(
-            "tailsk8s binary not found at {}: run `cargo build --bins` first (or set {TAILSK8S_BIN_ENV})",
-            path.display()
-        );
+    if let Some(seconds) = peer.persistent_keepalive {
+        args.extend(["persistent-keepalive".to_string(), seconds.to_string()]);
     }
-    Ok(path)
-}
-
-/// Environment variable with extra `tailsk8s router` flags for every router the harness
-/// starts, e.g. `--no-offload`: the suite runs once with offloads and once without.
-pub const ROUTER_FLAGS_ENV: &str = "TAILSK8S_ROUTER_FLAGS";
-
-/// The flags from [`ROUTER_FLAGS_ENV`], split on white space.
-pub fn router_flags() -> Vec<String> {
-    std::env::var(ROUTER_FLAGS_ENV)
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
-}
-
-/// `…/target/<profile>/deps/<test>` → `…/target/<profile>/tailsk8s`; a binary that is not in
-/// a `deps` directory looks beside itself.
-fn binary_beside_test(exe: &Path) -> Option<PathBuf> {
-    let dir = exe.parent()?;
-    let dir = if dir.file_name()? == "deps" {
-        dir.parent()?
-    } else {
-        dir
-    };
-    Some(dir.join("tailsk8s"))
-}
-
-/// One peer as `wg set IFNAME peer …` configures it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerSpec {
-    /// Base64.
-    pub public_key: String,
-    pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: Vec<IpNet>,
-    pub persistent_keepalive: Option<u16>,
-}
-
-impl PeerSpec {
-    /// The arguments after `wg set IFNAME`.
-    fn wg_args(&self) -> Vec<String> {
-        let mut args = vec!["peer".to_string(), self.public_key.clone()];
-        if let Some(endpoint) = self.endpoint {
-            args.extend(["endpoint".to_string(), endpoint.to_string()]);
-        }
-        if let Some(seconds) = self.persistent_keepalive {
-            args.extend(["persistent-keepalive".to_string(), seconds.to_string()]);
-        }
-        let allowed: Vec<String> = self.allowed_ips.iter().map(IpNet::to_string).collect();
-        args.extend(["allowed-ips".to_string(), allowed.join(",")]);
-        args
-    }
+    let allowed: Vec<String> = peer.allowed_ips.iter().map(IpNet::to_string).collect();
+    args.extend(["allowed-ips".to_string(), allowed.join(",")]);
+    args
 }
 
 /// A running WireGuard daemon with its interface in a node namespace. Dropping it stops
@@ -272,7 +209,7 @@ impl<'a> WgDevice<'a> {
 
     /// Adds or updates one peer (its allowed IPs are replaced by `peer.allowed_ips`).
     pub fn set_peer(&self, peer: &PeerSpec) -> anyhow::Result<()> {
-        self.set(&peer.wg_args())
+        self.set(&wg_args(peer))
     }
 
     /// Sets the MTU and brings the interface up.
@@ -317,33 +254,6 @@ fn write_secret(path: &Path, key: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     writeln!(file, "{key}")?;
     Ok(())
-}
-
-/// Which underlay address family peers use as endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndpointFamily {
-    V4,
-    V6,
-}
-
-/// How [`Mesh::start_with`] configures the devices.
-#[derive(Debug, Clone)]
-pub struct MeshOptions {
-    pub listen_port: u16,
-    pub endpoints: EndpointFamily,
-    pub persistent_keepalive: Option<u16>,
-    pub mtu: u32,
-}
-
-impl Default for MeshOptions {
-    fn default() -> Self {
-        MeshOptions {
-            listen_port: 51820,
-            endpoints: EndpointFamily::V4,
-            persistent_keepalive: None,
-            mtu: 1420,
-        }
-    }
 }
 
 /// One WireGuard device per node, all peered with each other; stopped on drop.
@@ -431,18 +341,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn binary_is_found_beside_the_deps_directory() {
-        assert_eq!(
-            binary_beside_test(Path::new("/w/target/debug/deps/router-0123abcd")),
-            Some(PathBuf::from("/w/target/debug/tailsk8s"))
-        );
-        assert_eq!(
-            binary_beside_test(Path::new("/w/target/release/tailsk8s-e2e")),
-            Some(PathBuf::from("/w/target/release/tailsk8s"))
-        );
-    }
-
-    #[test]
     fn peer_spec_becomes_wg_set_arguments() {
         let peer = PeerSpec {
             public_key: "K".into(),
@@ -454,7 +352,7 @@ mod tests {
             persistent_keepalive: Some(25),
         };
         assert_eq!(
-            peer.wg_args(),
+            wg_args(&peer),
             [
                 "peer",
                 "K",
@@ -476,6 +374,6 @@ mod tests {
             allowed_ips: vec![],
             persistent_keepalive: None,
         };
-        assert_eq!(peer.wg_args(), ["peer", "K", "allowed-ips", ""]);
+        assert_eq!(wg_args(&peer), ["peer", "K", "allowed-ips", ""]);
     }
 }

@@ -24,7 +24,7 @@ use tailsk8s_e2e::gate::require_netns_with;
 use tailsk8s_e2e::wg::UAPI_DIR;
 use tailsk8s_e2e::{
     ping, require_netns, tailsk8s_binary, tcp_transfer, ConfigMesh, ConfigRouter, Impl, KeyPair,
-    MeshOptions, Netns, PeerSpec, Topology, TopologyBuilder, WgDevice,
+    MeshOptions, Netns, PeerSpec, ShowDump, Topology, TopologyBuilder, WgDevice,
 };
 
 /// How long a router that must refuse its config may take to do so.

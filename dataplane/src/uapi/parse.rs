@@ -735,6 +735,59 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_line_after_good_ones_is_refused_at_that_line() {
+        let p = hex(1);
+        let cases = [
+            (
+                "listen_port=4000\nno_such_key=1".to_string(),
+                2,
+                "no_such_key",
+            ),
+            (
+                format!("public_key={p}\nallowed_ip=198.19.3.0/24\nbogus=true"),
+                3,
+                "bogus",
+            ),
+            (
+                format!("private_key={}\nreplace_peers=true\nfwmark=nope", hex(2)),
+                3,
+                "fwmark",
+            ),
+            ("listen_port=70000".to_string(), 1, "listen_port"),
+            ("public_key=not-a-key".to_string(), 1, "public_key"),
+            (
+                format!("public_key={p}\nreplace_allowed_ips=true\nallowed_ip=198.19.9.0/33"),
+                3,
+                "allowed_ip",
+            ),
+            (
+                format!("public_key={p}\nendpoint=198.18.0.2"),
+                2,
+                "endpoint",
+            ),
+            (
+                format!("public_key={p}\npersistent_keepalive_interval=-1"),
+                2,
+                "persistent_keepalive_interval",
+            ),
+            ("replace_peers=yes".to_string(), 1, "replace_peers"),
+            ("allowed_ip=198.19.2.0/24".to_string(), 1, "allowed_ip"),
+        ];
+        for (body, line, key) in cases {
+            let e = err(&body);
+            let named = match &e {
+                ParseError::UnknownKey { key, .. } => key.as_str(),
+                ParseError::BadValue { key, .. } | ParseError::PeerKeyOutsidePeer { key, .. } => {
+                    key
+                }
+                other => panic!("{body:?}: {other:?}"),
+            };
+            assert_eq!((e.line(), named), (line, key), "{body:?}: {e}");
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+    }
+
+    #[test]
     fn errors_never_echo_values() {
         let secret = "ab".repeat(31) + "zz";
         let msg = err(&format!("private_key={secret}")).to_string();

@@ -32,7 +32,8 @@ use crate::uapi::parse::{SetParser, MAX_LINE_LEN};
 /// Where `wg` looks for userspace interfaces (shared by every network namespace on a host).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/wireguard";
 
-/// Concurrent connections served; more are closed at once. `wg` uses two per command.
+/// Concurrent connections served; a connection over the cap waits up to [`SLOT_WAIT`] for a
+/// slot, then is closed. `wg` uses two per command.
 const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// A connection that sends nothing for this long is closed, so a stuck client cannot pin a
 /// thread forever.

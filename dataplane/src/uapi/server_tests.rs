@@ -1,16 +1,20 @@
 //! Tests of the UAPI socket over real UNIX sockets in temporary directories, against the
-//! in-memory [`MemoryDevice`]; and, when `wg` is installed and we are root, against the real
-//! `wg` in `/var/run/wireguard`.
+//! device's own get/set on the real engine and real listen sockets ([`SocketDevice`]); and,
+//! when `wg` is installed and we are root, driven by the real `wg` in `/var/run/wireguard`.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, UdpSocket};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
+use ipnet::IpNet;
+
 use super::*;
-use crate::config::{DeviceSnapshot, PeerSnapshot};
+use crate::config::{DeviceSnapshot, DeviceUpdate, PeerSnapshot, SetError};
+use crate::control::SocketDevice;
 use crate::key::Key;
-use crate::uapi::test_device::{MemoryDevice, BUSY_PORT};
 
 static DIR_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -34,16 +38,22 @@ impl Drop for TempDir {
 }
 
 /// A running server; stops it and waits for it on drop.
-struct Running {
-    device: Arc<MemoryDevice>,
+struct Running<D: DeviceControl + 'static = SocketDevice> {
+    device: Arc<D>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<ServeExit>>,
     path: PathBuf,
 }
 
 impl Running {
+    /// Serves a fresh [`SocketDevice`].
     fn start(server: UapiServer) -> Running {
-        let device = Arc::new(MemoryDevice::default());
+        Running::start_with(server, Arc::new(SocketDevice::new()))
+    }
+}
+
+impl<D: DeviceControl + 'static> Running<D> {
+    fn start_with(server: UapiServer, device: Arc<D>) -> Running<D> {
         let stop = Arc::new(AtomicBool::new(false));
         let path = server.path().to_path_buf();
         let handle = server.serve(device.clone(), stop.clone()).unwrap();
@@ -67,7 +77,7 @@ impl Running {
     }
 }
 
-impl Drop for Running {
+impl<D: DeviceControl + 'static> Drop for Running<D> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
@@ -97,6 +107,12 @@ fn read_reply(stream: &mut UnixStream) -> String {
     String::from_utf8(reply).unwrap()
 }
 
+/// Asserts that a get on `stream` is answered with success.
+fn assert_served(stream: &mut UnixStream) {
+    let reply = op(stream, "get=1\n\n");
+    assert!(reply.ends_with("\nerrno=0\n\n"), "{reply:?}");
+}
+
 /// True when the server closed the connection (reads EOF).
 fn closed(stream: &mut UnixStream) -> bool {
     let mut buf = [0u8; 16];
@@ -107,43 +123,83 @@ fn key(byte: u8) -> Key {
     Key([byte; 32])
 }
 
+/// A UDP port nobody held a moment ago (the caller binds it again at once).
+fn free_port() -> u16 {
+    held_port().0
+}
+
+/// A UDP port (IPv4, all addresses), and the socket holding it.
+fn held_port() -> (u16, UdpSocket) {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+    (socket.local_addr().unwrap().port(), socket)
+}
+
 #[test]
 fn several_operations_on_one_connection() {
     let dir = TempDir::new();
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
     let mut c = r.connect();
-    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
+    let random_port = r.device.get().listen_port;
+    assert_eq!(
+        op(&mut c, "get=1\n\n"),
+        format!("listen_port={random_port}\nerrno=0\n\n")
+    );
+    let (port, next_port) = (free_port(), free_port());
     let set = format!(
-        "set=1\nprivate_key={}\nlisten_port=51820\npublic_key={}\nallowed_ip=198.19.1.0/24\n\n",
+        "set=1\nprivate_key={}\nlisten_port={port}\npublic_key={}\nallowed_ip=198.19.1.0/24\n\n",
         key(0x11).to_hex(),
         key(2).to_hex()
     );
     assert_eq!(op(&mut c, &set), "errno=0\n\n");
     let got = op(&mut c, "get=1\n\n");
     let mut want = String::new();
-    format_get(&r.device.snapshot(), &mut want);
+    format_get(&r.device.get(), &mut want);
     assert_eq!(got, want);
-    assert!(got.contains("listen_port=51820\n"));
-    assert!(got.contains("allowed_ip=198.19.1.0/24\n"));
-    assert_eq!(op(&mut c, "set=1\nlisten_port=51821\n\n"), "errno=0\n\n");
-    assert_eq!(r.device.snapshot().listen_port, 51821);
-    assert_eq!(r.device.updates.lock().unwrap().len(), 2);
+    assert!(got.contains(&format!("listen_port={port}\n")), "{got}");
+    assert_eq!(got.matches("public_key=").count(), 1, "{got}");
+    assert!(
+        got.contains(&format!("public_key={}\n", key(2).to_hex())),
+        "{got}"
+    );
+    assert_eq!(got.matches("allowed_ip=").count(), 1, "{got}");
+    assert!(got.contains("allowed_ip=198.19.1.0/24\n"), "{got}");
+    // A second get on the same connection reads the same.
+    assert_eq!(op(&mut c, "get=1\n\n"), got);
+    // And a second set on the same connection still works.
+    assert_eq!(
+        op(&mut c, &format!("set=1\nlisten_port={next_port}\n\n")),
+        "errno=0\n\n"
+    );
+    assert_eq!(r.device.get().listen_port, next_port);
+    assert!(op(&mut c, "get=1\n\n").contains(&format!("listen_port={next_port}\n")));
     assert_eq!(r.finish(), ServeExit::Stopped);
 }
 
 #[test]
-fn empty_probe_connection_is_harmless() {
+fn empty_partial_and_idle_connections_are_harmless() {
     let dir = TempDir::new();
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
-    for _ in 0..3 {
+    let before = r.device.get();
+    // What `wg` does before every command, far more often than the connection cap (64).
+    for _ in 0..500 {
         drop(r.connect());
     }
     let mut c = r.connect();
     c.shutdown(Shutdown::Write).unwrap();
     assert!(closed(&mut c));
+    // Half an operation, then gone (a set ended by EOF is applied, so none here).
+    for partial in ["get=1\n", "get=", "set="] {
+        let mut c = r.connect();
+        c.write_all(partial.as_bytes()).unwrap();
+    }
+    // Connections that stay open and silent do not block others.
+    let idle: Vec<UnixStream> = (0..20).map(|_| r.connect()).collect();
     let mut c = r.connect();
-    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
-    assert!(r.device.updates.lock().unwrap().is_empty());
+    let mut want = String::new();
+    format_get(&before, &mut want);
+    assert_eq!(op(&mut c, "get=1\n\n"), want);
+    assert_eq!(r.device.get(), before);
+    drop(idle);
 }
 
 #[test]
@@ -151,13 +207,14 @@ fn eof_terminates_a_set() {
     let dir = TempDir::new();
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
     // With the last line's newline and without it.
-    for (request, port) in [("set=1\nlisten_port=7\n", 7), ("set=1\nlisten_port=8", 8)] {
+    for (newline, port) in [("\n", free_port()), ("", free_port())] {
+        let request = format!("set=1\nlisten_port={port}{newline}");
         let mut c = r.connect();
         c.write_all(request.as_bytes()).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         assert_eq!(read_reply(&mut c), "errno=0\n\n");
         assert!(closed(&mut c));
-        assert_eq!(r.device.snapshot().listen_port, port);
+        assert_eq!(r.device.get().listen_port, port);
     }
 }
 
@@ -166,35 +223,80 @@ fn malformed_set_changes_nothing_and_keeps_the_connection() {
     let dir = TempDir::new();
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
     let mut c = r.connect();
+    let before = r.device.get();
+    let port = free_port();
     let bad = format!(
-        "set=1\nlisten_port=9\npublic_key={}\nallowed_ip=198.19.1.0/24\nbogus=1\nallowed_ip=198.19.2.0/24\n\n",
+        "set=1\nlisten_port={port}\npublic_key={}\nallowed_ip=198.19.1.0/24\nbogus=1\nallowed_ip=198.19.2.0/24\n\n",
         key(2).to_hex()
     );
     assert_eq!(op(&mut c, &bad), format!("errno=-{}\n\n", libc::EINVAL));
-    assert_eq!(r.device.snapshot(), DeviceSnapshot::default());
-    assert!(r.device.updates.lock().unwrap().is_empty());
+    assert_eq!(r.device.get(), before);
     // A line far over the limit is discarded, not buffered, and also refused.
-    let long = format!("set=1\nlisten_port=9\nfwmark={}\n\n", "1".repeat(1 << 20));
+    let long = format!(
+        "set=1\nlisten_port={port}\nfwmark={}\n\n",
+        "1".repeat(1 << 20)
+    );
     assert_eq!(op(&mut c, &long), format!("errno=-{}\n\n", libc::EINVAL));
-    assert!(r.device.updates.lock().unwrap().is_empty());
+    assert_eq!(r.device.get(), before);
     // The stream stayed in step: the next operation works.
-    assert_eq!(op(&mut c, "set=1\nlisten_port=9\n\n"), "errno=0\n\n");
-    assert_eq!(r.device.snapshot().listen_port, 9);
+    assert_eq!(
+        op(&mut c, &format!("set=1\nlisten_port={port}\n\n")),
+        "errno=0\n\n"
+    );
+    assert_eq!(r.device.get().listen_port, port);
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_einval_and_change_nothing() {
+    let dir = TempDir::new();
+    let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let p1 = Key::generate_private().public_key().to_hex();
+    let p2 = Key::generate_private().public_key().to_hex();
+    let set = format!(
+        "set=1\nprivate_key={}\npublic_key={p1}\nallowed_ip=198.19.2.0/24\n\n",
+        Key::generate_private().to_hex()
+    );
+    assert_eq!(op(&mut r.connect(), &set), "errno=0\n\n");
+    let before = r.device.get();
+    let new_private = Key::generate_private().to_hex();
+    // Each request has valid lines before the bad one: a set is applied whole or not at all
+    // (a documented choice), so none of them may leave a trace.
+    let requests = [
+        "set=1\nlisten_port=4000\nno_such_key=1\n\n".to_string(),
+        format!("set=1\npublic_key={p2}\nallowed_ip=198.19.3.0/24\nbogus=true\n\n"),
+        format!("set=1\nprivate_key={new_private}\nreplace_peers=true\nfwmark=nope\n\n"),
+        "set=1\nlisten_port=70000\n\n".to_string(),
+        "set=1\npublic_key=not-a-key\n\n".to_string(),
+        format!("set=1\npublic_key={p1}\nreplace_allowed_ips=true\nallowed_ip=198.19.9.0/33\n\n"),
+        format!("set=1\npublic_key={p1}\nendpoint=198.18.0.2\n\n"),
+        format!("set=1\npublic_key={p1}\npersistent_keepalive_interval=-1\n\n"),
+        "set=1\nreplace_peers=yes\n\n".to_string(),
+        "set=1\nallowed_ip=198.19.2.0/24\n\n".to_string(),
+    ];
+    for request in &requests {
+        let reply = op(&mut r.connect(), request);
+        assert_eq!(reply, format!("errno=-{}\n\n", libc::EINVAL), "{request:?}");
+        assert_eq!(r.device.get(), before, "{request:?} changed the device");
+    }
 }
 
 #[test]
 fn device_errors_are_negative_errnos() {
     let dir = TempDir::new();
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let (taken, _blocker) = held_port();
+    let before = r.device.get();
     let mut c = r.connect();
-    let reply = op(&mut c, &format!("set=1\nlisten_port={BUSY_PORT}\n\n"));
+    let reply = op(&mut c, &format!("set=1\nlisten_port={taken}\n\n"));
     assert_eq!(reply, format!("errno=-{}\n\n", libc::EADDRINUSE));
+    assert_eq!(r.device.get(), before);
 }
 
 #[test]
 fn unknown_operation_closes_the_connection() {
     let dir = TempDir::new();
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let before = r.device.get();
     for request in ["bogus=1\n\n", "get=2\n\n", "\n", "GET=1\n\n"] {
         let mut c = r.connect();
         c.write_all(request.as_bytes()).unwrap();
@@ -204,6 +306,10 @@ fn unknown_operation_closes_the_connection() {
     c.write_all(format!("{}\n", "x".repeat(MAX_LINE_LEN * 2)).as_bytes())
         .unwrap();
     assert!(closed(&mut c));
+    // Other connections are served as before.
+    let mut want = String::new();
+    format_get(&before, &mut want);
+    assert_eq!(op(&mut r.connect(), "get=1\n\n"), want);
 }
 
 #[test]
@@ -218,24 +324,45 @@ fn get_with_trailing_data_is_refused() {
     assert!(closed(&mut c));
 }
 
+/// 31,256 prefixes of every length class: IPv4 /32 and /24, IPv6 /128 and /64.
+fn many_prefixes() -> BTreeSet<IpNet> {
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    let v6_base = u128::from("fd00:1::".parse::<Ipv6Addr>().unwrap());
+    (0..20_000u32)
+        .map(|i| IpNet::new(IpAddr::V4(Ipv4Addr::from(base + i)), 32).unwrap())
+        .chain(
+            (0..=255u8).map(|i| IpNet::new(IpAddr::V4(Ipv4Addr::new(198, 19, i, 0)), 24).unwrap()),
+        )
+        .chain(
+            (0..10_000u128)
+                .map(|i| IpNet::new(IpAddr::V6(Ipv6Addr::from(v6_base + i)), 128).unwrap()),
+        )
+        .chain((0..1_000u16).map(|i| {
+            IpNet::new(
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0x19, i, 0, 0, 0, 0, 0)),
+                64,
+            )
+            .unwrap()
+        }))
+        .collect()
+}
+
 #[test]
 fn big_config_round_trips_over_the_socket() {
     let dir = TempDir::new();
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
+    let ips = many_prefixes();
+    assert!(ips.len() > 31_000);
     let mut set = format!(
         "set=1\nreplace_peers=true\npublic_key={}\n",
         key(1).to_hex()
     );
-    for i in 0..30_000u32 {
-        set.push_str(&format!(
-            "allowed_ip=fd00:{:x}:{:x}::/48\n",
-            i >> 16,
-            i & 0xffff
-        ));
+    for ip in &ips {
+        set.push_str(&format!("allowed_ip={ip}\n"));
     }
     for p in 2..=40u8 {
         set.push_str(&format!(
-            "public_key={}\nallowed_ip=198.19.{p}.0/24\n",
+            "public_key={}\nallowed_ip=fd00:40:{p:x}::/64\n",
             key(p).to_hex()
         ));
     }
@@ -244,9 +371,22 @@ fn big_config_round_trips_over_the_socket() {
     assert_eq!(op(&mut c, &set), "errno=0\n\n");
     let got = op(&mut c, "get=1\n\n");
     assert_eq!(got.matches("public_key=").count(), 40);
-    assert_eq!(got.matches("allowed_ip=").count(), 30_000 + 39);
-    assert!(got.contains("allowed_ip=fd00:0:752f::/48\n"));
-    assert!(got.ends_with("allowed_ip=198.19.40.0/24\nerrno=0\n\n"));
+    // The first peer's prefixes, exactly: none lost, none added.
+    let first_peer = got
+        .split("public_key=")
+        .find(|block| block.starts_with(&key(1).to_hex()))
+        .expect("the first peer");
+    let back: BTreeSet<IpNet> = first_peer
+        .lines()
+        .filter_map(|line| line.strip_prefix("allowed_ip="))
+        .map(|net| net.parse().unwrap())
+        .collect();
+    assert_eq!(back.len(), ips.len(), "allowed IPs lost or added");
+    assert!(
+        back == ips,
+        "the allowed IPs read back differ from those set"
+    );
+    assert_eq!(got.matches("allowed_ip=").count(), ips.len() + 39);
 }
 
 #[test]
@@ -287,7 +427,7 @@ fn stale_socket_is_replaced() {
     );
     let r = Running::start(UapiServer::bind_in(&dir.0, "tsk0").unwrap());
     let mut c = r.connect();
-    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
+    assert_served(&mut c);
 }
 
 #[test]
@@ -304,7 +444,7 @@ fn live_socket_is_refused() {
     assert!(msg.contains("another process"), "{msg}");
     // The first server is untouched by the refused attempt (and its probe connection).
     let mut c = r.connect();
-    assert_eq!(op(&mut c, "get=1\n\n"), "errno=0\n\n");
+    assert_served(&mut c);
 }
 
 #[test]
@@ -394,7 +534,8 @@ fn stop_is_prompt_with_open_connections_and_removes_the_socket() {
     let mut busy = r.connect();
     busy.write_all(b"set=1\nlisten_port=5\n").unwrap(); // a set left unfinished
     let _idle = r.connect();
-    thread::sleep(Duration::from_millis(200));
+    // Connections are accepted in order: once a third is answered, both are being served.
+    assert_served(&mut r.connect());
     let path = r.path.clone();
     let start = Instant::now();
     assert_eq!(r.finish(), ServeExit::Stopped);
@@ -428,7 +569,7 @@ fn one_slot_taken() -> (TempDir, Running, UnixStream) {
         .with_max_connections(1);
     let r = Running::start(server);
     let mut first = r.connect();
-    assert_eq!(op(&mut first, "get=1\n\n"), "errno=0\n\n");
+    assert_served(&mut first);
     (dir, r, first)
 }
 
@@ -462,7 +603,7 @@ fn a_connection_over_the_cap_waits_briefly_for_a_slot() {
         drop(first);
     });
     let mut second = r.connect();
-    assert_eq!(op(&mut second, "get=1\n\n"), "errno=0\n\n");
+    assert_served(&mut second);
     leaving.join().unwrap();
 }
 
@@ -538,6 +679,31 @@ fn peer_of<'a>(state: &'a DeviceSnapshot, public_key: &Key) -> &'a PeerSnapshot 
         .unwrap_or_else(|| panic!("peer {public_key:?} missing"))
 }
 
+/// The real device, showing one peer with a handshake time and counters as if traffic had
+/// flowed (this test sends nothing): what `wg show` makes of them is under test.
+struct AfterTraffic {
+    device: SocketDevice,
+    traffic: Mutex<Option<(Key, SystemTime, u64, u64)>>,
+}
+
+impl DeviceControl for AfterTraffic {
+    fn get(&self) -> DeviceSnapshot {
+        let mut state = self.device.get();
+        if let Some((key, at, rx, tx)) = *self.traffic.lock().unwrap() {
+            if let Some(peer) = state.peers.iter_mut().find(|p| p.public_key == key) {
+                peer.last_handshake = Some(at);
+                peer.rx_bytes = rx;
+                peer.tx_bytes = tx;
+            }
+        }
+        state
+    }
+
+    fn set(&self, update: DeviceUpdate) -> Result<(), SetError> {
+        self.device.set(update)
+    }
+}
+
 #[test]
 fn real_wg_drives_the_server() {
     if !wg_usable() {
@@ -545,7 +711,12 @@ fn real_wg_drives_the_server() {
     }
     let name = format!("tsku{}", std::process::id());
     let files = TempDir::new();
-    let r = Running::start(UapiServer::bind(&name).unwrap());
+    let device = Arc::new(AfterTraffic {
+        device: SocketDevice::new(),
+        traffic: Mutex::new(None),
+    });
+    let r = Running::start_with(UapiServer::bind(&name).unwrap(), device);
+    let (port, next_port) = (free_port(), free_port());
     let private = Key::generate_private();
     // An unclamped spelling of the private key: `wg` must read back the clamped one.
     let mut unclamped = private;
@@ -567,7 +738,7 @@ fn real_wg_drives_the_server() {
         "private-key",
         key_file.to_str().unwrap(),
         "listen-port",
-        "51820",
+        &port.to_string(),
         "fwmark",
         "0x20",
         "peer",
@@ -581,9 +752,9 @@ fn real_wg_drives_the_server() {
         "allowed-ips",
         "198.19.1.0/24,fd00:1::/64",
     ]);
-    let state = r.device.snapshot();
+    let state = r.device.get();
     assert_eq!(state.private_key, Some(private));
-    assert_eq!(state.listen_port, 51820);
+    assert_eq!(state.listen_port, port);
     assert_eq!(state.fwmark, 0x20);
     let p = peer_of(&state, &peers[0]);
     assert_eq!(p.preshared_key, Some(psk));
@@ -603,7 +774,7 @@ fn real_wg_drives_the_server() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    r.device.set_handshake(0, handshake, 1372, 1428);
+    *r.device.traffic.lock().unwrap() = Some((peers[0], handshake, 1372, 1428));
     let dump = wg_ok(&["show", &name, "dump"]);
     let mut lines = dump.lines();
     let device: Vec<&str> = lines.next().unwrap().split('\t').collect();
@@ -612,7 +783,7 @@ fn real_wg_drives_the_server() {
         vec![
             private.to_base64(),
             private.public_key().to_base64(),
-            "51820".into(),
+            port.to_string(),
             "0x20".into()
         ]
     );
@@ -640,52 +811,59 @@ fn real_wg_drives_the_server() {
         conf.contains(&format!("PrivateKey = {}", private.to_base64())),
         "{conf}"
     );
-    assert!(conf.contains("ListenPort = 51820"), "{conf}");
+    assert!(conf.contains(&format!("ListenPort = {port}")), "{conf}");
     assert!(conf.contains("FwMark = 0x20"), "{conf}");
     assert!(
         conf.contains("AllowedIPs = 198.19.1.0/24, fd00:1::/64"),
         "{conf}"
     );
 
-    // wg setconf: 40 peers, one with 30,000 prefixes; replaces peers[0].
+    // wg setconf: 40 peers, one with 31,256 prefixes of every length class; replaces
+    // peers[0].
+    let many = many_prefixes();
     let mut setconf = format!(
-        "[Interface]\nPrivateKey = {}\nListenPort = 51821\n",
+        "[Interface]\nPrivateKey = {}\nListenPort = {next_port}\n",
         private.to_base64()
     );
     setconf.push_str(&format!(
         "[Peer]\nPublicKey = {}\nEndpoint = [fd00::3]:51822\n",
         peers[1].to_base64()
     ));
-    for chunk in 0..300u32 {
-        let list: Vec<String> = (0..100u32)
-            .map(|i| {
-                let n = chunk * 100 + i;
-                format!("fd00:{:x}:{:x}::/48", n >> 16, n & 0xffff)
-            })
-            .collect();
-        setconf.push_str(&format!("AllowedIPs = {}\n", list.join(", ")));
+    let list: Vec<String> = many.iter().map(IpNet::to_string).collect();
+    for chunk in list.chunks(100) {
+        setconf.push_str(&format!("AllowedIPs = {}\n", chunk.join(", ")));
     }
     for (i, p) in peers[2..40].iter().enumerate() {
         setconf.push_str(&format!(
-            "[Peer]\nPublicKey = {}\nAllowedIPs = 198.19.{}.0/24\n",
+            "[Peer]\nPublicKey = {}\nAllowedIPs = fd00:40:{i:x}::/64\n",
             p.to_base64(),
-            i + 10
         ));
     }
     let conf_file = files.0.join("setconf.conf");
     fs::write(&conf_file, &setconf).unwrap();
     wg_ok(&["setconf", &name, conf_file.to_str().unwrap()]);
-    let state = r.device.snapshot();
-    assert_eq!(state.listen_port, 51821);
+    let state = r.device.get();
+    assert_eq!(state.listen_port, next_port);
     assert_eq!(state.fwmark, 0, "setconf sends fwmark=0");
     assert_eq!(state.peers.len(), 39);
     assert!(state.peers.iter().all(|p| p.public_key != peers[0]));
-    assert_eq!(peer_of(&state, &peers[1]).allowed_ips.len(), 30_000);
+    assert_eq!(peer_of(&state, &peers[1]).allowed_ips.len(), many.len());
     let shown = wg_ok(&["showconf", &name]);
-    assert_eq!(
-        shown.matches("/48").count(),
-        30_000,
-        "wg read back everything"
+    // The big peer's section of what `wg` read back, exactly: none lost, none added.
+    let section = shown
+        .split("[Peer]")
+        .find(|s| s.contains(&format!("PublicKey = {}", peers[1].to_base64())))
+        .expect("the big peer in showconf");
+    let read_back: BTreeSet<IpNet> = section
+        .lines()
+        .filter_map(|line| line.strip_prefix("AllowedIPs = "))
+        .flat_map(|list| list.split(", "))
+        .map(|net| net.parse().unwrap())
+        .collect();
+    assert_eq!(read_back.len(), many.len(), "wg read back everything");
+    assert!(
+        read_back == many,
+        "wg read back other prefixes than were set"
     );
     assert!(
         shown.contains("Endpoint = [fd00::3]:51822"),
@@ -703,11 +881,11 @@ fn real_wg_drives_the_server() {
     )
     .unwrap();
     wg_ok(&["addconf", &name, add_file.to_str().unwrap()]);
-    assert_eq!(r.device.snapshot().peers.len(), 40);
+    assert_eq!(r.device.get().peers.len(), 40);
 
     // wg syncconf: a get, then a diff, back to the setconf file.
     wg_ok(&["syncconf", &name, conf_file.to_str().unwrap()]);
-    let state = r.device.snapshot();
+    let state = r.device.get();
     assert_eq!(state.peers.len(), 39);
     assert!(state.peers.iter().all(|p| p.public_key != peers[40]));
 
@@ -721,18 +899,19 @@ fn real_wg_drives_the_server() {
         "allowed-ips",
         "",
     ]);
-    let state = r.device.snapshot();
+    let state = r.device.get();
     assert_eq!(state.peers.len(), 38);
     assert!(peer_of(&state, &peers[3]).allowed_ips.is_empty());
 
     // An error from the device reaches the user as the errno's text.
-    let (ok, _, stderr) = wg(&["set", &name, "listen-port", &BUSY_PORT.to_string()]);
+    let (taken, _blocker) = held_port();
+    let (ok, _, stderr) = wg(&["set", &name, "listen-port", &taken.to_string()]);
     assert!(!ok);
     assert!(stderr.contains("Address already in use"), "{stderr}");
 
     // private-key /dev/null removes the key.
     wg_ok(&["set", &name, "private-key", "/dev/null"]);
-    assert_eq!(r.device.snapshot().private_key, None);
+    assert_eq!(r.device.get().private_key, None);
     let dump = wg_ok(&["show", &name, "dump"]);
     assert!(dump.starts_with("(none)\t(none)\t"), "{dump}");
 

@@ -1,47 +1,40 @@
-//! The router in config-file mode (`tailsk8s router --config FILE`), and what the end-to-end
-//! tests need around its process: signals, waiting for it to serve or to exit, one-shot runs
-//! that must fail, and reading back the routes and rules it installs.
+//! One `tailsk8s router --config FILE` on a node: its config file, its key, its process.
 //!
 //! [`ConfigFile`] renders the router's TOML (see control/src/config.rs for the keys).
 //! [`ConfigRouter`] is the guard for one router: it owns a fresh interface name and a private
 //! directory (mode 0700) holding `router.toml` and `private.key`, starts the binary in a node
 //! namespace, and on drop stops it and removes its socket and directory. It can be killed
-//! and restarted with the same files, as a node agent is. [`ConfigMesh`] starts one per node
-//! of a [`Topology`], each listing every other node as a peer — no `wg` call configures them.
+//! and restarted with the same files, as a node agent is. Around the process: signals, and
+//! waiting for it to serve or to exit.
 //!
-//! The harness depends on no project crate, so keys come from the binary under test
+//! The lab depends on no project crate, so keys come from the `tailsk8s` binary itself
 //! (`tailsk8s genkey` / `tailsk8s pubkey`) or from the caller ([`KeyPair::new`]). Readiness is
 //! checked with a UAPI `get` on the socket, without `wg`, so callers such as the demo need no
-//! wireguard-tools. The routing constants mirror control/src/routes.rs: the tests read them
-//! back from the kernel, which is the point — they are the contract, not a copy of the code.
+//! wireguard-tools.
 
 use std::ffi::OsString;
 use std::fmt::{self, Write as _};
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ipnet::IpNet;
 
-use crate::dump::WgDump;
+use crate::binary::{router_flags, tailsk8s_binary};
 use crate::names;
 use crate::netns::Netns;
-use crate::process::{self, Daemon};
-use crate::topology::Topology;
-use crate::wg::{tailsk8s_binary, EndpointFamily, MeshOptions, PeerSpec, READY_TIMEOUT, UAPI_DIR};
+use crate::process::{self, Daemon, Exited};
 
-/// The routing table the router puts the peers' allowed IPs in.
-pub const ROUTE_TABLE: u32 = 5200;
-/// tailscaled's first `ip rule` priority: the router's rule must come before it.
-pub const TAILSCALE_RULE_PRIORITY: u32 = 5210;
-/// The fwmark the router's own UDP socket carries by default; its rule skips that mark.
-pub const DEFAULT_FWMARK: u32 = 0x1000_0000;
+/// Where UAPI sockets live (host-wide, shared by every namespace).
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+/// How long a freshly started router gets to answer on its UAPI socket.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a router gets to exit after it was told to (signal, TUN or socket deleted).
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one UAPI request may take before it counts as "not serving yet".
@@ -106,6 +99,19 @@ impl KeyPair {
         writeln!(file, "{}", self.private)
             .with_context(|| format!("cannot write {}", path.display()))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+/// One peer, as a config file's `[[peer]]` table (or `wg set IFNAME peer …`) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// Base64.
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -201,12 +207,6 @@ pub fn toml_string(s: &str) -> String {
     }
     out.push('"');
     out
-}
-
-/// The 1-based line of the first occurrence of `needle` in `text`.
-pub fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.find(needle)
-        .map(|offset| text[..offset].matches('\n').count() + 1)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,63 +310,6 @@ pub fn wait_until_serving(daemon: &mut Daemon, ifname: &str) -> anyhow::Result<(
     }
 }
 
-/// How a one-shot run ended.
-#[derive(Debug)]
-pub struct Exited {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Exited {
-    /// `stderr` split into lines (a trailing newline does not add an empty one).
-    pub fn stderr_lines(&self) -> Vec<&str> {
-        self.stderr.lines().collect()
-    }
-}
-
-/// Runs `cmd` (stdin closed, no terminal colours) until it exits; kills it and fails if it
-/// is still running after `timeout` — for runs that are expected to stop on their own, such
-/// as a router refusing to start.
-pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> anyhow::Result<Exited> {
-    // Files, not pipes: nothing has to drain them while the process runs.
-    let out_path = names::scratch_file("run", "out")?;
-    let err_path = names::scratch_file("run", "err")?;
-    let result = (|| {
-        cmd.env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(File::create(&out_path)?)
-            .stderr(File::create(&err_path)?);
-        let line = process::describe(&cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{line}`"))?;
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let stderr = fs::read_to_string(&err_path).unwrap_or_default();
-                anyhow::bail!("`{line}` still ran after {timeout:?}; stderr:\n{stderr}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let read =
-            |path: &Path| fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-        Ok(Exited {
-            status,
-            stdout: read(&out_path)?,
-            stderr: read(&err_path)?,
-        })
-    })();
-    let _ = fs::remove_file(&out_path);
-    let _ = fs::remove_file(&err_path);
-    result
-}
-
 // ---------------------------------------------------------------------------------------------
 // One router from a config file
 
@@ -385,7 +328,8 @@ pub struct ConfigRouter<'a> {
 }
 
 impl<'a> ConfigRouter<'a> {
-    /// A router for `ns` using the binary under test ([`tailsk8s_binary`]).
+    /// A router for `ns` running [`tailsk8s_binary`] (`$TAILSK8S_BIN` or the one beside this
+    /// program).
     pub fn new(ns: &'a Netns) -> anyhow::Result<ConfigRouter<'a>> {
         ConfigRouter::with_binary(&tailsk8s_binary()?, ns)
     }
@@ -468,10 +412,10 @@ impl<'a> ConfigRouter<'a> {
     }
 
     /// The arguments after the binary: `router [FLAGS…] --config PATH` (flags from
-    /// [`crate::wg::ROUTER_FLAGS_ENV`]).
+    /// [`crate::binary::ROUTER_FLAGS_ENV`]).
     pub fn router_args(&self) -> Vec<OsString> {
         std::iter::once("router".into())
-            .chain(crate::wg::router_flags().into_iter().map(OsString::from))
+            .chain(router_flags().into_iter().map(OsString::from))
             .chain(["--config".into(), self.config_path().into_os_string()])
             .collect()
     }
@@ -512,7 +456,7 @@ impl<'a> ConfigRouter<'a> {
     /// Runs the router in the foreground on the current config file, expecting it to exit
     /// (e.g. because the config is bad) within `timeout`.
     pub fn run_to_exit(&self, timeout: Duration) -> anyhow::Result<Exited> {
-        run_to_exit(self.command()?, timeout)
+        process::run_to_exit(self.command()?, timeout)
     }
 
     /// The running (or last) process, for its log and exit status.
@@ -549,20 +493,13 @@ impl<'a> ConfigRouter<'a> {
     pub fn stop(&mut self) -> Option<ExitStatus> {
         self.daemon.as_mut().and_then(Daemon::stop)
     }
-
-    /// `wg show IFNAME dump`, read with the real `wg` (reading only: nothing is set).
-    pub fn dump(&self) -> anyhow::Result<WgDump> {
-        let text = self.ns.output("wg", &["show", &self.ifname, "dump"])?;
-        text.parse()
-            .with_context(|| format!("parsing `wg show {} dump`:\n{text}", self.ifname))
-    }
 }
 
 impl Drop for ConfigRouter<'_> {
     fn drop(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
             daemon.stop();
-            // Dropped here, so a panicking test prints the log before the files go.
+            // Dropped here, so a panicking caller prints the log before the files go.
             drop(daemon);
             // A router that was killed leaves its socket: remove it, or `wg show` tries it
             // forever. The name is ours alone, so no other process's socket goes.
@@ -574,232 +511,6 @@ impl Drop for ConfigRouter<'_> {
             }
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A mesh of config-file routers
-
-/// One [`ConfigRouter`] per node of a [`Topology`], configured by files alone: each lists
-/// every other node as a peer (endpoint = its underlay address, allowed IPs = its pod CIDRs)
-/// and installs its own routes. Stopped (SIGTERM) on drop.
-#[derive(Debug)]
-pub struct ConfigMesh<'a> {
-    routers: Vec<ConfigRouter<'a>>,
-}
-
-impl<'a> ConfigMesh<'a> {
-    /// Starts the binary under test on every node with `options` (listen port, endpoint
-    /// family, keepalive, MTU).
-    pub fn start(topology: &'a Topology, options: &MeshOptions) -> anyhow::Result<ConfigMesh<'a>> {
-        ConfigMesh::start_with_binary(&tailsk8s_binary()?, topology, options)
-    }
-
-    /// Like [`ConfigMesh::start`], running `binary`.
-    pub fn start_with_binary(
-        binary: &Path,
-        topology: &'a Topology,
-        options: &MeshOptions,
-    ) -> anyhow::Result<ConfigMesh<'a>> {
-        let nodes = topology.nodes();
-        let mut routers = Vec::with_capacity(nodes.len());
-        for node in nodes {
-            let mut router = ConfigRouter::with_binary(binary, node.netns())?;
-            router.write_private_key(&KeyPair::generate(binary)?)?;
-            routers.push(router);
-        }
-        for (node, router) in nodes.iter().zip(&routers) {
-            let mut config = router.config();
-            config.listen_port = Some(options.listen_port);
-            config.mtu = Some(options.mtu);
-            for (remote, remote_router) in nodes.iter().zip(&routers) {
-                if remote.index() == node.index() {
-                    continue;
-                }
-                let public_key = remote_router
-                    .public_key()
-                    .ok_or_else(|| anyhow::anyhow!("node {} has no key", remote.index()))?;
-                config.peers.push(PeerSpec {
-                    public_key: public_key.to_string(),
-                    endpoint: Some(SocketAddr::new(
-                        remote.underlay(options.endpoints == EndpointFamily::V6),
-                        options.listen_port,
-                    )),
-                    allowed_ips: remote.pod_cidrs(),
-                    persistent_keepalive: options.persistent_keepalive,
-                });
-            }
-            router.write_config(&config)?;
-        }
-        for (node, router) in nodes.iter().zip(&mut routers) {
-            router
-                .start()
-                .with_context(|| format!("starting the router of node {}", node.index()))?;
-        }
-        Ok(ConfigMesh { routers })
-    }
-
-    /// The routers; `routers()[k]` runs on node `k + 1`.
-    pub fn routers(&self) -> &[ConfigRouter<'a>] {
-        &self.routers
-    }
-
-    /// Mutable access: kill, restart, stop single routers.
-    pub fn routers_mut(&mut self) -> &mut [ConfigRouter<'a>] {
-        &mut self.routers
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Routes and rules, as the kernel reports them
-
-/// One route of a routing table (`ip route show table all`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableRoute {
-    pub prefix: IpNet,
-    /// The `dev` of the route, if it has one.
-    pub device: Option<String>,
-}
-
-/// One policy rule (`ip rule show`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyRule {
-    pub v6: bool,
-    pub priority: u32,
-    /// Everything after `PRIORITY:`, e.g. `not from all fwmark 0x10000000/0x10000000 lookup 5200`.
-    pub selector: String,
-}
-
-/// The IPv4 and IPv6 routes of table `table` in `ns` (none if the table does not exist).
-pub fn table_routes(ns: &Netns, table: u32) -> anyhow::Result<Vec<TableRoute>> {
-    let mut routes = Vec::new();
-    for (family, v6) in [("-4", false), ("-6", true)] {
-        let text = ns.ip(&[family, "route", "show", "table", "all"])?;
-        routes.extend(parse_table_routes(&text, table, v6)?);
-    }
-    Ok(routes)
-}
-
-/// Every route in any table of `ns` whose prefix is exactly `prefix`, as `ip` prints it.
-pub fn routes_for(ns: &Netns, prefix: &IpNet) -> anyhow::Result<Vec<String>> {
-    let v6 = matches!(prefix, IpNet::V6(_));
-    let family = if v6 { "-6" } else { "-4" };
-    let text = ns.ip(&[family, "route", "show", "table", "all"])?;
-    Ok(text
-        .lines()
-        .filter(|line| route_prefix(line, v6).ok().flatten() == Some(*prefix))
-        .map(str::to_string)
-        .collect())
-}
-
-/// The IPv4 and IPv6 rules in `ns` that look up `table`.
-pub fn rules_for_table(ns: &Netns, table: u32) -> anyhow::Result<Vec<PolicyRule>> {
-    let mut rules = Vec::new();
-    for (family, v6) in [("-4", false), ("-6", true)] {
-        let text = ns.ip(&[family, "rule", "show"])?;
-        rules.extend(
-            parse_rules(&text, v6)?
-                .into_iter()
-                .filter(|rule| rule_table(&rule.selector) == Some(table)),
-        );
-    }
-    Ok(rules)
-}
-
-const ROUTE_TYPES: &[&str] = &[
-    "unicast",
-    "local",
-    "broadcast",
-    "multicast",
-    "throw",
-    "unreachable",
-    "prohibit",
-    "blackhole",
-    "nat",
-    "anycast",
-];
-
-/// The prefix a route line of family `v6` starts with (after an optional route type);
-/// `None` for lines that are no route (e.g. `nexthop` continuation lines), an error for a
-/// bad prefix.
-fn route_prefix(line: &str, v6: bool) -> anyhow::Result<Option<IpNet>> {
-    let mut words = line.split_whitespace();
-    let Some(mut first) = words.next() else {
-        return Ok(None);
-    };
-    if ROUTE_TYPES.contains(&first) {
-        first = match words.next() {
-            Some(word) => word,
-            None => return Ok(None),
-        };
-    }
-    if first == "nexthop" {
-        return Ok(None);
-    }
-    let prefix = match first {
-        "default" if v6 => "::/0".to_string(),
-        "default" => "0.0.0.0/0".to_string(),
-        p if p.contains('/') => p.to_string(),
-        p if p.contains(':') => format!("{p}/128"),
-        p => format!("{p}/32"),
-    };
-    prefix
-        .parse()
-        .map(Some)
-        .with_context(|| format!("bad prefix in route `{line}`"))
-}
-
-/// The routes of `table` in the output of `ip -4|-6 route show table all`.
-fn parse_table_routes(text: &str, table: u32, v6: bool) -> anyhow::Result<Vec<TableRoute>> {
-    let table = table.to_string();
-    let mut routes = Vec::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let value_of = |key: &str| {
-            words
-                .windows(2)
-                .find(|pair| pair[0] == key)
-                .map(|pair| pair[1])
-        };
-        if value_of("table") != Some(table.as_str()) {
-            continue;
-        }
-        if let Some(prefix) = route_prefix(line, v6)? {
-            routes.push(TableRoute {
-                prefix,
-                device: value_of("dev").map(str::to_string),
-            });
-        }
-    }
-    Ok(routes)
-}
-
-/// The rules in the output of `ip rule show`: `PRIORITY:<tab>SELECTOR… ACTION`.
-fn parse_rules(text: &str, v6: bool) -> anyhow::Result<Vec<PolicyRule>> {
-    text.lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let (priority, selector) = line
-                .split_once(':')
-                .with_context(|| format!("no `PRIORITY:` in rule `{line}`"))?;
-            Ok(PolicyRule {
-                v6,
-                priority: priority
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("bad priority in rule `{line}`"))?,
-                selector: selector.trim().to_string(),
-            })
-        })
-        .collect()
-}
-
-/// The table a rule selector looks up (`lookup N` or `table N`), if numeric.
-fn rule_table(selector: &str) -> Option<u32> {
-    let words: Vec<&str> = selector.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|pair| pair[0] == "lookup" || pair[0] == "table")
-        .and_then(|pair| pair[1].parse().ok())
 }
 
 #[cfg(test)]
@@ -818,7 +529,7 @@ mod tests {
         let mut config = ConfigFile::new("tsk9", Path::new("/k/private.key"));
         config.listen_port = Some(51820);
         config.mtu = Some(1380);
-        config.fwmark = Some(DEFAULT_FWMARK);
+        config.fwmark = Some(0x1000_0000);
         config.workers = Some(2);
         config.offload = Some(false);
         config.peers.push(PeerSpec {
@@ -865,77 +576,5 @@ mod tests {
             shown.contains("PUBLIC") && !shown.contains("SECRET"),
             "{shown}"
         );
-    }
-
-    #[test]
-    fn line_of_counts_from_one() {
-        let text = "a = 1\nb = 2\n\nc = 3\n";
-        assert_eq!(line_of(text, "a ="), Some(1));
-        assert_eq!(line_of(text, "c ="), Some(4));
-        assert_eq!(line_of(text, "d ="), None);
-    }
-
-    #[test]
-    fn table_routes_are_picked_from_all_tables() {
-        let text = "198.19.2.0/24 dev tsk1 table 5200 scope link \n\
-                    unreachable 198.19.9.0/24 table 5200 \n\
-                    default via 198.18.0.1 dev ul0 table 5200 \n\
-                    198.19.3.0/24 dev tsk1 table 52 scope link \n\
-                    local 198.18.0.1 dev ul0 table local proto kernel scope host src 198.18.0.1 \n\
-                    198.18.0.0/24 dev ul0 proto kernel scope link src 198.18.0.1 \n";
-        let routes = parse_table_routes(text, 5200, false).unwrap();
-        assert_eq!(
-            routes,
-            [
-                TableRoute {
-                    prefix: "198.19.2.0/24".parse().unwrap(),
-                    device: Some("tsk1".into())
-                },
-                TableRoute {
-                    prefix: "198.19.9.0/24".parse().unwrap(),
-                    device: None
-                },
-                TableRoute {
-                    prefix: "0.0.0.0/0".parse().unwrap(),
-                    device: Some("ul0".into())
-                },
-            ]
-        );
-        let v6 = "fd00:19:2::/64 dev tsk1 table 5200 metric 1024 pref medium\n\
-                  default dev tsk1 table 5200 metric 1024 pref medium\n";
-        let prefixes: Vec<IpNet> = parse_table_routes(v6, 5200, true)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.prefix)
-            .collect();
-        assert_eq!(
-            prefixes,
-            [
-                "fd00:19:2::/64".parse::<IpNet>().unwrap(),
-                "::/0".parse().unwrap()
-            ]
-        );
-        assert!(parse_table_routes("bogus/99 dev x table 5200\n", 5200, false).is_err());
-    }
-
-    #[test]
-    fn rules_are_parsed_with_priority_and_table() {
-        let text = "0:\tfrom all lookup local\n\
-                    5200:\tnot from all fwmark 0x10000000/0x10000000 lookup 5200\n\
-                    5210:\tfrom all fwmark 0x80000/0xff0000 lookup main\n\
-                    32766:\tfrom all lookup main\n";
-        let rules = parse_rules(text, true).unwrap();
-        assert_eq!(rules.len(), 4);
-        assert_eq!(
-            rules[1],
-            PolicyRule {
-                v6: true,
-                priority: 5200,
-                selector: "not from all fwmark 0x10000000/0x10000000 lookup 5200".into()
-            }
-        );
-        assert_eq!(rule_table(&rules[1].selector), Some(5200));
-        assert_eq!(rule_table(&rules[2].selector), None);
-        assert!(parse_rules("no priority here\n", false).is_err());
     }
 }

@@ -1,12 +1,13 @@
 //! Running external commands: one-shot commands whose failure becomes an error carrying
-//! their output, and [`Daemon`], the guard for long-running processes.
+//! their output, runs expected to end on their own ([`run_to_exit`]), and [`Daemon`], the
+//! guard for long-running processes.
 //!
 //! A daemon's stdout and stderr go to a scratch log file. When the guard drops it stops the
-//! process (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]) and reaps it; if the test is
-//! panicking (or `TAILSK8S_E2E_LOGS=1`) it first prints the log, so a failed test shows
-//! what the router or wireguard-go said.
+//! process (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]) and reaps it; if the thread is
+//! panicking (a failed test) or `TAILSK8S_E2E_LOGS=1` it first prints the log, so a failure
+//! shows what the router or wireguard-go said.
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,26 +23,6 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Set to `1` to print every daemon's log when it stops, not only on failure.
 pub const SHOW_LOGS_ENV: &str = "TAILSK8S_E2E_LOGS";
-
-/// How long a socket this process closed may stay open in a child that another test
-/// thread forked and has not yet exec'd (close-on-exec only closes it at the exec).
-pub const INHERITED_FD_GRACE: Duration = Duration::from_secs(5);
-
-/// Polls `done` until it holds or [`INHERITED_FD_GRACE`] has passed; returns whether it
-/// held. For checks that follow closing a socket in the test process: tests run as
-/// threads of one process, and any of them may fork at any moment.
-pub fn after_inherited_fds_close(mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + INHERITED_FD_GRACE;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// `program args…` as a shell-like string, for error messages.
 pub fn describe(cmd: &Command) -> String {
@@ -103,7 +84,7 @@ impl Daemon {
     /// `label` names it in diagnostics (e.g. "wireguard-go tsk00012341 in tsk-1234-0-n1").
     ///
     /// The child gets SIGKILL if the thread that spawned it dies without dropping the guard
-    /// (e.g. the test binary is killed), so call this from the test's own thread.
+    /// (e.g. a test binary is killed), so call this from the thread that owns the guard.
     pub fn spawn(label: &str, mut cmd: Command) -> anyhow::Result<Daemon> {
         let log = names::scratch_file("daemon", "log")?;
         let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -224,6 +205,63 @@ impl Drop for Daemon {
     }
 }
 
+/// How a one-shot run ended.
+#[derive(Debug)]
+pub struct Exited {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Exited {
+    /// `stderr` split into lines (a trailing newline does not add an empty one).
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr.lines().collect()
+    }
+}
+
+/// Runs `cmd` (stdin closed, no terminal colours) until it exits; kills it and fails if it
+/// is still running after `timeout` — for runs that are expected to stop on their own, such
+/// as a router refusing to start.
+pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> anyhow::Result<Exited> {
+    // Files, not pipes: nothing has to drain them while the process runs.
+    let out_path = names::scratch_file("run", "out")?;
+    let err_path = names::scratch_file("run", "err")?;
+    let result = (|| {
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(File::create(&out_path)?)
+            .stderr(File::create(&err_path)?);
+        let line = describe(&cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start `{line}`"))?;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+                anyhow::bail!("`{line}` still ran after {timeout:?}; stderr:\n{stderr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let read =
+            |path: &Path| fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        Ok(Exited {
+            status,
+            stdout: read(&out_path)?,
+            stderr: read(&err_path)?,
+        })
+    })();
+    let _ = fs::remove_file(&out_path);
+    let _ = fs::remove_file(&err_path);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,7 +313,12 @@ mod tests {
         // An ignored signal stays ignored across exec, so `sleep` itself ignores TERM.
         cmd.args(["-c", "trap '' TERM; exec sleep 30"]);
         let mut daemon = Daemon::spawn("stubborn", cmd).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        // Once the shell has exec'd `sleep`, its trap is in place.
+        let comm = format!("/proc/{}/comm", daemon.pid().unwrap());
+        crate::wait::until("sh execs sleep", Duration::from_secs(5), || {
+            Ok((std::fs::read_to_string(&comm)?.trim() == "sleep").then_some(()))
+        })
+        .unwrap();
         let started = Instant::now();
         let status = daemon.stop().expect("reaped");
         assert!(started.elapsed() >= STOP_TIMEOUT);

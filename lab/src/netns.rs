@@ -1,7 +1,7 @@
 //! [`Netns`]: a named network namespace that exists exactly as long as its guard, and the
 //! ways to run things inside it.
 //!
-//! Commands run through `ip netns exec` (or `ip -n` for `ip` itself). Sockets the test
+//! Commands run through `ip netns exec` (or `ip -n` for `ip` itself). Sockets the calling
 //! process needs inside a namespace are made by [`Netns::enter`], which runs a closure on a
 //! fresh thread switched into the namespace with `setns`: a socket belongs to the namespace
 //! it was created in, so it keeps working there after the thread ends.
@@ -105,6 +105,21 @@ impl Netns {
         .map(drop)
     }
 
+    /// Whether a TCP socket in this namespace listens on `port` (any address, IPv4 or
+    /// IPv6): what a client must wait for before it connects to a server it just started.
+    pub fn tcp_listening(&self, port: u16) -> anyhow::Result<bool> {
+        // /proc/thread-self: the thread's namespace, where /proc/self/net would show the
+        // process's.
+        let tables = self.enter(|| {
+            ["tcp", "tcp6"].map(|t| std::fs::read_to_string(format!("/proc/thread-self/net/{t}")))
+        })?;
+        let mut listening = false;
+        for table in tables {
+            listening |= lists_listener(&table.context("reading /proc/net/tcp")?, port);
+        }
+        Ok(listening)
+    }
+
     /// Sets sysctls inside the namespace (`net.*` keys are per namespace).
     pub fn sysctl(&self, settings: &[(&str, &str)]) -> anyhow::Result<()> {
         let args: Vec<String> = std::iter::once("-q".to_string())
@@ -137,6 +152,16 @@ impl Netns {
     }
 }
 
+/// Whether a `/proc/net/tcp` or `tcp6` table has a socket in state LISTEN (`0A`) on `port`.
+fn lists_listener(table: &str, port: u16) -> bool {
+    let port = format!("{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields.get(1).and_then(|local| local.rsplit_once(':'));
+        local_port.is_some_and(|(_, p)| p == port) && fields.get(3) == Some(&"0A")
+    })
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let result = tools::require("ip")
@@ -144,5 +169,21 @@ impl Drop for Netns {
         if let Err(e) = result {
             eprintln!("cannot delete network namespace {}: {e:#}", self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_found_by_port_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+             0: 020213C6:1451 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n   \
+             1: 020213C6:D431 030213C6:1451 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1\n";
+        assert!(lists_listener(table, 5201));
+        // An established connection to the port is no listener.
+        assert!(!lists_listener(table, 54321));
+        assert!(!lists_listener(table, 80));
     }
 }

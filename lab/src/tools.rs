@@ -1,4 +1,4 @@
-//! Where the external commands the harness runs (`ip`, `wg`, `ping`, …) live.
+//! Where the external commands the lab runs (`ip`, `wg`, `ping`, …) live.
 //!
 //! Commands are resolved to absolute paths once: `ip netns exec` runs its program with the
 //! caller's `PATH`, and a root shell without `/usr/sbin` in `PATH` would otherwise find no
@@ -17,16 +17,6 @@ const SYSTEM_DIRS: &[&str] = &[
     "/usr/bin",
     "/sbin",
     "/bin",
-];
-
-/// Commands every namespace test needs, with the Debian package that provides each (so a
-/// skip message can say what to install).
-pub const BASE_COMMANDS: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("wg", "wireguard-tools"),
-    ("wireguard-go", "wireguard-go"),
-    ("ping", "iputils-ping"),
-    ("sysctl", "procps"),
 ];
 
 /// The absolute path of `name`, searching `PATH` then the system directories.

@@ -1,7 +1,7 @@
 //! Names that are unique host-wide, and scratch files that go away with their owner.
 //!
-//! Tests run in parallel threads, and several people (or CI) may run test binaries on the
-//! same machine at once. Namespace names live in one host-wide directory (`/run/netns`) and
+//! Tests run in parallel threads, and several people (or CI) may run tests, demos and
+//! benchmarks on the same machine at once. Namespace names live in one host-wide directory (`/run/netns`) and
 //! UAPI sockets in another (`/var/run/wireguard`), so every name carries the process id
 //! and a per-process counter.
 
@@ -37,10 +37,10 @@ fn ifname_for(pid: u32, counter: u32) -> anyhow::Result<String> {
     Ok(name)
 }
 
-/// A fresh path in the harness's scratch directory (`$TMPDIR/tailsk8s-e2e`), for logs and
+/// A fresh path in the lab's scratch directory (`$TMPDIR/tailsk8s-lab`), for logs and
 /// key files. The caller owns the file and removes it.
 pub fn scratch_file(stem: &str, extension: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join("tailsk8s-e2e");
+    let dir = std::env::temp_dir().join("tailsk8s-lab");
     std::fs::create_dir_all(&dir)?;
     Ok(dir.join(format!(
         "{stem}-{}-{}.{extension}",

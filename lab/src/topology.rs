@@ -13,7 +13,8 @@
 //! `ul0`: a veth pair for two nodes, a bridge in an extra namespace for more. Nodes
 //! forward IPv4 and IPv6. Interface names are per namespace, so every node has `cnio0`.
 //!
-//! Nothing routes between nodes' pod CIDRs until a test adds a tunnel ([`crate::Mesh`]).
+//! Nothing routes between nodes' pod CIDRs until routers run on the nodes
+//! ([`crate::ConfigMesh`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -64,6 +65,7 @@ pub fn pod_v6(node: u8, host: u8) -> Ipv6Addr {
 pub struct TopologyBuilder {
     nodes: u8,
     pods_per_node: u8,
+    pod_mtu: Option<u32>,
 }
 
 impl TopologyBuilder {
@@ -72,12 +74,20 @@ impl TopologyBuilder {
         TopologyBuilder {
             nodes,
             pods_per_node: 2,
+            pod_mtu: None,
         }
     }
 
     /// Sets how many pods each node gets.
     pub fn pods_per_node(mut self, pods: u8) -> TopologyBuilder {
         self.pods_per_node = pods;
+        self
+    }
+
+    /// Sets the MTU of every pod's link (both ends of its veth), as a CNI sets it below the
+    /// tunnel's for an overlay; the kernel's default (1500) otherwise.
+    pub fn pod_mtu(mut self, mtu: u32) -> TopologyBuilder {
+        self.pod_mtu = Some(mtu);
         self
     }
 
@@ -89,13 +99,17 @@ impl TopologyBuilder {
         if !(1..=253).contains(&self.pods_per_node) {
             anyhow::bail!("a node has 1 to 253 pods, not {}", self.pods_per_node);
         }
+        if let Some(mtu) = self.pod_mtu.filter(|mtu| !(1280..=65535).contains(mtu)) {
+            // Below 1280 the pods' links would lose their IPv6 addresses.
+            anyhow::bail!("a pod MTU is 1280 to 65535, not {mtu}");
+        }
         let underlay = if self.nodes > 2 {
             Some(Netns::new("ul")?)
         } else {
             None
         };
         let nodes = (1..=self.nodes)
-            .map(|index| Node::build(index, self.pods_per_node))
+            .map(|index| Node::build(index, self.pods_per_node, self.pod_mtu))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let topology = Topology { nodes, underlay };
         topology
@@ -169,7 +183,7 @@ pub struct Node {
 }
 
 impl Node {
-    fn build(index: u8, pods: u8) -> anyhow::Result<Node> {
+    fn build(index: u8, pods: u8, pod_mtu: Option<u32>) -> anyhow::Result<Node> {
         let ns = Netns::new(&format!("n{index}"))?;
         ns.sysctl(&[
             ("net.ipv4.ip_forward", "1"),
@@ -185,12 +199,13 @@ impl Node {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let node = Node { index, pods, ns };
-        node.wire_pods()
+        node.wire_pods(pod_mtu)
             .with_context(|| format!("building node {index}"))?;
         Ok(node)
     }
 
-    fn wire_pods(&self) -> anyhow::Result<()> {
+    fn wire_pods(&self, mtu: Option<u32>) -> anyhow::Result<()> {
+        let mtu = mtu.map(|mtu| format!(" mtu {mtu}")).unwrap_or_default();
         let mut lines = vec![
             format!("link add {BRIDGE} type bridge mcast_snooping 0"),
             format!("addr add {}/24 dev {BRIDGE}", self.bridge_v4()),
@@ -204,14 +219,14 @@ impl Node {
                 pod.ns.name()
             ));
             lines.push(format!("link set {port} master {BRIDGE}"));
-            lines.push(format!("link set {port} up"));
+            lines.push(format!("link set {port}{mtu} up"));
         }
         self.ns.ip_batch(&lines)?;
         for pod in &self.pods {
             pod.ns.ip_batch(&[
                 format!("addr add {}/24 dev {POD_IF}", pod.ipv4),
                 format!("addr add {}/64 dev {POD_IF} nodad", pod.ipv6),
-                format!("link set {POD_IF} up"),
+                format!("link set {POD_IF}{mtu} up"),
                 format!("route add default via {}", self.bridge_v4()),
                 format!("route add ::/0 via {}", self.bridge_v6()),
             ])?;
@@ -352,5 +367,6 @@ mod tests {
         assert!(TopologyBuilder::new(0).build().is_err());
         assert!(TopologyBuilder::new(255).build().is_err());
         assert!(TopologyBuilder::new(2).pods_per_node(0).build().is_err());
+        assert!(TopologyBuilder::new(2).pod_mtu(1279).build().is_err());
     }
 }
