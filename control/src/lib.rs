@@ -3,6 +3,7 @@
 //! files ([`key_file`]), installs the kernel routes to the TUN ([`routes`]), and hands the
 //! rest to the router runtime ([`router`]) or the demo ([`demo`]).
 
+pub mod announcement;
 pub mod cli;
 pub mod config;
 pub mod demo;
