@@ -1,7 +1,8 @@
 //! tailsk8s control plane: the `tailsk8s` binary's logic, kept in a library so it can be
 //! tested. The command line ([`cli`]) reads the router's config file ([`config`]) and key
 //! files ([`key_file`]), installs the kernel routes to the TUN ([`routes`]), and hands the
-//! rest to the router runtime ([`router`]) or the demo ([`demo`]).
+//! rest to the router runtime ([`router`]) or the demo ([`demo`]). Tailscale's side (LocalAPI,
+//! membership, the tailnet admin commands) is in [`tailscale`].
 
 pub mod announcement;
 pub mod cli;
@@ -10,4 +11,5 @@ pub mod demo;
 pub mod key_file;
 pub mod router;
 pub mod routes;
+pub mod tailscale;
 pub mod userspace;
