@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod key_file;
+pub mod reconcile;
 pub mod router;
 pub mod routes;
 pub mod tailscale;
