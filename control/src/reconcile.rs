@@ -14,18 +14,27 @@
 //! peer's pod CIDR that overlaps a static peer's allowed IPs, or this node's own pod CIDRs, is
 //! withheld from it. Between Tailscale peers (which Tailscale's single-primary rule should
 //! prevent), the node with the smaller stable ID keeps a disputed key or pod CIDR. Each
-//! conflict is logged once when it appears and once when it is gone.
+//! conflict is logged once when it appears and once when it is gone. A Tailscale node left
+//! with no pod CIDR (none approved, or all withheld) is not a peer.
+//!
+//! [`Applier`] is the thin IO shell: it sends the diff through the one door into the data
+//! plane ([`DeviceControl::set`]), remembers what was applied only when that succeeded, and
+//! then brings the kernel routes to the new set (the [`RouteManager`] adds and removes only
+//! the routes that changed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
-use tailsk8s_dataplane::config::{AllowedIpChange, PeerUpdate};
+use std::sync::Arc;
+
+use tailsk8s_dataplane::config::{AllowedIpChange, DeviceControl, DeviceUpdate, PeerUpdate};
 use tailsk8s_dataplane::key::Key;
 
 use crate::announcement::Accepted;
 use crate::config::PeerConfig;
+use crate::routes::RouteManager;
 
 /// Keepalive for Tailscale peers: keeps NAT mappings and the path's liveness visible.
 pub const TAILSCALE_KEEPALIVE: u16 = 25;
@@ -201,6 +210,11 @@ pub fn desired_peers(
                 }
             }
         }
+        if allowed_ips.is_empty() {
+            // Nothing approved (any more) or all withheld: it may carry no pod traffic, so it
+            // is not a peer; a withdrawn approval removes the peer with its routes.
+            continue;
+        }
         let origin = Origin::Tailscale {
             stable_id: node.stable_id.clone(),
             host_name: node.host_name.clone(),
@@ -322,6 +336,102 @@ impl ConflictLog {
     }
 }
 
+/// Applies desired peer sets to the data plane and the kernel, per peer.
+pub struct Applier {
+    device: Arc<dyn DeviceControl>,
+    routes: Option<RouteManager>,
+    applied: BTreeMap<Key, DesiredPeer>,
+    conflicts: ConflictLog,
+    /// The routes lag the applied peers (a route command failed): retried on every apply.
+    routes_stale: bool,
+}
+
+/// What one [`Applier::apply`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Peer blocks sent to the data plane (0: it was not called).
+    pub peer_blocks: usize,
+    /// Peers now configured.
+    pub peers: usize,
+}
+
+impl Applier {
+    /// Makes the device exactly `desired` with one update that also sets the device's own
+    /// settings (`base`: private key, port, fwmark), replacing whatever peers it had, and
+    /// routes the allowed IPs. `routes` is `None` when the kernel is not to be touched.
+    pub fn start(
+        device: Arc<dyn DeviceControl>,
+        mut routes: Option<RouteManager>,
+        base: DeviceUpdate,
+        desired: Desired,
+    ) -> anyhow::Result<Applier> {
+        let empty = BTreeMap::new();
+        let update = DeviceUpdate {
+            replace_peers: true,
+            peers: diff(&empty, &desired.peers),
+            ..base
+        };
+        device.set(update)?;
+        if let Some(manager) = &mut routes {
+            manager.sync(&desired.routes())?;
+        }
+        let mut conflicts = ConflictLog::default();
+        conflicts.update(&desired.conflicts);
+        Ok(Applier {
+            device,
+            routes,
+            applied: desired.peers,
+            conflicts,
+            routes_stale: false,
+        })
+    }
+
+    /// Brings the data plane and the routes from the last applied set to `desired`, touching
+    /// only the peers that differ. On failure nothing is recorded as applied: the next call
+    /// retries the same diff.
+    pub fn apply(&mut self, desired: Desired) -> anyhow::Result<Applied> {
+        self.conflicts.update(&desired.conflicts);
+        let updates = diff(&self.applied, &desired.peers);
+        let peer_blocks = updates.len();
+        if !updates.is_empty() {
+            self.device.set(DeviceUpdate {
+                peers: updates,
+                ..DeviceUpdate::default()
+            })?;
+            self.applied = desired.peers;
+            self.routes_stale = true;
+        }
+        if self.routes_stale {
+            let wanted = self.applied_routes();
+            if let Some(manager) = &mut self.routes {
+                manager.sync(&wanted)?;
+            }
+            self.routes_stale = false;
+        }
+        Ok(Applied {
+            peer_blocks,
+            peers: self.applied.len(),
+        })
+    }
+
+    fn applied_routes(&self) -> Vec<IpNet> {
+        self.applied
+            .values()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect()
+    }
+
+    /// The peers last applied.
+    pub fn applied(&self) -> &BTreeMap<Key, DesiredPeer> {
+        &self.applied
+    }
+
+    /// The route manager, if any (the router cleans it up on exit).
+    pub fn routes_mut(&mut self) -> Option<&mut RouteManager> {
+        self.routes.as_mut()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,11 +541,16 @@ mod tests {
                 ..PeerUpdate::new(nodes[1].accepted.public_key)
             }]
         );
-        // All approval gone: the peer stays, without allowed IPs (its session too).
+        // All approval gone: the peer is removed (with its allowed IPs).
         nodes[1].accepted.pod_cidrs.clear();
         let updates = diff(&before.peers, &build(&nodes).peers);
-        assert_eq!(updates.len(), 1);
-        assert!(!updates[0].remove && updates[0].allowed_ips.len() == 2);
+        assert_eq!(
+            updates,
+            vec![PeerUpdate {
+                remove: true,
+                ..PeerUpdate::new(nodes[1].accepted.public_key)
+            }]
+        );
     }
 
     #[test]
@@ -493,7 +608,8 @@ mod tests {
             &nodes,
             &[net("198.19.250.0/24")],
         );
-        assert_eq!(d.peers.len(), 4, "static + nB + nC + nD");
+        // nC and nD have nothing left: not peers.
+        assert_eq!(d.peers.len(), 2, "static + nB");
         assert_eq!(d.peers[&static_key].origin, Origin::Static { line: 7 });
         assert_eq!(
             d.peers[&static_key].allowed_ips,
@@ -503,8 +619,7 @@ mod tests {
             d.peers[&key(201)].allowed_ips,
             BTreeSet::from([net("fd00:19:2::/64")])
         );
-        assert!(d.peers[&key(202)].allowed_ips.is_empty());
-        assert!(d.peers[&key(203)].allowed_ips.is_empty());
+        assert!(!d.peers.contains_key(&key(202)) && !d.peers.contains_key(&key(203)));
         assert_eq!(d.conflicts.len(), 4, "{:#?}", d.conflicts);
         assert!(d
             .conflicts
@@ -535,5 +650,62 @@ mod tests {
         let updates = diff(&before.peers, &build(&nodes[1..1000]).peers);
         assert_eq!(updates.len(), 1);
         assert!(updates[0].remove);
+    }
+
+    /// Records every update (the data plane's door, without a device behind it).
+    #[derive(Default)]
+    struct Recorder {
+        updates: parking_lot::Mutex<Vec<DeviceUpdate>>,
+    }
+
+    impl DeviceControl for Recorder {
+        fn get(&self) -> tailsk8s_dataplane::config::DeviceSnapshot {
+            Default::default()
+        }
+        fn set(&self, update: DeviceUpdate) -> Result<(), tailsk8s_dataplane::config::SetError> {
+            self.updates.lock().push(update);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_applier_calls_the_data_plane_only_for_changes() {
+        let recorder = Arc::new(Recorder::default());
+        let nodes = cluster(3);
+        let base = DeviceUpdate {
+            listen_port: Some(51820),
+            ..DeviceUpdate::default()
+        };
+        let mut applier = Applier::start(recorder.clone(), None, base, build(&nodes[..2])).unwrap();
+        {
+            let updates = recorder.updates.lock();
+            assert_eq!(updates.len(), 1);
+            assert!(updates[0].replace_peers && updates[0].listen_port == Some(51820));
+            assert_eq!(updates[0].peers.len(), 2);
+        }
+        let same = applier.apply(build(&nodes[..2])).unwrap();
+        assert_eq!(
+            same,
+            Applied {
+                peer_blocks: 0,
+                peers: 2
+            }
+        );
+        assert_eq!(
+            recorder.updates.lock().len(),
+            1,
+            "an unchanged resync calls nothing"
+        );
+        let more = applier.apply(build(&nodes)).unwrap();
+        assert_eq!(
+            more,
+            Applied {
+                peer_blocks: 1,
+                peers: 3
+            }
+        );
+        let updates = recorder.updates.lock();
+        assert!(!updates[1].replace_peers && updates[1].private_key.is_none());
+        assert_eq!(updates[1].peers[0].public_key, nodes[2].accepted.public_key);
     }
 }
