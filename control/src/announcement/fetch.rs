@@ -129,9 +129,10 @@ async fn fetch_inner(target: Target) -> Result<Announcement, FetchError> {
 }
 
 /// Fetches many announcements, at most `limit` at once; results in no particular order,
-/// each with its caller-chosen `id`.
+/// each with its caller-chosen `id`. Each peer's targets (its tailnet addresses) are tried in
+/// order until one answers; the last error is returned.
 pub async fn fetch_many<I: Send + 'static>(
-    targets: Vec<(I, Target)>,
+    targets: Vec<(I, Vec<Target>)>,
     limit: usize,
 ) -> Vec<(I, Result<Announcement, FetchError>)> {
     let permits = Arc::new(Semaphore::new(limit.max(1)));
@@ -141,7 +142,7 @@ pub async fn fetch_many<I: Send + 'static>(
         tasks.spawn(async move {
             // The semaphore is never closed, so acquiring cannot fail.
             let _permit = permits.acquire_owned().await.ok();
-            (id, fetch(target).await)
+            (id, fetch_first(target).await)
         });
     }
     let mut results = Vec::new();
@@ -151,4 +152,19 @@ pub async fn fetch_many<I: Send + 'static>(
         }
     }
     results
+}
+
+/// The first of `targets` that answers, else the last error.
+async fn fetch_first(targets: Vec<Target>) -> Result<Announcement, FetchError> {
+    let mut last = None;
+    for target in targets {
+        match fetch(target).await {
+            Ok(a) => return Ok(a),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(FetchError::Http {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        error: "the peer has no tailnet address".into(),
+    }))
 }

@@ -165,15 +165,14 @@ mod tests {
                 let _ = stop_rx.await;
             },
         ));
-        let targets: Vec<(usize, Target)> = (0..12)
+        // Each peer's first address is closed, the second answers.
+        let targets: Vec<(usize, Vec<Target>)> = (0..12)
             .map(|i| {
-                (
-                    i,
-                    Target {
-                        peer: SocketAddr::new(lo(1), port),
-                        local: Some(lo(11)),
-                    },
-                )
+                let at = |ip| Target {
+                    peer: SocketAddr::new(ip, port),
+                    local: Some(lo(11)),
+                };
+                (i, vec![at(lo(2)), at(lo(1))])
             })
             .collect();
         let results = fetch_many(targets, 3).await;
