@@ -319,3 +319,6 @@ impl Watch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
