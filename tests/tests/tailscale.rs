@@ -14,7 +14,7 @@
 //! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -69,12 +69,7 @@ fn build_tailnet_link(topology: &Topology, sims: &[SimNode]) -> anyhow::Result<N
     Ok(switch)
 }
 
-fn config_text(
-    router: &ConfigRouter<'_>,
-    topology: &Topology,
-    i: usize,
-    socket: &PathBuf,
-) -> String {
+fn config_text(router: &ConfigRouter<'_>, topology: &Topology, i: usize, socket: &Path) -> String {
     let pods: Vec<String> = topology.nodes()[i]
         .pod_cidrs()
         .iter()
