@@ -131,7 +131,13 @@ impl PeerSource {
         announcement: &Announcement,
     ) -> PeerSource {
         PeerSource {
-            localapi: LocalApi::new(settings.tailscale.socket.clone()),
+            // A hung tailscaled must not hold the source much past a resync.
+            localapi: LocalApi::new(settings.tailscale.socket.clone()).with_timeout(
+                settings
+                    .tailscale
+                    .resync
+                    .clamp(Duration::from_secs(2), Duration::from_secs(10)),
+            ),
             settings,
             applier,
             document: announcement.to_json(),
@@ -164,16 +170,24 @@ impl PeerSource {
         let mut next_read = Instant::now();
         loop {
             let wake = self.next_retry().map_or(next_read, |r| r.min(next_read));
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => {}
-                Some(()) = signal_rx.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while signal_rx.try_recv().is_ok() {}
+            let signalled = tokio::select! {
+                _ = tokio::time::sleep_until(wake) => false,
+                Some(()) = signal_rx.recv() => true,
+                changed = shutdown.changed() => {
+                    // A dropped sender means no one can stop us any more: stop now.
+                    if changed.is_err() {
+                        break;
+                    }
+                    false
                 }
-                _ = shutdown.wait_for(|stop| *stop) => break,
-            }
+            };
             if *shutdown.borrow() {
                 break;
+            }
+            if signalled {
+                // Debounce: one re-read for a burst of messages.
+                tokio::time::sleep(DEBOUNCE).await;
+                while signal_rx.try_recv().is_ok() {}
             }
             match self.localapi.status().await {
                 Ok(view) if view.is_running() => {
@@ -420,5 +434,169 @@ async fn follow_watch(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The source against the real LocalAPI stand-in and real announcement servers on
+    //! loopback addresses (as the nodes' "tailnet addresses"); the data plane is a recorder
+    //! of the updates that reach its door.
+
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
+
+    use tailsk8s_dataplane::config::{DeviceControl, DeviceSnapshot, DeviceUpdate, SetError};
+    use tailsk8s_tailnet_sim::{Behaviour, LocalApiServer, SimNode, Tailnet};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        updates: Mutex<Vec<DeviceUpdate>>,
+    }
+
+    impl DeviceControl for Recorder {
+        fn get(&self) -> DeviceSnapshot {
+            DeviceSnapshot::default()
+        }
+        fn set(&self, update: DeviceUpdate) -> Result<(), SetError> {
+            self.updates.lock().push(update);
+            Ok(())
+        }
+    }
+
+    fn lo(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_source_follows_the_tailnet_and_keeps_the_last_good_set_when_it_goes_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let tailnet = Tailnet::new();
+        let mut me = SimNode::numbered(1).with_approved_routes(&[net("198.19.1.0/24")]);
+        me.tailnet_ips = vec![lo(41)];
+        let mut peer = SimNode::numbered(2)
+            .with_approved_routes(&[net("198.19.2.0/24"), net("fd00:19:2::/64")]);
+        peer.tailnet_ips = vec![lo(42)];
+        tailnet.add(me.clone());
+        tailnet.add(peer.clone());
+        let mut my_api =
+            LocalApiServer::start(&tailnet, &me.stable_id, dir.path().join("1.sock")).unwrap();
+        let peer_api =
+            LocalApiServer::start(&tailnet, &peer.stable_id, dir.path().join("2.sock")).unwrap();
+
+        // The peer's router: its announcement server on its "tailnet address".
+        let listeners = server::bind(&[lo(42)], 0).unwrap();
+        let port = listeners[0].local_addr().unwrap().port();
+        let peer_key = Key::generate_private().public_key();
+        let peer_announcement = Announcement {
+            public_key: peer_key,
+            listen_port: 51820,
+            endpoints: vec!["198.18.0.2:51820".parse().unwrap()],
+            // Claims more than approved: only the approved part is accepted.
+            pod_cidrs: vec![net("198.19.2.0/24"), net("198.19.3.0/24")],
+        };
+        tokio::spawn(server::serve(
+            listeners,
+            peer_announcement.to_json(),
+            LocalApiWhois(LocalApi::new(peer_api.socket().to_path_buf())),
+            "tag:k8s-node".into(),
+            std::future::pending(),
+        ));
+
+        let recorder = Arc::new(Recorder::default());
+        let applier = Applier::start(
+            recorder.clone(),
+            None,
+            DeviceUpdate::default(),
+            Default::default(),
+        )
+        .unwrap();
+        let settings = SourceSettings {
+            tailscale: TailscaleConfig {
+                socket: my_api.socket().to_path_buf(),
+                tag: "tag:k8s-node".into(),
+                announce_port: port,
+                resync: Duration::from_secs(1),
+            },
+            cluster_cidrs: vec![net("198.19.0.0/16"), net("fd00:19::/32")],
+            own_pod_cidrs: vec![net("198.19.1.0/24")],
+            statics: Vec::new(),
+            preshared: BTreeMap::new(),
+        };
+        let mine = Announcement {
+            public_key: Key::generate_private().public_key(),
+            listen_port: 51820,
+            endpoints: Vec::new(),
+            pod_cidrs: vec![net("198.19.1.0/24")],
+        };
+        let source = PeerSource::new(settings, Arc::new(Mutex::new(applier)), &mine);
+        let freshness = source.freshness();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let running = tokio::spawn(source.run(stop_rx));
+
+        // Discovery: one update adding the peer with its approved pod CIDR only.
+        wait_until("the peer", || recorder.updates.lock().len() >= 2).await;
+        {
+            let updates = recorder.updates.lock();
+            let added = &updates[1].peers;
+            assert_eq!(added.len(), 1);
+            assert_eq!(added[0].public_key, peer_key);
+            assert_eq!(
+                added[0].allowed_ips,
+                vec![tailsk8s_dataplane::config::AllowedIpChange::Add(net(
+                    "198.19.2.0/24"
+                ))]
+            );
+            assert_eq!(added[0].endpoint, Some("198.18.0.2:51820".parse().unwrap()));
+        }
+        assert_eq!(*freshness.lock(), Freshness::Fresh);
+
+        // Garbage, errors, silence and no socket: stale, and the data plane is not touched.
+        for behaviour in [Behaviour::Garbage, Behaviour::Error(500), Behaviour::Silent] {
+            my_api.set_behaviour(behaviour.clone());
+            wait_until(&format!("stale on {behaviour:?}"), || {
+                matches!(*freshness.lock(), Freshness::Stale(_))
+            })
+            .await;
+            my_api.set_behaviour(Behaviour::Normal);
+            wait_until("fresh again", || *freshness.lock() == Freshness::Fresh).await;
+        }
+        my_api.stop();
+        wait_until("stale without a socket", || {
+            matches!(*freshness.lock(), Freshness::Stale(_))
+        })
+        .await;
+        my_api.restart().unwrap();
+        wait_until("fresh after restart", || {
+            *freshness.lock() == Freshness::Fresh
+        })
+        .await;
+        assert_eq!(
+            recorder.updates.lock().len(),
+            2,
+            "a stale source must not touch the data plane"
+        );
+
+        // The tag goes: the peer is removed.
+        tailnet.update(&peer.stable_id, |n| n.tags.clear()).unwrap();
+        wait_until("the removal", || recorder.updates.lock().len() >= 3).await;
+        assert!(recorder.updates.lock()[2].peers[0].remove);
+
+        let _ = stop_tx.send(true);
+        running.await.unwrap();
     }
 }
