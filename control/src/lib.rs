@@ -2,7 +2,8 @@
 //! tested. The command line ([`cli`]) reads the router's config file ([`config`]) and key
 //! files ([`key_file`]), installs the kernel routes to the TUN ([`routes`]), and hands the
 //! rest to the router runtime ([`router`]) or the demo ([`demo`]). Tailscale's side (LocalAPI,
-//! membership, the tailnet admin commands) is in [`tailscale`].
+//! membership, the tailnet admin commands) is in [`tailscale`]; the admin commands' command
+//! lines in [`tailnet_admin`].
 
 pub mod announcement;
 pub mod cli;
@@ -14,5 +15,6 @@ pub mod peer_source;
 pub mod reconcile;
 pub mod router;
 pub mod routes;
+pub mod tailnet_admin;
 pub mod tailscale;
 pub mod userspace;

@@ -43,7 +43,7 @@ fn parse<'a, T: Deserialize<'a>>(
 }
 
 /// `null` (Go's nil slice or map) reads as the default, like a missing field.
-fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub(crate) fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Default + Deserialize<'de>,

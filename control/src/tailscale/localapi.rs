@@ -94,6 +94,20 @@ impl LocalApi {
         documents::parse_status(&body).map_err(|source| document(request, source))
     }
 
+    /// This node only (`/status?peers=false`): cheap in a large tailnet.
+    pub async fn self_status(&self) -> Result<TailnetView, LocalApiError> {
+        let request = "GET /localapi/v0/status?peers=false";
+        let body = self
+            .fetch(
+                Method::GET,
+                "/localapi/v0/status?peers=false",
+                None,
+                request,
+            )
+            .await?;
+        documents::parse_status(&body).map_err(|source| document(request, source))
+    }
+
     /// The node owning a tailnet address (`/whois`); `None` when tailscaled knows none (404).
     pub async fn whois(&self, addr: SocketAddr) -> Result<Option<TailnetNode>, LocalApiError> {
         // `[` and `]` of an IPv6 address are not allowed in a query: escape them.

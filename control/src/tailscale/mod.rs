@@ -16,6 +16,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+pub mod admin;
+pub mod cloud;
 pub mod documents;
 pub mod localapi;
 pub mod membership;
