@@ -11,6 +11,7 @@
 //! documents its invariants and provides `seeds()`, the small inputs `fuzz-seeds` writes.
 
 pub mod allowed_ips;
+pub mod announcement;
 pub mod config;
 pub mod gro_coalesce;
 pub mod headers;
@@ -60,6 +61,11 @@ pub const TARGETS: &[Target] = &[
         name: "allowed_ips",
         run: allowed_ips::run,
         seeds: allowed_ips::seeds,
+    },
+    Target {
+        name: "announcement",
+        run: announcement::run,
+        seeds: announcement::seeds,
     },
 ];
 
