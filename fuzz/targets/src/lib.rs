@@ -15,6 +15,7 @@ pub mod config;
 pub mod gro_coalesce;
 pub mod headers;
 pub mod input;
+pub mod localapi;
 pub mod packets;
 pub mod support;
 pub mod tun_read;
@@ -60,6 +61,11 @@ pub const TARGETS: &[Target] = &[
         name: "allowed_ips",
         run: allowed_ips::run,
         seeds: allowed_ips::seeds,
+    },
+    Target {
+        name: "localapi",
+        run: localapi::run,
+        seeds: localapi::seeds,
     },
 ];
 
