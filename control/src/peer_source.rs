@@ -31,7 +31,7 @@ use crate::announcement::fetch::{fetch_many, Target, MAX_CONCURRENT_FETCHES};
 use crate::announcement::server::{self, Caller, Whois};
 use crate::announcement::{accept, Announcement};
 use crate::config::{PeerConfig, TailscaleConfig};
-use crate::reconcile::{desired_peers, Applier, TailscalePeer};
+use crate::reconcile::{desired_peers, Applier, Desired, TailscalePeer};
 use crate::tailscale::{cluster_nodes, ClusterNode, LocalApi, TailnetView};
 
 /// After a watch message, wait this long for more before re-reading the status.
@@ -223,14 +223,7 @@ impl PeerSource {
     async fn sync(&mut self, view: TailnetView) {
         self.serve_on(&view.self_node.tailnet_ips);
         self.self_ips = view.self_node.tailnet_ips.clone();
-        let nodes: Vec<ClusterNode> = cluster_nodes(
-            &view,
-            &self.settings.tailscale.tag,
-            &self.settings.cluster_cidrs,
-        )
-        .into_iter()
-        .filter(|n| !n.pod_cidrs.is_empty())
-        .collect();
+        let nodes = cluster_nodes_with_pods(&view, &self.settings);
 
         // Forget nodes that left, lost the tag or every approved pod CIDR.
         let before = self.known.len();
@@ -300,23 +293,9 @@ impl PeerSource {
             }
         }
 
-        let peers: Vec<TailscalePeer> = nodes
-            .iter()
-            .filter_map(|n| {
-                let a = self.known.get(&n.node.stable_id)?.announcement.as_ref()?;
-                Some(TailscalePeer {
-                    stable_id: n.node.stable_id.clone(),
-                    host_name: n.node.host_name.clone(),
-                    accepted: accept(a, &n.pod_cidrs),
-                })
-            })
-            .collect();
-        let desired = desired_peers(
-            &self.settings.statics,
-            &self.settings.preshared,
-            &peers,
-            &self.settings.own_pod_cidrs,
-        );
+        let desired = desired_from_nodes(&nodes, &self.settings, |id| {
+            self.known.get(id)?.announcement.as_ref()
+        });
         let applier = self.applier.clone();
         let applied = tokio::task::spawn_blocking(move || applier.lock().apply(desired)).await;
         match applied {
@@ -396,6 +375,41 @@ impl PeerSource {
             }
         }
     }
+}
+
+/// The pure part of a resync: the cluster nodes of a view, each with its approved pod CIDRs
+/// ([`cluster_nodes`], minus nodes with none). Allocation and time are linear in the peers.
+pub fn cluster_nodes_with_pods(view: &TailnetView, settings: &SourceSettings) -> Vec<ClusterNode> {
+    cluster_nodes(view, &settings.tailscale.tag, &settings.cluster_cidrs)
+        .into_iter()
+        .filter(|n| !n.pod_cidrs.is_empty())
+        .collect()
+}
+
+/// The desired peer set from cluster nodes and their (cached) announcements: static peers,
+/// plus every node whose announcement is known, with its pod CIDRs cut down to the approved.
+pub fn desired_from_nodes<'a>(
+    nodes: &[ClusterNode],
+    settings: &SourceSettings,
+    announcement_of: impl Fn(&str) -> Option<&'a Announcement>,
+) -> Desired {
+    let peers: Vec<TailscalePeer> = nodes
+        .iter()
+        .filter_map(|n| {
+            let a = announcement_of(&n.node.stable_id)?;
+            Some(TailscalePeer {
+                stable_id: n.node.stable_id.clone(),
+                host_name: n.node.host_name.clone(),
+                accepted: accept(a, &n.pod_cidrs),
+            })
+        })
+        .collect();
+    desired_peers(
+        &settings.statics,
+        &settings.preshared,
+        &peers,
+        &settings.own_pod_cidrs,
+    )
 }
 
 /// Follows watch-ipn-bus: every message (and every reconnection) signals "re-read".
