@@ -38,6 +38,11 @@ use crate::tailscale::{cluster_nodes, ClusterNode, LocalApi, TailnetView};
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 /// The first retry delay after a failure; it doubles up to `resync`.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The shortest time between two fetches of an unchanged node's announcement. Nothing in the
+/// tailnet status changes when a node's router restarts with a new WireGuard key (a lost key
+/// file), so known announcements are re-read slowly: every 10 × `resync`, at least this, with
+/// a per-node spread so a large cluster does not re-fetch all at once.
+pub const MIN_ANNOUNCEMENT_REFRESH: Duration = Duration::from_secs(300);
 
 /// Everything the source needs from the config file.
 #[derive(Debug, Clone)]
@@ -107,6 +112,9 @@ struct Known {
     announcement: Option<Announcement>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the announcement is re-read even if nothing changed (see
+    /// [`MIN_ANNOUNCEMENT_REFRESH`]).
+    refresh_at: Option<Instant>,
 }
 
 /// The running source (see the module comment).
@@ -215,6 +223,17 @@ impl PeerSource {
         watcher.abort();
     }
 
+    /// How long until an unchanged node's announcement is re-read: 10 × resync (at least
+    /// [`MIN_ANNOUNCEMENT_REFRESH`]) plus up to half of that again, spread by stable ID.
+    fn refresh_after(&self, stable_id: &str) -> Duration {
+        let base = (self.settings.tailscale.resync * 10).max(MIN_ANNOUNCEMENT_REFRESH);
+        let spread = stable_id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+            % 1000;
+        base + base / 2 * spread / 1000
+    }
+
     fn next_retry(&self) -> Option<Instant> {
         self.known.values().filter_map(|k| k.retry_at).min()
     }
@@ -237,7 +256,8 @@ impl PeerSource {
             let due = match self.known.get(&n.node.stable_id) {
                 None => true,
                 Some(k) if k.tailnet_ips != n.node.tailnet_ips => true,
-                Some(k) => k.announcement.is_none() && k.retry_at.is_none_or(|r| r <= now),
+                Some(k) if k.announcement.is_some() => k.refresh_at.is_some_and(|r| r <= now),
+                Some(k) => k.retry_at.is_none_or(|r| r <= now),
             };
             if due {
                 targets.push((
@@ -252,14 +272,26 @@ impl PeerSource {
                 let Some(node) = nodes.iter().find(|n| n.node.stable_id == id) else {
                     continue;
                 };
+                let refresh_after = self.refresh_after(&id);
                 let entry = self.known.entry(id).or_insert_with(|| Known {
                     tailnet_ips: node.node.tailnet_ips.clone(),
                     announcement: None,
                     failures: 0,
                     retry_at: None,
+                    refresh_at: None,
                 });
+                let moved = entry.tailnet_ips != node.node.tailnet_ips;
                 entry.tailnet_ips = node.node.tailnet_ips.clone();
                 match result {
+                    // A failed refresh of a known, unmoved node keeps what it announced: its
+                    // router may be restarting, and its session must not drop for that.
+                    Err(e) if entry.announcement.is_some() && !moved => {
+                        tracing::debug!(
+                            node = %node.node.host_name,
+                            "refreshing the node's announcement failed, keeping the last: {e}"
+                        );
+                        entry.refresh_at = Some(Instant::now() + self.settings.tailscale.resync);
+                    }
                     Ok(a) => {
                         if entry.announcement.as_ref() != Some(&a) {
                             tracing::info!(
@@ -273,6 +305,7 @@ impl PeerSource {
                         entry.announcement = Some(a);
                         entry.failures = 0;
                         entry.retry_at = None;
+                        entry.refresh_at = Some(Instant::now() + refresh_after);
                     }
                     Err(e) => {
                         if entry.failures == 0 {
@@ -612,5 +645,45 @@ mod tests {
 
         let _ = stop_tx.send(true);
         running.await.unwrap();
+    }
+
+    #[test]
+    fn unchanged_announcements_are_refreshed_slowly_and_spread() {
+        let applier = Applier::start(
+            Arc::new(Recorder::default()),
+            None,
+            DeviceUpdate::default(),
+            Default::default(),
+        )
+        .unwrap();
+        let settings = SourceSettings {
+            tailscale: TailscaleConfig {
+                socket: "/nonexistent".into(),
+                tag: "tag:k8s-node".into(),
+                announce_port: 1,
+                resync: Duration::from_secs(60),
+            },
+            cluster_cidrs: Vec::new(),
+            own_pod_cidrs: Vec::new(),
+            statics: Vec::new(),
+            preshared: BTreeMap::new(),
+        };
+        let mine = Announcement {
+            public_key: Key::generate_private().public_key(),
+            listen_port: 1,
+            endpoints: Vec::new(),
+            pod_cidrs: Vec::new(),
+        };
+        let source = PeerSource::new(settings, Arc::new(Mutex::new(applier)), &mine);
+        let base = Duration::from_secs(600);
+        let delays: Vec<Duration> = (0..50)
+            .map(|i| source.refresh_after(&format!("n{i:02}CNTRL")))
+            .collect();
+        assert!(
+            delays.iter().all(|d| (base..=base * 3 / 2).contains(d)),
+            "{delays:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 25, "refreshes are not spread: {delays:?}");
     }
 }
