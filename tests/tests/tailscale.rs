@@ -18,6 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use tailsk8s_e2e::config_router::{rules_for_table, table_routes, ROUTE_TABLE};
 use tailsk8s_e2e::{
     ping, ping_with_deadline, require_netns, tailsk8s_binary, ConfigRouter, KeyPair, Netns,
     Topology, TopologyBuilder, WgDump,
@@ -166,6 +167,28 @@ fn wait_for_peers(
     }
 }
 
+/// The prefixes router `i`'s node routes to its TUN from the router's table.
+fn routed(topology: &Topology, router: &ConfigRouter<'_>, i: usize) -> Vec<IpNet> {
+    let mut prefixes: Vec<IpNet> = table_routes(topology.nodes()[i].netns(), ROUTE_TABLE)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.device.as_deref() == Some(router.ifname()))
+        .map(|r| r.prefix)
+        .collect();
+    prefixes.sort();
+    prefixes
+}
+
+/// The pod CIDRs of nodes `of`, sorted.
+fn pod_cidrs_of(topology: &Topology, of: &[usize]) -> Vec<IpNet> {
+    let mut prefixes: Vec<IpNet> = of
+        .iter()
+        .flat_map(|&j| topology.nodes()[j].pod_cidrs())
+        .collect();
+    prefixes.sort();
+    prefixes
+}
+
 /// Every pod of nodes `from` pings every pod of the other nodes in `to` (IPv4 and IPv6).
 fn all_pods_ping(topology: &Topology, from: &[usize], to: &[usize]) {
     for &a in from {
@@ -222,6 +245,10 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
     let all = [0, 1, 2];
     wait_for_peers(&routers, &topology, &keys, &all, &all, DISCOVERY);
     all_pods_ping(&topology, &all, &all);
+    assert_eq!(
+        routed(&topology, &routers[0], 0),
+        pod_cidrs_of(&topology, &[1, 2])
+    );
     // The direct endpoint is the announced underlay address.
     let dump = routers[0].dump().unwrap();
     let endpoint = dump.peer(keys[1].public()).unwrap().endpoint.unwrap();
@@ -263,6 +290,11 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         "node 3's pod is still reachable after its route was withdrawn"
     );
     all_pods_ping(&topology, &[0, 1], &[0, 1]);
+    // Its routes went with it; the others' stayed.
+    assert_eq!(
+        routed(&topology, &routers[0], 0),
+        pod_cidrs_of(&topology, &[1])
+    );
     assert_eq!(handshake_of(&routers[0], keys[1].public()), Some(hs_12));
     assert_eq!(handshake_of(&routers[1], keys[0].public()), Some(hs_21));
 
@@ -319,4 +351,11 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         1,
         "one line per state change, not per retry:\n{log}"
     );
+
+    // On exit every route and rule of the router is gone.
+    routers[0].stop();
+    assert!(routed(&topology, &routers[0], 0).is_empty());
+    assert!(rules_for_table(topology.nodes()[0].netns(), ROUTE_TABLE)
+        .unwrap()
+        .is_empty());
 }
