@@ -611,6 +611,12 @@ mod tests {
             assert_eq!(added[0].endpoint, Some("198.18.0.2:51820".parse().unwrap()));
         }
         assert_eq!(*freshness.lock(), Freshness::Fresh);
+        // Our own announcement server, on our "tailnet address", answers the tagged peer.
+        let ours = crate::announcement::fetch::fetch(Target {
+            peer: std::net::SocketAddr::new(lo(41), port),
+            local: Some(lo(42)),
+        });
+        assert_eq!(ours.await.unwrap(), mine);
 
         // Garbage, errors, silence and no socket: stale, and the data plane is not touched.
         for behaviour in [Behaviour::Garbage, Behaviour::Error(500), Behaviour::Silent] {
@@ -642,6 +648,24 @@ mod tests {
         tailnet.update(&peer.stable_id, |n| n.tags.clear()).unwrap();
         wait_until("the removal", || recorder.updates.lock().len() >= 3).await;
         assert!(recorder.updates.lock()[2].peers[0].remove);
+        // And, untagged, it may no longer read our announcement (tailscaled's whois says so).
+        let refused = crate::announcement::fetch::fetch(Target {
+            peer: std::net::SocketAddr::new(lo(41), port),
+            local: Some(lo(42)),
+        });
+        assert!(matches!(
+            refused.await,
+            Err(crate::announcement::fetch::FetchError::Status { status: 403, .. })
+        ));
+        // Nor may an address tailscaled does not know.
+        let unknown = crate::announcement::fetch::fetch(Target {
+            peer: std::net::SocketAddr::new(lo(41), port),
+            local: Some(lo(43)),
+        });
+        assert!(matches!(
+            unknown.await,
+            Err(crate::announcement::fetch::FetchError::Status { status: 403, .. })
+        ));
 
         let _ = stop_tx.send(true);
         running.await.unwrap();
