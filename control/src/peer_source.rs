@@ -197,12 +197,21 @@ impl PeerSource {
                 tokio::time::sleep(DEBOUNCE).await;
                 while signal_rx.try_recv().is_ok() {}
             }
-            match self.localapi.status().await {
+            // A hung tailscaled or a slow peer must not hold up the router's exit.
+            let status = tokio::select! {
+                status = self.localapi.status() => status,
+                () = stopped(&mut shutdown) => break,
+            };
+            match status {
                 Ok(view) if view.is_running() => {
                     self.health.fresh();
                     backoff = FIRST_BACKOFF;
                     next_read = Instant::now() + resync;
-                    self.sync(view).await;
+                    let mut stop = shutdown.clone();
+                    tokio::select! {
+                        () = self.sync(view) => {}
+                        () = stopped(&mut stop) => break,
+                    }
                 }
                 Ok(view) => {
                     self.health
@@ -445,6 +454,15 @@ pub fn desired_from_nodes<'a>(
     )
 }
 
+/// Completes when the stop switch turns true or its sender is gone.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Follows watch-ipn-bus: every message (and every reconnection) signals "re-read".
 async fn follow_watch(
     localapi: LocalApi,
@@ -667,8 +685,20 @@ mod tests {
             Err(crate::announcement::fetch::FetchError::Status { status: 403, .. })
         ));
 
+        // A hung tailscaled does not hold up the exit: stop while a status read hangs.
+        my_api.set_behaviour(Behaviour::Silent);
+        let seen = my_api.requests().len();
+        wait_until("a status read to hang", || {
+            my_api.requests()[seen..]
+                .iter()
+                .any(|r| r.target.contains("/status"))
+        })
+        .await;
         let _ = stop_tx.send(true);
-        running.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), running)
+            .await
+            .expect("the source stops at once")
+            .unwrap();
     }
 
     #[test]
