@@ -31,7 +31,8 @@ use crate::announcement::fetch::{fetch_many, Target, MAX_CONCURRENT_FETCHES};
 use crate::announcement::server::{self, Caller, Whois};
 use crate::announcement::{accept, Announcement};
 use crate::config::{PeerConfig, TailscaleConfig};
-use crate::reconcile::{desired_peers, Applier, Desired, TailscalePeer};
+use crate::path::{Endpoints, Observed, PathMonitor};
+use crate::reconcile::{desired_peers, Applier, Desired, Origin, TailscalePeer};
 use crate::tailscale::{cluster_nodes, ClusterNode, LocalApi, TailnetView};
 
 /// After a watch message, wait this long for more before re-reading the status.
@@ -130,6 +131,8 @@ pub struct PeerSource {
     /// The tailnet addresses the announcement server is bound to, and its stop switch.
     served: Option<(Vec<IpAddr>, watch::Sender<bool>)>,
     self_ips: Vec<IpAddr>,
+    /// Direct or tailnet path per Tailscale peer (see [`crate::path`]).
+    paths: Arc<Mutex<PathMonitor>>,
 }
 
 impl PeerSource {
@@ -156,6 +159,7 @@ impl PeerSource {
             apply_failing: false,
             served: None,
             self_ips: Vec::new(),
+            paths: Arc::default(),
         }
     }
 
@@ -167,6 +171,10 @@ impl PeerSource {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let (signal_tx, mut signal_rx) = mpsc::channel::<()>(1);
+        let path_watch = tokio::spawn(watch_paths(
+            self.paths.clone(),
+            self.applier.lock().device(),
+        ));
         let watcher = tokio::spawn(follow_watch(
             self.localapi.clone(),
             signal_tx,
@@ -230,6 +238,7 @@ impl PeerSource {
             let _ = stop.send(true);
         }
         watcher.abort();
+        path_watch.abort();
     }
 
     /// How long until an unchanged node's announcement is re-read: 10 × resync (at least
@@ -338,6 +347,29 @@ impl PeerSource {
         let desired = desired_from_nodes(&nodes, &self.settings, |id| {
             self.known.get(id)?.announcement.as_ref()
         });
+        let paths: Vec<(Key, Endpoints)> = desired
+            .peers
+            .values()
+            .filter_map(|peer| {
+                let Origin::Tailscale { stable_id, .. } = &peer.origin else {
+                    return None;
+                };
+                let known = self.known.get(stable_id)?;
+                let port = known.announcement.as_ref()?.listen_port;
+                let mut ips = known.tailnet_ips.clone();
+                ips.sort_by_key(|ip| ip.is_ipv6());
+                Some((
+                    peer.public_key,
+                    Endpoints {
+                        direct: peer.endpoint?,
+                        tailnet: std::net::SocketAddr::new(*ips.first()?, port),
+                    },
+                ))
+            })
+            .collect();
+        self.paths
+            .lock()
+            .set_peers(paths, std::time::Instant::now());
         let applier = self.applier.clone();
         let applied = tokio::task::spawn_blocking(move || applier.lock().apply(desired)).await;
         match applied {
@@ -452,6 +484,56 @@ pub fn desired_from_nodes<'a>(
         &peers,
         &settings.own_pod_cidrs,
     )
+}
+
+/// How often the data plane's counters are read for the path choice.
+pub const PATH_TICK: Duration = Duration::from_secs(1);
+
+/// Reads the data plane every [`PATH_TICK`] and moves peers between their direct and tailnet
+/// endpoints as [`PathMonitor`] decides (`update_only` endpoint changes, nothing else).
+async fn watch_paths(
+    paths: Arc<Mutex<PathMonitor>>,
+    device: Arc<dyn tailsk8s_dataplane::config::DeviceControl>,
+) {
+    let mut tick = tokio::time::interval(PATH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let device_now = device.clone();
+        let Ok(snapshot) = tokio::task::spawn_blocking(move || device_now.get()).await else {
+            continue;
+        };
+        let observed: Vec<Observed> = snapshot
+            .peers
+            .iter()
+            .map(|p| Observed {
+                public_key: p.public_key,
+                endpoint: p.endpoint,
+                rx_bytes: p.rx_bytes,
+            })
+            .collect();
+        let changes = paths.lock().tick(&observed, std::time::Instant::now());
+        if changes.is_empty() {
+            continue;
+        }
+        let update = tailsk8s_dataplane::config::DeviceUpdate {
+            peers: changes
+                .into_iter()
+                .map(
+                    |(key, endpoint, _)| tailsk8s_dataplane::config::PeerUpdate {
+                        update_only: true,
+                        endpoint: Some(endpoint),
+                        ..tailsk8s_dataplane::config::PeerUpdate::new(key)
+                    },
+                )
+                .collect(),
+            ..Default::default()
+        };
+        let device_now = device.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || device_now.set(update)).await {
+            tracing::warn!("cannot change a peer's path: {e}");
+        }
+    }
 }
 
 /// Completes when the stop switch turns true or its sender is gone.
