@@ -136,3 +136,48 @@ fn cloud_api_needs_a_key_and_serves_devices_and_routes() {
     assert!(doc["devices"][0].get("enabledRoutes").is_none());
     assert_eq!(server.requests().len(), 4);
 }
+
+#[test]
+fn each_node_sees_itself_as_self_and_the_others_as_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let tailnet = tailnet();
+    let servers: Vec<LocalApiServer> = (0..2)
+        .map(|i| {
+            let socket = dir.path().join(format!("ts{i}.sock"));
+            LocalApiServer::start(&tailnet, &SimNode::numbered(i).stable_id, socket).unwrap()
+        })
+        .collect();
+    let status = |i: usize| -> serde_json::Value {
+        let stream = UnixStream::connect(servers[i].socket()).unwrap();
+        let (code, body) = raw(
+            stream,
+            &get("/localapi/v0/status", "local-tailscaled.sock", ""),
+        );
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).unwrap()
+    };
+    for (me, other) in [(0u8, 1u8), (1, 0)] {
+        let doc = status(usize::from(me));
+        assert_eq!(doc["Self"]["ID"], SimNode::numbered(me).stable_id);
+        let peers = doc["Peer"].as_object().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            peers[SimNode::numbered(other).public_key.as_str()]["ID"],
+            SimNode::numbered(other).stable_id
+        );
+    }
+    // A change shows in both views; a removed node leaves the other's peers.
+    tailnet.update(&SimNode::numbered(1).stable_id, |n| n.tags.clear());
+    assert_eq!(
+        status(0)["Peer"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()["Tags"],
+        serde_json::Value::Null
+    );
+    tailnet.remove(&SimNode::numbered(0).stable_id);
+    assert!(status(1)["Peer"].as_object().unwrap().is_empty());
+    assert_eq!(status(0)["BackendState"], "NeedsLogin");
+}

@@ -50,6 +50,8 @@ pub enum LocalApiError {
         status: StatusCode,
         message: String,
     },
+    #[error("LocalAPI {request}: cannot build the request: {reason}")]
+    Request { request: String, reason: String },
     #[error("LocalAPI {request}: reply larger than {limit} bytes")]
     TooLarge { request: String, limit: usize },
     #[error("LocalAPI {request}: {source}")]
@@ -217,10 +219,9 @@ impl LocalApi {
         }
         let request_value = builder
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| LocalApiError::Status {
+            .map_err(|e| LocalApiError::Request {
                 request: request.to_string(),
-                status: StatusCode::BAD_REQUEST,
-                message: format!("cannot build the request: {e}"),
+                reason: e.to_string(),
             })?;
         sender.send_request(request_value).await.map_err(http)
     }

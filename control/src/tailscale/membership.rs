@@ -24,7 +24,7 @@ pub struct ClusterNode {
 pub fn cluster_nodes(view: &TailnetView, tag: &str, cluster_cidrs: &[IpNet]) -> Vec<ClusterNode> {
     view.peers
         .iter()
-        .filter(|peer| peer.tags.iter().any(|t| t == tag))
+        .filter(|peer| peer.has_tag(tag))
         .map(|peer| ClusterNode {
             node: peer.clone(),
             pod_cidrs: pod_cidrs(peer, cluster_cidrs),

@@ -46,6 +46,13 @@ pub struct TailnetNode {
     pub online: bool,
 }
 
+impl TailnetNode {
+    /// Whether the node carries `tag` (exactly: `tag:k8s` is not `tag:k8s-node`).
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
 /// The tailnet as one LocalAPI status document shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TailnetView {

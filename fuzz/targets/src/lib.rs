@@ -16,6 +16,7 @@ pub mod config;
 pub mod gro_coalesce;
 pub mod headers;
 pub mod input;
+pub mod localapi;
 pub mod packets;
 pub mod support;
 pub mod tun_read;
@@ -66,6 +67,11 @@ pub const TARGETS: &[Target] = &[
         name: "announcement",
         run: announcement::run,
         seeds: announcement::seeds,
+    },
+    Target {
+        name: "localapi",
+        run: localapi::run,
+        seeds: localapi::seeds,
     },
 ];
 
