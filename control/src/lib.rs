@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod endpoints;
 pub mod key_file;
+pub mod path;
 pub mod peer_source;
 pub mod pod_cidr;
 pub mod reconcile;

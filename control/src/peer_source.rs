@@ -31,13 +31,19 @@ use crate::announcement::fetch::{fetch_many, Target, MAX_CONCURRENT_FETCHES};
 use crate::announcement::server::{self, Caller, Whois};
 use crate::announcement::{accept, Announcement};
 use crate::config::{PeerConfig, TailscaleConfig};
-use crate::reconcile::{desired_peers, Applier, TailscalePeer};
+use crate::path::{Endpoints, Observed, PathMonitor};
+use crate::reconcile::{desired_peers, Applier, Desired, Origin, TailscalePeer};
 use crate::tailscale::{cluster_nodes, ClusterNode, LocalApi, TailnetView};
 
 /// After a watch message, wait this long for more before re-reading the status.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 /// The first retry delay after a failure; it doubles up to `resync`.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The shortest time between two fetches of an unchanged node's announcement. Nothing in the
+/// tailnet status changes when a node's router restarts with a new WireGuard key (a lost key
+/// file), so known announcements are re-read slowly: every 10 × `resync`, at least this, with
+/// a per-node spread so a large cluster does not re-fetch all at once.
+pub const MIN_ANNOUNCEMENT_REFRESH: Duration = Duration::from_secs(300);
 
 /// Everything the source needs from the config file.
 #[derive(Debug, Clone)]
@@ -107,6 +113,9 @@ struct Known {
     announcement: Option<Announcement>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the announcement is re-read even if nothing changed (see
+    /// [`MIN_ANNOUNCEMENT_REFRESH`]).
+    refresh_at: Option<Instant>,
 }
 
 /// The running source (see the module comment).
@@ -122,6 +131,8 @@ pub struct PeerSource {
     /// The tailnet addresses the announcement server is bound to, and its stop switch.
     served: Option<(Vec<IpAddr>, watch::Sender<bool>)>,
     self_ips: Vec<IpAddr>,
+    /// Direct or tailnet path per Tailscale peer (see [`crate::path`]).
+    paths: Arc<Mutex<PathMonitor>>,
 }
 
 impl PeerSource {
@@ -148,6 +159,7 @@ impl PeerSource {
             apply_failing: false,
             served: None,
             self_ips: Vec::new(),
+            paths: Arc::default(),
         }
     }
 
@@ -159,6 +171,10 @@ impl PeerSource {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let (signal_tx, mut signal_rx) = mpsc::channel::<()>(1);
+        let path_watch = tokio::spawn(watch_paths(
+            self.paths.clone(),
+            self.applier.lock().device(),
+        ));
         let watcher = tokio::spawn(follow_watch(
             self.localapi.clone(),
             signal_tx,
@@ -189,12 +205,21 @@ impl PeerSource {
                 tokio::time::sleep(DEBOUNCE).await;
                 while signal_rx.try_recv().is_ok() {}
             }
-            match self.localapi.status().await {
+            // A hung tailscaled or a slow peer must not hold up the router's exit.
+            let status = tokio::select! {
+                status = self.localapi.status() => status,
+                () = stopped(&mut shutdown) => break,
+            };
+            match status {
                 Ok(view) if view.is_running() => {
                     self.health.fresh();
                     backoff = FIRST_BACKOFF;
                     next_read = Instant::now() + resync;
-                    self.sync(view).await;
+                    let mut stop = shutdown.clone();
+                    tokio::select! {
+                        () = self.sync(view) => {}
+                        () = stopped(&mut stop) => break,
+                    }
                 }
                 Ok(view) => {
                     self.health
@@ -213,6 +238,18 @@ impl PeerSource {
             let _ = stop.send(true);
         }
         watcher.abort();
+        path_watch.abort();
+    }
+
+    /// How long until an unchanged node's announcement is re-read: 10 × resync (at least
+    /// [`MIN_ANNOUNCEMENT_REFRESH`]) plus up to half of that again, spread by stable ID.
+    fn refresh_after(&self, stable_id: &str) -> Duration {
+        let base = (self.settings.tailscale.resync * 10).max(MIN_ANNOUNCEMENT_REFRESH);
+        let spread = stable_id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+            % 1000;
+        base + base / 2 * spread / 1000
     }
 
     fn next_retry(&self) -> Option<Instant> {
@@ -223,14 +260,7 @@ impl PeerSource {
     async fn sync(&mut self, view: TailnetView) {
         self.serve_on(&view.self_node.tailnet_ips);
         self.self_ips = view.self_node.tailnet_ips.clone();
-        let nodes: Vec<ClusterNode> = cluster_nodes(
-            &view,
-            &self.settings.tailscale.tag,
-            &self.settings.cluster_cidrs,
-        )
-        .into_iter()
-        .filter(|n| !n.pod_cidrs.is_empty())
-        .collect();
+        let nodes = cluster_nodes_with_pods(&view, &self.settings);
 
         // Forget nodes that left, lost the tag or every approved pod CIDR.
         let before = self.known.len();
@@ -244,7 +274,8 @@ impl PeerSource {
             let due = match self.known.get(&n.node.stable_id) {
                 None => true,
                 Some(k) if k.tailnet_ips != n.node.tailnet_ips => true,
-                Some(k) => k.announcement.is_none() && k.retry_at.is_none_or(|r| r <= now),
+                Some(k) if k.announcement.is_some() => k.refresh_at.is_some_and(|r| r <= now),
+                Some(k) => k.retry_at.is_none_or(|r| r <= now),
             };
             if due {
                 targets.push((
@@ -259,14 +290,26 @@ impl PeerSource {
                 let Some(node) = nodes.iter().find(|n| n.node.stable_id == id) else {
                     continue;
                 };
+                let refresh_after = self.refresh_after(&id);
                 let entry = self.known.entry(id).or_insert_with(|| Known {
                     tailnet_ips: node.node.tailnet_ips.clone(),
                     announcement: None,
                     failures: 0,
                     retry_at: None,
+                    refresh_at: None,
                 });
+                let moved = entry.tailnet_ips != node.node.tailnet_ips;
                 entry.tailnet_ips = node.node.tailnet_ips.clone();
                 match result {
+                    // A failed refresh of a known, unmoved node keeps what it announced: its
+                    // router may be restarting, and its session must not drop for that.
+                    Err(e) if entry.announcement.is_some() && !moved => {
+                        tracing::debug!(
+                            node = %node.node.host_name,
+                            "refreshing the node's announcement failed, keeping the last: {e}"
+                        );
+                        entry.refresh_at = Some(Instant::now() + self.settings.tailscale.resync);
+                    }
                     Ok(a) => {
                         if entry.announcement.as_ref() != Some(&a) {
                             tracing::info!(
@@ -280,6 +323,7 @@ impl PeerSource {
                         entry.announcement = Some(a);
                         entry.failures = 0;
                         entry.retry_at = None;
+                        entry.refresh_at = Some(Instant::now() + refresh_after);
                     }
                     Err(e) => {
                         if entry.failures == 0 {
@@ -300,23 +344,32 @@ impl PeerSource {
             }
         }
 
-        let peers: Vec<TailscalePeer> = nodes
-            .iter()
-            .filter_map(|n| {
-                let a = self.known.get(&n.node.stable_id)?.announcement.as_ref()?;
-                Some(TailscalePeer {
-                    stable_id: n.node.stable_id.clone(),
-                    host_name: n.node.host_name.clone(),
-                    accepted: accept(a, &n.pod_cidrs),
-                })
+        let desired = desired_from_nodes(&nodes, &self.settings, |id| {
+            self.known.get(id)?.announcement.as_ref()
+        });
+        let paths: Vec<(Key, Endpoints)> = desired
+            .peers
+            .values()
+            .filter_map(|peer| {
+                let Origin::Tailscale { stable_id, .. } = &peer.origin else {
+                    return None;
+                };
+                let known = self.known.get(stable_id)?;
+                let port = known.announcement.as_ref()?.listen_port;
+                let mut ips = known.tailnet_ips.clone();
+                ips.sort_by_key(|ip| ip.is_ipv6());
+                Some((
+                    peer.public_key,
+                    Endpoints {
+                        direct: peer.endpoint?,
+                        tailnet: std::net::SocketAddr::new(*ips.first()?, port),
+                    },
+                ))
             })
             .collect();
-        let desired = desired_peers(
-            &self.settings.statics,
-            &self.settings.preshared,
-            &peers,
-            &self.settings.own_pod_cidrs,
-        );
+        self.paths
+            .lock()
+            .set_peers(paths, std::time::Instant::now());
         let applier = self.applier.clone();
         let applied = tokio::task::spawn_blocking(move || applier.lock().apply(desired)).await;
         match applied {
@@ -394,6 +447,100 @@ impl PeerSource {
             Err(e) => {
                 tracing::warn!(addresses = ?ips, port, "cannot bind the announcement server (retrying at the next sync): {e}");
             }
+        }
+    }
+}
+
+/// The pure part of a resync: the cluster nodes of a view, each with its approved pod CIDRs
+/// ([`cluster_nodes`], minus nodes with none). Allocation and time are linear in the peers.
+pub fn cluster_nodes_with_pods(view: &TailnetView, settings: &SourceSettings) -> Vec<ClusterNode> {
+    cluster_nodes(view, &settings.tailscale.tag, &settings.cluster_cidrs)
+        .into_iter()
+        .filter(|n| !n.pod_cidrs.is_empty())
+        .collect()
+}
+
+/// The desired peer set from cluster nodes and their (cached) announcements: static peers,
+/// plus every node whose announcement is known, with its pod CIDRs cut down to the approved.
+pub fn desired_from_nodes<'a>(
+    nodes: &[ClusterNode],
+    settings: &SourceSettings,
+    announcement_of: impl Fn(&str) -> Option<&'a Announcement>,
+) -> Desired {
+    let peers: Vec<TailscalePeer> = nodes
+        .iter()
+        .filter_map(|n| {
+            let a = announcement_of(&n.node.stable_id)?;
+            Some(TailscalePeer {
+                stable_id: n.node.stable_id.clone(),
+                host_name: n.node.host_name.clone(),
+                accepted: accept(a, &n.pod_cidrs),
+            })
+        })
+        .collect();
+    desired_peers(
+        &settings.statics,
+        &settings.preshared,
+        &peers,
+        &settings.own_pod_cidrs,
+    )
+}
+
+/// How often the data plane's counters are read for the path choice.
+pub const PATH_TICK: Duration = Duration::from_secs(1);
+
+/// Reads the data plane every [`PATH_TICK`] and moves peers between their direct and tailnet
+/// endpoints as [`PathMonitor`] decides (`update_only` endpoint changes, nothing else).
+async fn watch_paths(
+    paths: Arc<Mutex<PathMonitor>>,
+    device: Arc<dyn tailsk8s_dataplane::config::DeviceControl>,
+) {
+    let mut tick = tokio::time::interval(PATH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let device_now = device.clone();
+        let Ok(snapshot) = tokio::task::spawn_blocking(move || device_now.get()).await else {
+            continue;
+        };
+        let observed: Vec<Observed> = snapshot
+            .peers
+            .iter()
+            .map(|p| Observed {
+                public_key: p.public_key,
+                endpoint: p.endpoint,
+                rx_bytes: p.rx_bytes,
+            })
+            .collect();
+        let changes = paths.lock().tick(&observed, std::time::Instant::now());
+        if changes.is_empty() {
+            continue;
+        }
+        let update = tailsk8s_dataplane::config::DeviceUpdate {
+            peers: changes
+                .into_iter()
+                .map(
+                    |(key, endpoint, _)| tailsk8s_dataplane::config::PeerUpdate {
+                        update_only: true,
+                        endpoint: Some(endpoint),
+                        ..tailsk8s_dataplane::config::PeerUpdate::new(key)
+                    },
+                )
+                .collect(),
+            ..Default::default()
+        };
+        let device_now = device.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || device_now.set(update)).await {
+            tracing::warn!("cannot change a peer's path: {e}");
+        }
+    }
+}
+
+/// Completes when the stop switch turns true or its sender is gone.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -564,6 +711,12 @@ mod tests {
             assert_eq!(added[0].endpoint, Some("198.18.0.2:51820".parse().unwrap()));
         }
         assert_eq!(*freshness.lock(), Freshness::Fresh);
+        // Our own announcement server, on our "tailnet address", answers the tagged peer.
+        let ours = crate::announcement::fetch::fetch(Target {
+            peer: std::net::SocketAddr::new(lo(41), port),
+            local: Some(lo(42)),
+        });
+        assert_eq!(ours.await.unwrap(), mine);
 
         // Garbage, errors, silence and no socket: stale, and the data plane is not touched.
         for behaviour in [Behaviour::Garbage, Behaviour::Error(500), Behaviour::Silent] {
@@ -595,8 +748,78 @@ mod tests {
         tailnet.update(&peer.stable_id, |n| n.tags.clear()).unwrap();
         wait_until("the removal", || recorder.updates.lock().len() >= 3).await;
         assert!(recorder.updates.lock()[2].peers[0].remove);
+        // And, untagged, it may no longer read our announcement (tailscaled's whois says so).
+        let refused = crate::announcement::fetch::fetch(Target {
+            peer: std::net::SocketAddr::new(lo(41), port),
+            local: Some(lo(42)),
+        });
+        assert!(matches!(
+            refused.await,
+            Err(crate::announcement::fetch::FetchError::Status { status: 403, .. })
+        ));
+        // Nor may an address tailscaled does not know.
+        let unknown = crate::announcement::fetch::fetch(Target {
+            peer: std::net::SocketAddr::new(lo(41), port),
+            local: Some(lo(43)),
+        });
+        assert!(matches!(
+            unknown.await,
+            Err(crate::announcement::fetch::FetchError::Status { status: 403, .. })
+        ));
 
+        // A hung tailscaled does not hold up the exit: stop while a status read hangs.
+        my_api.set_behaviour(Behaviour::Silent);
+        let seen = my_api.requests().len();
+        wait_until("a status read to hang", || {
+            my_api.requests()[seen..]
+                .iter()
+                .any(|r| r.target.contains("/status"))
+        })
+        .await;
         let _ = stop_tx.send(true);
-        running.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), running)
+            .await
+            .expect("the source stops at once")
+            .unwrap();
+    }
+
+    #[test]
+    fn unchanged_announcements_are_refreshed_slowly_and_spread() {
+        let applier = Applier::start(
+            Arc::new(Recorder::default()),
+            None,
+            DeviceUpdate::default(),
+            Default::default(),
+        )
+        .unwrap();
+        let settings = SourceSettings {
+            tailscale: TailscaleConfig {
+                socket: "/nonexistent".into(),
+                tag: "tag:k8s-node".into(),
+                announce_port: 1,
+                resync: Duration::from_secs(60),
+            },
+            cluster_cidrs: Vec::new(),
+            own_pod_cidrs: Vec::new(),
+            statics: Vec::new(),
+            preshared: BTreeMap::new(),
+        };
+        let mine = Announcement {
+            public_key: Key::generate_private().public_key(),
+            listen_port: 1,
+            endpoints: Vec::new(),
+            pod_cidrs: Vec::new(),
+        };
+        let source = PeerSource::new(settings, Arc::new(Mutex::new(applier)), &mine);
+        let base = Duration::from_secs(600);
+        let delays: Vec<Duration> = (0..50)
+            .map(|i| source.refresh_after(&format!("n{i:02}CNTRL")))
+            .collect();
+        assert!(
+            delays.iter().all(|d| (base..=base * 3 / 2).contains(d)),
+            "{delays:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 25, "refreshes are not spread: {delays:?}");
     }
 }

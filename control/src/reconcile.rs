@@ -36,8 +36,10 @@ use crate::announcement::Accepted;
 use crate::config::PeerConfig;
 use crate::routes::RouteManager;
 
-/// Keepalive for Tailscale peers: keeps NAT mappings and the path's liveness visible.
-pub const TAILSCALE_KEEPALIVE: u16 = 25;
+/// Keepalive for Tailscale peers: keeps NAT mappings open, and makes a live path heard every
+/// few seconds even when idle, which the path choice ([`crate::path`]) needs to tell a dead
+/// direct path within its 10 s. The cost is one 32-byte message per peer per 5 s each way.
+pub const TAILSCALE_KEEPALIVE: u16 = 5;
 
 /// Where a desired peer comes from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -424,6 +426,11 @@ impl Applier {
     /// The peers last applied.
     pub fn applied(&self) -> &BTreeMap<Key, DesiredPeer> {
         &self.applied
+    }
+
+    /// The data plane's door, for readers of its state (the path choice).
+    pub fn device(&self) -> Arc<dyn DeviceControl> {
+        self.device.clone()
     }
 
     /// The route manager, if any (the router cleans it up on exit).

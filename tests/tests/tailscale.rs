@@ -13,14 +13,15 @@
 //!
 //! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use tailsk8s_e2e::config_router::{rules_for_table, table_routes, ROUTE_TABLE};
 use tailsk8s_e2e::{
-    ping, ping_with_deadline, require_netns, tailsk8s_binary, ConfigRouter, KeyPair, Netns,
-    ShowDump, Topology, TopologyBuilder, WgDump,
+    ping, ping_with_deadline, require_netns, tailsk8s_binary, tcp_transfer, ConfigRouter, KeyPair,
+    Netns, ShowDump, Topology, TopologyBuilder, WgDump,
 };
 use tailsk8s_tailnet_sim::{LocalApiServer, SimNode, Tailnet};
 
@@ -166,6 +167,28 @@ fn wait_for_peers(
     }
 }
 
+/// The prefixes router `i`'s node routes to its TUN from the router's table.
+fn routed(topology: &Topology, router: &ConfigRouter<'_>, i: usize) -> Vec<IpNet> {
+    let mut prefixes: Vec<IpNet> = table_routes(topology.nodes()[i].netns(), ROUTE_TABLE)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.device.as_deref() == Some(router.ifname()))
+        .map(|r| r.prefix)
+        .collect();
+    prefixes.sort();
+    prefixes
+}
+
+/// The pod CIDRs of nodes `of`, sorted.
+fn pod_cidrs_of(topology: &Topology, of: &[usize]) -> Vec<IpNet> {
+    let mut prefixes: Vec<IpNet> = of
+        .iter()
+        .flat_map(|&j| topology.nodes()[j].pod_cidrs())
+        .collect();
+    prefixes.sort();
+    prefixes
+}
+
 /// Every pod of nodes `from` pings every pod of the other nodes in `to` (IPv4 and IPv6).
 fn all_pods_ping(topology: &Topology, from: &[usize], to: &[usize]) {
     for &a in from {
@@ -185,6 +208,124 @@ fn handshake_of(router: &ConfigRouter<'_>, key: &str) -> Option<u64> {
     router.dump().ok()?.peer(key)?.latest_handshake
 }
 
+/// A router per node, each with its LocalAPI stand-in, started in order.
+fn start_routers<'a>(
+    topology: &'a Topology,
+    sims: &[SimNode],
+    tailnet: &Tailnet,
+    keys: &[KeyPair],
+) -> (Vec<ConfigRouter<'a>>, Vec<LocalApiServer>) {
+    let mut routers = Vec::new();
+    let mut localapis = Vec::new();
+    for (i, node) in topology.nodes().iter().enumerate() {
+        let mut router = ConfigRouter::new(node.netns()).unwrap();
+        router.write_private_key(&keys[i]).unwrap();
+        let socket = router.dir().join("tailscaled.sock");
+        localapis.push(LocalApiServer::start(tailnet, &sims[i].stable_id, &socket).unwrap());
+        router
+            .write_config_text(&config_text(&router, topology, i, &socket))
+            .unwrap();
+        routers.push(router);
+    }
+    for router in &mut routers {
+        router.start().unwrap();
+    }
+    (routers, localapis)
+}
+
+/// Drops everything between underlay ports `a` and `b` in the underlay switch, silently
+/// (nftables bridge family on the switch: the nodes see no error, as in a real outage).
+fn partition(topology: &Topology, a: u8, b: u8) {
+    let switch = topology.underlay().expect("an underlay switch");
+    let script = format!(
+        "add table bridge partition\n\
+         add chain bridge partition forward {{ type filter hook forward priority 0; }}\n\
+         add rule bridge partition forward iifname \"n{a}\" oifname \"n{b}\" drop\n\
+         add rule bridge partition forward iifname \"n{b}\" oifname \"n{a}\" drop\n"
+    );
+    let path = tailsk8s_e2e::names::scratch_file("partition", "nft").unwrap();
+    std::fs::write(&path, script).unwrap();
+    let result = switch.exec("nft", &[std::ffi::OsStr::new("-f"), path.as_os_str()]);
+    let _ = std::fs::remove_file(&path);
+    result.unwrap();
+}
+
+/// Removes the partition.
+fn heal(topology: &Topology) {
+    let switch = topology.underlay().expect("an underlay switch");
+    switch
+        .exec("nft", &["delete", "table", "bridge", "partition"])
+        .unwrap();
+}
+
+fn endpoint_of(router: &ConfigRouter<'_>, key: &str) -> Option<SocketAddr> {
+    router.dump().ok()?.peer(key)?.endpoint
+}
+
+/// How often the router probes the direct path of a peer on the tailnet path (its
+/// `path::PROBE_EVERY`).
+const PATH_PROBE: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_silent_underlay_partition_moves_the_pair_to_the_tailnet_path_and_back() {
+    if !require_netns() {
+        return;
+    }
+    let binary = tailsk8s_binary().unwrap();
+    let topology = TopologyBuilder::new(3).build().unwrap();
+    let sims: Vec<SimNode> = (0..3).map(|i| sim_node(&topology, i)).collect();
+    let _tailnet_link = build_tailnet_link(&topology, &sims).unwrap();
+    let tailnet = Tailnet::new();
+    for sim in &sims {
+        tailnet.add(sim.clone());
+    }
+    let keys: Vec<KeyPair> = (0..3)
+        .map(|_| KeyPair::generate(&binary).unwrap())
+        .collect();
+    let (routers, _localapis) = start_routers(&topology, &sims, &tailnet, &keys);
+    let all = [0, 1, 2];
+    wait_for_peers(&routers, &topology, &keys, &all, &all, DISCOVERY);
+    all_pods_ping(&topology, &[0], &[1, 2]);
+    let direct2 = SocketAddr::new(topology.nodes()[1].underlay_v4().into(), 51820);
+    let tailnet2 = SocketAddr::new(sims[1].tailnet_ips[0], 51820);
+    let tailnet1 = SocketAddr::new(sims[0].tailnet_ips[0], 51820);
+    assert_eq!(endpoint_of(&routers[0], keys[1].public()), Some(direct2));
+
+    // Cut the underlay between nodes 1 and 2: both move to the tailnet path within 15 s.
+    let cut = Instant::now();
+    partition(&topology, 1, 2);
+    let pod1 = &topology.nodes()[0].pods()[0];
+    let pod2 = &topology.nodes()[1].pods()[0];
+    wait_for(
+        "pod traffic between nodes 1 and 2 again",
+        Duration::from_secs(25),
+        || ping_with_deadline(pod1.netns(), pod2.ip(false), 1, Duration::from_secs(1)).ok(),
+    );
+    let moved = cut.elapsed();
+    eprintln!("pod traffic flows again {moved:?} after the cut");
+    assert_eq!(endpoint_of(&routers[0], keys[1].public()), Some(tailnet2));
+    assert_eq!(endpoint_of(&routers[1], keys[0].public()), Some(tailnet1));
+    assert!(moved <= Duration::from_secs(15), "the move took {moved:?}");
+    all_pods_ping(&topology, &[0, 1], &[0, 1]);
+    // Full-size packets over tailscale0's 1280-byte MTU: outer datagrams are fragmented.
+    let report = tcp_transfer(pod1.netns(), pod2.netns(), pod2.ip(false), 4 << 20).unwrap();
+    report.verify(pod1.ip(false)).unwrap();
+    let report = tcp_transfer(pod2.netns(), pod1.netns(), pod1.ip(true), 4 << 20).unwrap();
+    report.verify(pod2.ip(true)).unwrap();
+    // Node 3 is still reached directly.
+    let direct3 = SocketAddr::new(topology.nodes()[2].underlay_v4().into(), 51820);
+    assert_eq!(endpoint_of(&routers[0], keys[2].public()), Some(direct3));
+
+    // Heal: back on the direct path at the next probe.
+    heal(&topology);
+    wait_for(
+        "node 1 to use node 2's direct endpoint again",
+        PATH_PROBE + Duration::from_secs(10),
+        || (endpoint_of(&routers[0], keys[1].public()) == Some(direct2)).then_some(()),
+    );
+    all_pods_ping(&topology, &[0, 1], &[0, 1]);
+}
+
 #[test]
 fn peers_come_and_go_with_tailscale_membership_and_approval() {
     if !require_netns() {
@@ -202,26 +343,16 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
     let keys: Vec<KeyPair> = (0..3)
         .map(|_| KeyPair::generate(&binary).unwrap())
         .collect();
-    let mut routers = Vec::new();
-    let mut localapis = Vec::new();
-    for (i, node) in topology.nodes().iter().enumerate() {
-        let mut router = ConfigRouter::new(node.netns()).unwrap();
-        router.write_private_key(&keys[i]).unwrap();
-        let socket = router.dir().join("tailscaled.sock");
-        localapis.push(LocalApiServer::start(&tailnet, &sims[i].stable_id, &socket).unwrap());
-        router
-            .write_config_text(&config_text(&router, &topology, i, &socket))
-            .unwrap();
-        routers.push(router);
-    }
-    for router in &mut routers {
-        router.start().unwrap();
-    }
+    let (mut routers, mut localapis) = start_routers(&topology, &sims, &tailnet, &keys);
 
     // Discovery: every router has the two others, with exactly their approved pod CIDRs.
     let all = [0, 1, 2];
     wait_for_peers(&routers, &topology, &keys, &all, &all, DISCOVERY);
     all_pods_ping(&topology, &all, &all);
+    assert_eq!(
+        routed(&topology, &routers[0], 0),
+        pod_cidrs_of(&topology, &[1, 2])
+    );
     // The direct endpoint is the announced underlay address.
     let dump = routers[0].dump().unwrap();
     let endpoint = dump.peer(keys[1].public()).unwrap().endpoint.unwrap();
@@ -263,6 +394,11 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         "node 3's pod is still reachable after its route was withdrawn"
     );
     all_pods_ping(&topology, &[0, 1], &[0, 1]);
+    // Its routes went with it; the others' stayed.
+    assert_eq!(
+        routed(&topology, &routers[0], 0),
+        pod_cidrs_of(&topology, &[1])
+    );
     assert_eq!(handshake_of(&routers[0], keys[1].public()), Some(hs_12));
     assert_eq!(handshake_of(&routers[1], keys[0].public()), Some(hs_21));
 
@@ -319,4 +455,11 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         1,
         "one line per state change, not per retry:\n{log}"
     );
+
+    // On exit every route and rule of the router is gone.
+    routers[0].stop();
+    assert!(routed(&topology, &routers[0], 0).is_empty());
+    assert!(rules_for_table(topology.nodes()[0].netns(), ROUTE_TABLE)
+        .unwrap()
+        .is_empty());
 }
