@@ -19,10 +19,14 @@
 //!   [`config_router`]).
 //! - [`dump`]: parsing `wg show IFNAME dump`.
 //! - [`threads`]: a process's threads as /proc shows them (CPU affinity, wake-ups).
+//! - [`relay`]: a UDP relay between two routers that reorders and duplicates data packets.
+//! - [`flood`]: a flooder namespace sending garbage or valid-MAC1 handshake initiations.
 
 pub mod dump;
+pub mod flood;
 pub mod gate;
 pub mod inherited_fds;
+pub mod relay;
 pub mod router_checks;
 pub mod threads;
 pub mod wg;
