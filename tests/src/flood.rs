@@ -117,6 +117,11 @@ impl Flooder {
         Ok(Flooder { ns, addr })
     }
 
+    /// The flooder's namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
     /// The flooder's address.
     pub fn addr(&self) -> IpAddr {
         self.addr.into()
