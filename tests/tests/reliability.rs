@@ -618,6 +618,9 @@ fn a_garbage_flood_writes_nothing_to_the_tun_and_a_transfer_still_completes() {
         "the router wrote flood packets to its TUN"
     );
     tailsk8s_e2e::config_router::uapi_get(&ifname).unwrap();
+    // The counter does see what the router writes: one echo request crosses.
+    assert!(ping_once(from.netns(), to.ipv4().into()).unwrap());
+    assert!(tun_rx_packets(router_ns, &ifname) > tun_before);
 
     let (report, with_transfer) = while_flooding(&flooder, listen_addr(b), &payloads, || {
         // The router's own tools keep answering while the flood runs.
