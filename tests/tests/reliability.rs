@@ -111,8 +111,13 @@ fn cpu_time(pid: u32) -> Duration {
 
 /// A counter of `/proc/net/snmp` (e.g. `Tcp`, `RetransSegs`) in `ns`.
 fn snmp(ns: &Netns, group: &str, name: &str) -> u64 {
+    proc_net_counter(ns, "snmp", group, name)
+}
+
+/// A counter of `/proc/net/FILE` (`snmp`, `netstat`: header and value lines per group).
+fn proc_net_counter(ns: &Netns, file: &str, group: &str, name: &str) -> u64 {
     let text = ns
-        .enter(|| fs::read_to_string("/proc/thread-self/net/snmp"))
+        .enter(|| fs::read_to_string(format!("/proc/thread-self/net/{file}")))
         .unwrap()
         .unwrap();
     let prefix = format!("{group}:");
@@ -121,7 +126,7 @@ fn snmp(ns: &Netns, group: &str, name: &str) -> u64 {
     let index = names
         .split_whitespace()
         .position(|n| n == name)
-        .unwrap_or_else(|| panic!("no {group} {name} in /proc/net/snmp"));
+        .unwrap_or_else(|| panic!("no {group} {name} in /proc/net/{file}"));
     values
         .split_whitespace()
         .nth(index)
@@ -153,13 +158,82 @@ fn udp_sockets_on(ns: &Netns, port: u16) -> (u64, u64) {
     (waiting, drops)
 }
 
-/// Packets the router has written to its TUN (the interface's RX counter).
-fn tun_rx_packets(ns: &Netns, ifname: &str) -> u64 {
+/// A counter of `ip -s link show dev IFNAME`: `direction` "RX:" or "TX:", `column` 1 for
+/// packets, 3 for dropped.
+fn link_counter(ns: &Netns, ifname: &str, direction: &str, column: usize) -> u64 {
     let text = ns.ip(&["-s", "link", "show", "dev", ifname]).unwrap();
     let mut lines = text.lines();
-    lines.find(|l| l.trim_start().starts_with("RX:")).unwrap();
+    lines
+        .find(|l| l.trim_start().starts_with(direction))
+        .unwrap();
     let counters = lines.next().unwrap();
-    counters.split_whitespace().nth(1).unwrap().parse().unwrap()
+    counters
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Packets the router has written to its TUN (the interface's RX counter).
+fn tun_rx_packets(ns: &Netns, ifname: &str) -> u64 {
+    link_counter(ns, ifname, "RX:", 1)
+}
+
+/// What TCP saw of a transfer from `sender` to `receiver`: retransmissions, and how many
+/// of them the receiver reported as duplicates (D-SACK: spurious, the original had only
+/// been reordered), and segments the receiver queued out of order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TcpView {
+    retransmitted: u64,
+    spurious: u64,
+    out_of_order: u64,
+}
+
+impl TcpView {
+    fn read(sender: &Netns, receiver: &Netns) -> TcpView {
+        TcpView {
+            retransmitted: snmp(sender, "Tcp", "RetransSegs"),
+            spurious: proc_net_counter(sender, "netstat", "TcpExt", "TCPDSACKRecv"),
+            out_of_order: proc_net_counter(receiver, "netstat", "TcpExt", "TCPOFOQueue"),
+        }
+    }
+
+    fn since(self, before: TcpView) -> TcpView {
+        TcpView {
+            retransmitted: self.retransmitted - before.retransmitted,
+            spurious: self.spurious - before.spurious,
+            out_of_order: self.out_of_order - before.out_of_order,
+        }
+    }
+}
+
+/// Drops the kernel counts around the routers of a mesh, summed over its nodes: UDP
+/// datagrams lost to full socket buffers, and packets for the TUN lost to a full queue. With
+/// no underlay loss, TCP retransmissions beyond these were dropped inside a router (replay
+/// window, its own queues), which it does not export yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct KernelDrops {
+    udp_rcvbuf_errors: u64,
+    tun_tx_dropped: u64,
+}
+
+impl KernelDrops {
+    fn read(topo: &Topology, mesh: &ConfigMesh<'_>) -> KernelDrops {
+        let mut drops = KernelDrops::default();
+        for (node, router) in topo.nodes().iter().zip(mesh.routers()) {
+            drops.udp_rcvbuf_errors += snmp(node.netns(), "Udp", "RcvbufErrors");
+            drops.tun_tx_dropped += link_counter(node.netns(), router.ifname(), "TX:", 3);
+        }
+        drops
+    }
+
+    fn since(self, before: KernelDrops) -> KernelDrops {
+        KernelDrops {
+            udp_rcvbuf_errors: self.udp_rcvbuf_errors - before.udp_rcvbuf_errors,
+            tun_tx_dropped: self.tun_tx_dropped - before.tun_tx_dropped,
+        }
+    }
 }
 
 /// The lines of `ip -o link show` in `ns`.
@@ -322,7 +396,7 @@ fn five_percent_underlay_loss_a_100_mb_transfer_completes_intact() {
         return;
     }
     let topo = two_nodes();
-    let _mesh = ConfigMesh::start(&topo, &MeshOptions::default()).unwrap();
+    let mesh = ConfigMesh::start(&topo, &MeshOptions::default()).unwrap();
     let (from, to) = pods(&topo);
     single_datagrams_on_the_underlay(&topo);
     wait_for_session(from, to);
@@ -332,10 +406,12 @@ fn five_percent_underlay_loss_a_100_mb_transfer_completes_intact() {
         if loss > 0 {
             add_underlay_loss(&topo, loss);
         }
-        let retrans_before = snmp(from.netns(), "Tcp", "RetransSegs");
+        let tcp_before = TcpView::read(from.netns(), to.netns());
+        let drops_before = KernelDrops::read(&topo, &mesh);
         let report = tcp_transfer(from.netns(), to.netns(), to.ipv4().into(), bytes).unwrap();
+        let drops = KernelDrops::read(&topo, &mesh).since(drops_before);
         report.verify(from.ipv4().into()).unwrap();
-        let retrans = snmp(from.netns(), "Tcp", "RetransSegs") - retrans_before;
+        let tcp = TcpView::read(from.netns(), to.netns()).since(tcp_before);
         let (arrived, dropped) = if loss > 0 {
             topo.nodes()
                 .iter()
@@ -345,8 +421,8 @@ fn five_percent_underlay_loss_a_100_mb_transfer_completes_intact() {
             (0, 0)
         };
         eprintln!(
-            "{loss}% underlay loss: 100 MB intact in {:?}, {:.0} Mbit/s goodput, {retrans} \
-             TCP retransmissions, underlay dropped {dropped} of {arrived} datagrams",
+            "{loss}% underlay loss: 100 MB intact in {:?}, {:.0} Mbit/s goodput, {tcp:?}, \
+             underlay dropped {dropped} of {arrived} datagrams, {drops:?}",
             report.elapsed,
             report.mbit_per_second()
         );
@@ -1088,7 +1164,8 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
             ],
         )
         .unwrap();
-    let retrans_before = snmp(from.netns(), "Tcp", "RetransSegs");
+    let tcp_before = TcpView::read(from.netns(), to.netns());
+    let drops_before = KernelDrops::read(&topo, &mesh);
     let started = Instant::now();
     // Warm-up: buffers and the worker placement settle in the first tenth (at least 5 s).
     let warm_up = Duration::from_secs((seconds / 10).max(5));
@@ -1124,10 +1201,11 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
     assert!(status.success(), "iperf3 client: {status}\n{out}");
     let base = baseline.expect("the soak is longer than its warm-up");
     eprintln!(
-        "soak {seconds} s: {} Mbit/s, {} TCP retransmissions; RSS (kB) after warm-up {:?}, \
-         peak {peak:?}; fds {:?}",
+        "soak {seconds} s: {} Mbit/s, {:?}, {:?}; RSS (kB) after warm-up {:?}, peak \
+         {peak:?}; fds {:?}",
         receiver_mbit(&out).map_or("?".into(), |m| format!("{m:.0}")),
-        snmp(from.netns(), "Tcp", "RetransSegs") - retrans_before,
+        TcpView::read(from.netns(), to.netns()).since(tcp_before),
+        KernelDrops::read(&topo, &mesh).since(drops_before),
         base.iter().map(|(rss, _)| rss).collect::<Vec<_>>(),
         base.iter().map(|(_, fds)| fds).collect::<Vec<_>>(),
     );
