@@ -5,14 +5,16 @@
 //! key files at start, and a soak.
 //!
 //! The quick tests run with the suite. The long ones and the measurements are `#[ignore]`d
-//! and run by `scripts/test` in a separate step (`cargo test -p tailsk8s-e2e --test
-//! reliability -- --ignored --test-threads=1`); the soak lasts `TAILSK8S_SOAK_SECONDS`
-//! (default 600). Measurements print their figures (`--nocapture` shows them) and never
-//! assert on throughput: the CPU is shared. RELIABILITY.md records the figures.
+//! and run one at a time by `scripts/reliability` (`cargo test -p tailsk8s-e2e --test
+//! reliability -- --ignored --test-threads=1`), which `scripts/test` runs with a shorter
+//! soak; the soak lasts `TAILSK8S_SOAK_SECONDS` (default 600). Measurements print their
+//! figures (`--nocapture` shows them) and never assert on throughput: the CPU is shared.
+//! RELIABILITY.md records the figures.
 //!
 //! Drop counters are not exported by the router yet (no metrics endpoint, `wg show` has
 //! none), so drops are seen from outside: a sequence stream counted at the receiving pod,
-//! the kernel's UDP socket counters, TCP retransmissions at the sending pod.
+//! the TUN's counters, the kernel's UDP socket and TUN queue drops, and TCP's view at the
+//! pods (retransmissions, D-SACKs, out-of-order segments).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -390,7 +392,7 @@ fn underlay_counts(node: &Node) -> (u64, u64) {
 /// goodput against no loss. Without loss, TCP retransmissions at the sender count what
 /// the tunnel dropped under full load (replay, queues): the router exports no drop counter.
 #[test]
-#[ignore = "long: 2 × 100 MB, run by scripts/test's reliability step"]
+#[ignore = "long: 2 × 100 MB, run by scripts/reliability"]
 fn five_percent_underlay_loss_a_100_mb_transfer_completes_intact() {
     if !require_netns() {
         return;
@@ -607,7 +609,7 @@ fn reordered_and_duplicated_datagrams_deliver_every_inner_packet_once() {
 /// Measurement: how far back a datagram may arrive and still be delivered (the replay
 /// window). The kernel's window is 8,128 packets; boringtun's 1,024.
 #[test]
-#[ignore = "measurement: the replay window's reach, run by scripts/test's reliability step"]
+#[ignore = "measurement: the replay window's reach, run by scripts/reliability"]
 fn replay_window_reach() {
     if !require_netns() {
         return;
@@ -796,7 +798,7 @@ fn receiver_mbit(out: &str) -> Option<f64> {
 /// cookie replies and the router's CPU. The target (≥ 80% of the garbage-flood figure
 /// under the handshake flood) needs data-plane work: this only measures.
 #[test]
-#[ignore = "measurement: throughput under floods, run by scripts/test's reliability step"]
+#[ignore = "measurement: throughput under floods, run by scripts/reliability"]
 fn handshake_flood_against_garbage_flood_throughput() {
     if !require_netns() {
         return;
@@ -1133,7 +1135,7 @@ fn an_unreadable_key_file_is_refused_naming_it_and_changes_nothing() {
 /// minutes): both routers' RSS grows less than 10% after the warm-up and their open file
 /// descriptors stay the same.
 #[test]
-#[ignore = "long: TAILSK8S_SOAK_SECONDS (default 600), run by scripts/test's reliability step"]
+#[ignore = "long: TAILSK8S_SOAK_SECONDS (default 600), run by scripts/reliability"]
 fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
     if !require_netns() {
         return;
