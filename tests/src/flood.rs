@@ -128,12 +128,14 @@ impl Flooder {
         self.addr.into()
     }
 
-    /// Sends `payloads` round robin to `target` as fast as one thread can (`sendmmsg`) until `stop` is
-    /// set, counting the answers (and among them cookie replies).
+    /// Sends `payloads` round robin to `target` until `stop` is set — as fast as one thread
+    /// can (`sendmmsg`), or at most `rate` datagrams per second — counting the answers (and
+    /// among them cookie replies).
     pub fn flood(
         &self,
         target: SocketAddr,
         payloads: &[Vec<u8>],
+        rate: Option<u64>,
         stop: &AtomicBool,
     ) -> anyhow::Result<FloodReport> {
         anyhow::ensure!(!payloads.is_empty(), "nothing to flood with");
@@ -168,6 +170,14 @@ impl Flooder {
             let mut sent = 0u64;
             let mut batches = payloads.chunks(BATCH).cycle();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(rate) = rate {
+                    // Pacing: ahead of the rate, wait for the clock to catch up.
+                    let due = started.elapsed().as_secs_f64() * rate as f64;
+                    if sent as f64 >= due {
+                        std::thread::sleep(Duration::from_micros(100));
+                        continue;
+                    }
+                }
                 if let Some(batch) = batches.next() {
                     // Errors (ENOBUFS, a refused port) only mean this batch was not sent.
                     sent += send_batch(&socket, batch).unwrap_or(0) as u64;
