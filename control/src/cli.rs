@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use tailsk8s_dataplane::affinity::WorkerAffinity;
 use tailsk8s_dataplane::key::Key;
-use tailsk8s_dataplane::steering::WorkerAffinity;
 use thiserror::Error;
 use tracing_subscriber::EnvFilter;
 

@@ -46,9 +46,9 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use tailsk8s_dataplane::affinity::WorkerAffinity;
 use tailsk8s_dataplane::config::{AllowedIpChange, DeviceUpdate, PeerUpdate};
 use tailsk8s_dataplane::key::{Key, KeyError};
-use tailsk8s_dataplane::steering::WorkerAffinity;
 use thiserror::Error;
 use toml::Spanned;
 

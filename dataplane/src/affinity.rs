@@ -1,16 +1,126 @@
-//! Where a running device's workers are placed: pinned (each worker's threads on its CPU,
-//! the kernel steering packets to the worker of their CPU) or spread (threads anywhere, the
-//! kernel's flow hash). Registers the worker threads, applies a placement, and in the
-//! adaptive mode follows [`Adaptive`] from the timer's tick. The mechanisms (BPF programs,
-//! CPU sets) are in [`crate::steering`].
+//! Where a running device's workers are placed, and when. Pinned: each worker's threads run
+//! on one CPU and the kernel hands a packet to the worker of the CPU it is on. Spread: threads
+//! run anywhere and the kernel's flow hash picks the worker.
+//!
+//! Why pin: on a VM, waking a thread that sleeps on another, idle vCPU costs tens of
+//! microseconds, and a round trip through a userspace router needs several wake-ups. With the
+//! worker of the sending CPU serving the packet, a pod's request, both routers and the reply
+//! stay on the CPU the pod sent from, and each wake-up is a cheap local switch. Why spread: a
+//! busy flow then shares its CPU with the application, halving its throughput on small
+//! nodes. [`Adaptive`] pins while the device is quiet and spreads while it is busy.
+//!
+//! Here are the policy ([`WorkerAffinity`], [`Adaptive`] and its thresholds) and the
+//! `Placement` that applies it: it registers the worker threads, places them, and in the
+//! adaptive mode follows the load from the timer's tick. The mechanisms (the CPU map and the
+//! BPF programs) are in [`crate::steering`]. Everything is best effort: without CAP_BPF, on
+//! old kernels or in a cpuset that cannot be read, the device stays spread.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::steering::{self, Adaptive, CpuMap, WorkerAffinity};
+use crate::steering::{self, CpuMap};
+use crate::sys;
 use crate::udp::UdpSockets;
+
+/// How workers are placed on CPUs (`worker_affinity` in the config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerAffinity {
+    /// Pinned while quiet, spread while busy (see [`Adaptive`]).
+    #[default]
+    Adaptive,
+    /// Always pinned: the lowest latency, less throughput per busy flow.
+    Pinned,
+    /// Never pinned: the kernel's flow hash picks the worker.
+    Off,
+}
+
+impl WorkerAffinity {
+    pub const NAMES: [&'static str; 3] = ["adaptive", "pinned", "off"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerAffinity::Adaptive => "adaptive",
+            WorkerAffinity::Pinned => "pinned",
+            WorkerAffinity::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerAffinity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "adaptive" => Ok(WorkerAffinity::Adaptive),
+            "pinned" => Ok(WorkerAffinity::Pinned),
+            "off" => Ok(WorkerAffinity::Off),
+            other => Err(format!(
+                "unknown worker affinity `{other}` (expected one of: {})",
+                WorkerAffinity::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// Packets (TUN reads plus datagrams received) in one timer tick above which an adaptive
+/// device spreads its workers: 1,000 per 100 ms is ~115 Mbit/s of full-size packets, a few
+/// per cent of one core — far above request/response traffic (a ping every millisecond is
+/// 200 per tick on each router), far below one busy flow.
+pub const SPREAD_ABOVE_PER_TICK: u64 = 1_000;
+/// Packets per tick below which a tick counts as quiet.
+pub const QUIET_BELOW_PER_TICK: u64 = 300;
+/// Quiet ticks in a row before an adaptive device pins its workers again (1 s at 100 ms), so
+/// a flow pausing briefly does not flap between the modes.
+pub const QUIET_TICKS_TO_PIN: u32 = 10;
+
+/// The adaptive mode's decision, fed the packet count of each timer tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adaptive {
+    pinned: bool,
+    quiet_ticks: u32,
+}
+
+impl Default for Adaptive {
+    /// A fresh device is quiet: pinned.
+    fn default() -> Self {
+        Adaptive {
+            pinned: true,
+            quiet_ticks: 0,
+        }
+    }
+}
+
+impl Adaptive {
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Takes one tick's packet count; returns the new placement (`true` = pinned) when it
+    /// changes.
+    pub fn observe(&mut self, packets: u64) -> Option<bool> {
+        if self.pinned {
+            if packets > SPREAD_ABOVE_PER_TICK {
+                self.pinned = false;
+                self.quiet_ticks = 0;
+                return Some(false);
+            }
+            return None;
+        }
+        if packets < QUIET_BELOW_PER_TICK {
+            self.quiet_ticks += 1;
+            if self.quiet_ticks >= QUIET_TICKS_TO_PIN {
+                self.pinned = true;
+                self.quiet_ticks = 0;
+                return Some(true);
+            }
+        } else {
+            self.quiet_ticks = 0;
+        }
+        None
+    }
+}
 
 /// The placement of one device's workers.
 pub(crate) struct Placement {
@@ -39,7 +149,7 @@ impl Placement {
         if mode == WorkerAffinity::Off {
             return None;
         }
-        let allowed = steering::allowed_cpus().ok()?;
+        let allowed = sys::allowed_cpus().ok()?;
         let map = CpuMap::from_allowed(&allowed, workers)?;
         Some(Placement {
             mode,
@@ -70,7 +180,7 @@ impl Placement {
 
     /// Records the calling thread as one of `worker`'s and places it as the device is now.
     pub(crate) fn register(&self, worker: usize) {
-        let tid = steering::current_thread_id();
+        let tid = sys::current_thread_id();
         let mut state = self.state.lock();
         state.threads.push((worker, tid));
         if state.adaptive.pinned() {
@@ -145,8 +255,46 @@ impl Placement {
     fn place(&self, worker: usize, tid: libc::pid_t, pinned: bool) {
         let cpu = [self.map.cpu_of(worker)];
         let cpus: &[u32] = if pinned { &cpu } else { &self.allowed };
-        if let Err(e) = steering::set_thread_cpus(tid, cpus) {
+        if let Err(e) = sys::set_thread_cpus(tid, cpus) {
             tracing::warn!(worker, pinned, error = %e, "could not place a worker thread");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_spreads_at_once_when_busy_and_pins_after_a_quiet_second() {
+        let mut a = Adaptive::default();
+        assert!(a.pinned());
+        assert_eq!(
+            a.observe(SPREAD_ABOVE_PER_TICK),
+            None,
+            "at the threshold: stays"
+        );
+        assert_eq!(a.observe(SPREAD_ABOVE_PER_TICK + 1), Some(false));
+        assert_eq!(a.observe(100_000), None);
+        // Quiet ticks, interrupted by a moderate one: the count starts over.
+        for _ in 0..QUIET_TICKS_TO_PIN - 1 {
+            assert_eq!(a.observe(0), None);
+        }
+        assert_eq!(a.observe(QUIET_BELOW_PER_TICK), None, "not quiet");
+        for _ in 0..QUIET_TICKS_TO_PIN - 1 {
+            assert_eq!(a.observe(QUIET_BELOW_PER_TICK - 1), None);
+        }
+        assert_eq!(a.observe(0), Some(true));
+        assert!(a.pinned());
+    }
+
+    #[test]
+    fn affinity_names_round_trip_and_unknown_ones_are_refused() {
+        for name in WorkerAffinity::NAMES {
+            assert_eq!(name.parse::<WorkerAffinity>().unwrap().name(), name);
+        }
+        let err = "pinnned".parse::<WorkerAffinity>().unwrap_err();
+        assert!(err.contains("adaptive, pinned, off"), "{err}");
+        assert_eq!(WorkerAffinity::default(), WorkerAffinity::Adaptive);
     }
 }

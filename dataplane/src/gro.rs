@@ -19,24 +19,22 @@
 //! reused `Vec<u8>`s (virtio-net header + packet), the flow index is a generation-tagged
 //! open-addressing table.
 
-use crate::offload::VNET_HDR_LEN;
+use crate::checksum::{fold, pseudo_sum, sum, TCP_CHECKSUM_OFFSET, UDP_CHECKSUM_OFFSET};
+use crate::vnet::{
+    VIRTIO_NET_HDR_F_NEEDS_CSUM as F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 as GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6 as GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4 as GSO_UDP_L4, VNET_HDR_LEN,
+};
 
-const F_NEEDS_CSUM: u8 = 1;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_UDP_L4: u8 = 5;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
-/// Where TCP and UDP keep their checksum.
-const TCP_CHECKSUM_OFFSET: usize = 16;
-const UDP_CHECKSUM_OFFSET: usize = 6;
 /// Largest IP packet a superpacket may become (the IPv4 total length field; IPv6 could carry
 /// 40 bytes more, not worth a second limit).
 const MAX_IP_LEN: usize = 65535;
 /// Most segments in one superpacket: what Linux's own GRO merges at most, and half the
-/// kernel's UDP GSO limit.
+/// kernel's UDP GSO limit. A segment beyond it opens the flow's next output, so a small MSS
+/// costs more writes (64 × 88 bytes each at MSS 88), never a packet.
 pub const MAX_SEGMENTS: usize = 64;
 
 /// See the module documentation.
@@ -384,35 +382,6 @@ impl Output {
     }
 }
 
-/// Ones' complement sum of `bytes` as big-endian 32-bit words (an incomplete last word padded
-/// with zeros) on top of `initial`, unfolded. Folding it gives the 16-bit Internet checksum
-/// sum, since 2^16 ≡ 1 modulo 2^16 − 1.
-fn sum(bytes: &[u8], initial: u64) -> u64 {
-    let mut chunks = bytes.chunks_exact(4);
-    let mut total = initial;
-    for c in &mut chunks {
-        total += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
-    }
-    let rest = chunks.remainder();
-    let mut last = [0u8; 4];
-    last[..rest.len()].copy_from_slice(rest);
-    total + u64::from(u32::from_be_bytes(last))
-}
-
-/// Folds a sum to 16 bits with end-around carry (zero only for a zero sum).
-fn fold(mut total: u64) -> u16 {
-    while total > 0xffff {
-        total = (total & 0xffff) + (total >> 16);
-    }
-    total as u16
-}
-
-/// The pseudo-header sum (unfolded) for an IP header `ip`.
-fn pseudo_sum(ip: &[u8], v6: bool, protocol: u8, transport_len: u16) -> u64 {
-    let addresses = if v6 { &ip[8..40] } else { &ip[12..20] };
-    sum(addresses, u64::from(protocol) + u64::from(transport_len))
-}
-
 /// Whether a 20-byte IPv4 header's checksum is exactly what a recomputation writes (a valid
 /// 0xffff in place of 0 would come back as 0 after the split).
 fn ipv4_checksum_canonical(h: &[u8]) -> bool {
@@ -509,6 +478,7 @@ impl FlowIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checksum;
     use crate::offload;
     use tun_rs::VirtioNetHdr;
 
@@ -553,12 +523,9 @@ mod tests {
         }
     }
 
-    fn csum16(bytes: &[u8], mut total: u32) -> u16 {
-        for w in bytes.chunks(2) {
-            total += u32::from(w[0]) << 8 | u32::from(*w.get(1).unwrap_or(&0));
-            total = (total & 0xffff) + (total >> 16);
-        }
-        total as u16
+    /// The folded sum of `bytes` on top of `total`, by the tests' own reference.
+    fn csum16(bytes: &[u8], total: u32) -> u16 {
+        !checksum::reference(bytes, total)
     }
 
     fn build(s: &Spec) -> Vec<u8> {

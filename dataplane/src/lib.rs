@@ -3,11 +3,13 @@
 //! The heart is [`engine::Engine`], a sans-IO WireGuard router: it is fed "a packet came
 //! from the TUN", "a datagram came from that address" and "time passed", and it hands back
 //! what to write where through a [`engine::Transmit`] sink. No sockets, threads or clocks
-//! live inside it. Around it sit thin Linux drivers (`tun`, `udp`), the worker loops that
-//! tie them together (`workers`, `device`), and the UAPI server that `wg` talks to (`uapi`).
+//! live inside it. Around it sit thin Linux drivers (`tun`, `udp`, `outbox`, on the OS calls
+//! in `sys`), the device that ties them together with its worker threads (`device`, placed by
+//! `affinity` through `steering`), and the UAPI server that `wg` talks to (`uapi`).
 
 pub mod affinity;
 pub mod allowed_ips;
+pub mod checksum;
 pub mod config;
 pub mod control;
 pub mod device;
@@ -20,7 +22,8 @@ pub mod packet;
 pub mod peer;
 pub mod stats;
 pub mod steering;
+pub(crate) mod sys;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
-pub mod workers;
+pub mod vnet;

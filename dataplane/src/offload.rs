@@ -1,31 +1,27 @@
 //! Reads from a TUN with offloads: every read starts with a virtio-net header and may carry a
 //! superpacket (TSO/USO) standing for many packets, or one packet whose transport checksum
-//! the kernel left for us to complete. [`split`] turns one such read into plain IP packets,
-//! sans-IO, so the packet path, its fuzz target and its benchmark share one function.
+//! the kernel left for us to complete. [`Split`] turns one such read into plain IP packets,
+//! as many at a time as the caller has buffers for (a superpacket at a small MSS has hundreds
+//! of segments, more than a batch); [`split`] does it at once. Sans-IO, so the packet path,
+//! its fuzz target and its benchmark share one function.
 //!
 //! The per-segment header work (lengths, IDs, sequence numbers, checksums) is tun-rs's
 //! `gso_split`, the port of wireguard-go's; here are the checks before it (never trust the
 //! header: a forwarded superpacket's `hdr_len` may be the whole first packet, so it is
-//! recomputed from the transport header) and buffer management: output buffers grow to what a
-//! read needs (only when the MTU grows; never in steady state) instead of being sized for the
-//! worst case up front.
+//! recomputed from the transport header), the resumption between batches, and buffer
+//! management: output buffers grow to what a read needs (only when the MTU grows; never in
+//! steady state) instead of being sized for the worst case up front.
 
 use thiserror::Error;
-use tun_rs::{gso_split, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
+use tun_rs::{gso_split, VirtioNetHdr};
 
-/// Bytes of virtio-net header in front of every TUN read and write with offloads.
-pub const VNET_HDR_LEN: usize = VIRTIO_NET_HDR_LEN;
-
-const F_NEEDS_CSUM: u8 = 1;
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_UDP_L4: u8 = 5;
-const GSO_ECN: u8 = 0x80;
-/// Where UDP keeps its checksum (TCP: 16).
-const UDP_CHECKSUM_OFFSET: u16 = 6;
+use crate::checksum::{self, UDP_CHECKSUM_OFFSET};
+use crate::vnet::{
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN,
+};
 /// Room after each packet for WireGuard's padding to 16 bytes.
-const PAD_ROOM: usize = 16;
+pub const PAD_ROOM: usize = 16;
 
 /// Why a TUN read could not be split (the read is dropped and counted).
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -50,74 +46,240 @@ pub enum SplitError {
 
 /// Splits one TUN read (`read` = virtio-net header + packet) into IP packets, written to
 /// `bufs[i][..sizes[i]]` from index 0. Returns how many. Buffers grow as needed and keep
-/// [`PAD_ROOM`] spare bytes after each packet.
+/// [`PAD_ROOM`] spare bytes after each packet. All the packets must fit `bufs`; to split a
+/// superpacket over several batches, use [`Split`].
 pub fn split(
     read: &mut [u8],
     bufs: &mut [Vec<u8>],
     sizes: &mut [usize],
 ) -> Result<usize, SplitError> {
-    let header = read.get(..VNET_HDR_LEN).ok_or(SplitError::TooShort)?;
-    let mut hdr = VirtioNetHdr::decode(header).map_err(|_| SplitError::TooShort)?;
-    let packet = &mut read[VNET_HDR_LEN..];
-    if bufs.is_empty() || sizes.len() < bufs.len() {
-        return Err(SplitError::TooManySegments(1));
+    let mut split = Split::new(read)?;
+    if split.remaining() > bufs.len() {
+        return Err(SplitError::TooManySegments(split.remaining()));
     }
-    if hdr.gso_type == GSO_NONE {
-        if hdr.flags & F_NEEDS_CSUM != 0 {
-            complete_checksum(packet, hdr.csum_start, hdr.csum_offset)?;
+    split.next_into(bufs, sizes)
+}
+
+/// One TUN read being split into IP packets, as many at a time as the caller has buffers
+/// for: a superpacket may stand for up to 65,535 segments (the kernel's `GSO_MAX_SEGS`;
+/// at TCP's smallest MSS a 64 KB superpacket has over 700), far more than a batch holds, so
+/// the caller takes a batch's worth, hands it on, and comes back for the rest.
+///
+/// The read is consumed as it goes: each later run of segments is split from a copy of the
+/// headers written just in front of its payload, over payload bytes already split, with
+/// the IPv4 ID, TCP sequence number and flags (CWR only on the first segment, PSH and FIN
+/// only on the last) of its first segment — so the packets are exactly those of one split.
+pub struct Split<'a> {
+    /// The IP packet (the read after its virtio-net header).
+    packet: &'a mut [u8],
+    kind: Kind,
+}
+
+enum Kind {
+    /// One packet, its checksum completed; `taken` once written out.
+    Plain {
+        taken: bool,
+    },
+    Segmented(Segmented),
+}
+
+/// What a superpacket's split needs between runs.
+struct Segmented {
+    hdr: VirtioNetHdr,
+    is_v6: bool,
+    tcp: bool,
+    /// IP + transport header bytes, in front of the payload.
+    hdr_len: usize,
+    payload: usize,
+    segment: usize,
+    /// Segments split so far.
+    done: usize,
+    /// Where the headers of the last run were written (0: the read's own).
+    headers_at: usize,
+    /// The first segment's IPv4 ID, TCP sequence number and TCP flags.
+    ip_id: u16,
+    seq: u32,
+    flags: u8,
+}
+
+const TCP_SEQ_OFFSET: usize = 4;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+/// Where IPv4 keeps its ID.
+const IPV4_ID_OFFSET: usize = 4;
+
+impl<'a> Split<'a> {
+    /// Checks the virtio-net header against the packet (never trust it) and completes a
+    /// checksum the kernel left partial.
+    pub fn new(read: &'a mut [u8]) -> Result<Split<'a>, SplitError> {
+        let header = read.get(..VNET_HDR_LEN).ok_or(SplitError::TooShort)?;
+        let mut hdr = VirtioNetHdr::decode(header).map_err(|_| SplitError::TooShort)?;
+        let packet = &mut read[VNET_HDR_LEN..];
+        if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
+            if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                complete_checksum(packet, hdr.csum_start, hdr.csum_offset)?;
+            }
+            return Ok(Split {
+                packet,
+                kind: Kind::Plain { taken: false },
+            });
         }
-        copy_into(&mut bufs[0], packet);
-        sizes[0] = packet.len();
-        return Ok(1);
+        if hdr.gso_size == 0 {
+            return Err(SplitError::ZeroSegmentSize);
+        }
+        let is_v6 = match packet.first().map(|b| b >> 4) {
+            Some(4) => false,
+            Some(6) => true,
+            _ => return Err(SplitError::VersionMismatch),
+        };
+        let ecn = hdr.gso_type & VIRTIO_NET_HDR_GSO_ECN != 0;
+        let tcp = match (hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN, is_v6) {
+            (VIRTIO_NET_HDR_GSO_TCPV4, false) | (VIRTIO_NET_HDR_GSO_TCPV6, true) => true,
+            (VIRTIO_NET_HDR_GSO_UDP_L4, _) if !ecn => false,
+            (
+                VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 | VIRTIO_NET_HDR_GSO_UDP_L4,
+                _,
+            ) => return Err(SplitError::VersionMismatch),
+            (other, _) => return Err(SplitError::GsoType(other)),
+        };
+        // The kernel may set hdr_len to the whole first packet on the forwarding path.
+        let csum_start = usize::from(hdr.csum_start);
+        let transport_len = if tcp {
+            let data_offset = packet
+                .get(csum_start + 12)
+                .ok_or(SplitError::TransportHeader)?;
+            usize::from(data_offset >> 4) * 4
+        } else {
+            8
+        };
+        if tcp && !(20..=60).contains(&transport_len) {
+            return Err(SplitError::TransportHeader);
+        }
+        let hdr_len = csum_start + transport_len;
+        if hdr_len > packet.len() {
+            return Err(SplitError::TransportHeader);
+        }
+        hdr.hdr_len = u16::try_from(hdr_len).map_err(|_| SplitError::TransportHeader)?;
+        let ip_id = if is_v6 {
+            0
+        } else {
+            u16::from_be_bytes([packet[IPV4_ID_OFFSET], packet[IPV4_ID_OFFSET + 1]])
+        };
+        let (seq, flags) = if tcp {
+            let t = &packet[csum_start..];
+            let seq = &t[TCP_SEQ_OFFSET..TCP_SEQ_OFFSET + 4];
+            (
+                u32::from_be_bytes([seq[0], seq[1], seq[2], seq[3]]),
+                t[TCP_FLAGS_OFFSET],
+            )
+        } else {
+            (0, 0)
+        };
+        let payload = packet.len() - hdr_len;
+        Ok(Split {
+            packet,
+            kind: Kind::Segmented(Segmented {
+                hdr,
+                is_v6,
+                tcp,
+                hdr_len,
+                payload,
+                segment: usize::from(hdr.gso_size),
+                done: 0,
+                headers_at: 0,
+                ip_id,
+                seq,
+                flags,
+            }),
+        })
     }
-    if hdr.gso_size == 0 {
-        return Err(SplitError::ZeroSegmentSize);
-    }
-    let is_v6 = match packet.first().map(|b| b >> 4) {
-        Some(4) => false,
-        Some(6) => true,
-        _ => return Err(SplitError::VersionMismatch),
-    };
-    let tcp = match (hdr.gso_type & !GSO_ECN, is_v6) {
-        (GSO_TCPV4, false) | (GSO_TCPV6, true) => true,
-        (GSO_UDP_L4, _) if hdr.gso_type & GSO_ECN == 0 => false,
-        (GSO_TCPV4 | GSO_TCPV6 | GSO_UDP_L4, _) => return Err(SplitError::VersionMismatch),
-        (other, _) => return Err(SplitError::GsoType(other)),
-    };
-    // The kernel may set hdr_len to the whole first packet on the forwarding path.
-    let csum_start = usize::from(hdr.csum_start);
-    let transport_len = if tcp {
-        let data_offset = packet
-            .get(csum_start + 12)
-            .ok_or(SplitError::TransportHeader)?;
-        usize::from(data_offset >> 4) * 4
-    } else {
-        8
-    };
-    if tcp && !(20..=60).contains(&transport_len) {
-        return Err(SplitError::TransportHeader);
-    }
-    let hdr_len = csum_start + transport_len;
-    if hdr_len > packet.len() {
-        return Err(SplitError::TransportHeader);
-    }
-    hdr.hdr_len = u16::try_from(hdr_len).map_err(|_| SplitError::TransportHeader)?;
-    let payload = packet.len() - hdr_len;
-    let segment = usize::from(hdr.gso_size);
-    let segments = payload.div_ceil(segment).max(1);
-    if segments > bufs.len() {
-        return Err(SplitError::TooManySegments(segments));
-    }
-    // gso_split writes each segment at the front of its buffer: the buffer's length is its
-    // usable room (only ever grown).
-    let room = hdr_len + segment.min(payload.max(1)) + PAD_ROOM;
-    for buf in &mut bufs[..segments] {
-        if buf.len() < room {
-            buf.resize(room, 0);
+
+    /// Packets still to come.
+    pub fn remaining(&self) -> usize {
+        match &self.kind {
+            Kind::Plain { taken } => usize::from(!taken),
+            Kind::Segmented(s) => s.payload.div_ceil(s.segment) - s.done,
         }
     }
-    gso_split(packet, hdr, bufs, sizes, 0, is_v6)
-        .map_err(|e| SplitError::Segmentation(e.to_string()))
+
+    /// Writes the next packets to `bufs[i][..sizes[i]]` from index 0, as many as `bufs`
+    /// holds, and returns how many (0 once none remain). Buffers grow as needed and keep
+    /// [`PAD_ROOM`] spare bytes after each packet.
+    pub fn next_into(
+        &mut self,
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> Result<usize, SplitError> {
+        if bufs.is_empty() || sizes.len() < bufs.len() {
+            return Err(SplitError::TooManySegments(self.remaining().max(1)));
+        }
+        let s = match &mut self.kind {
+            Kind::Plain { taken } => {
+                if std::mem::replace(taken, true) {
+                    return Ok(0);
+                }
+                copy_into(&mut bufs[0], self.packet);
+                sizes[0] = self.packet.len();
+                return Ok(1);
+            }
+            Kind::Segmented(s) => s,
+        };
+        let count = (s.payload.div_ceil(s.segment) - s.done).min(bufs.len());
+        if count == 0 && s.done > 0 {
+            return Ok(0);
+        }
+        // A superpacket without payload still goes through gso_split once, for its checks
+        // (it yields no packet), so it needs one buffer.
+        let slots = count.max(1);
+        // The run's payload, as offsets into the superpacket's payload.
+        let start = s.done * s.segment;
+        let end = (start + count * s.segment).min(s.payload);
+        // The run's headers go right in front of its payload (for the first run they are
+        // there already); the bytes they overwrite belong to segments already split.
+        if start > 0 {
+            self.packet
+                .copy_within(s.headers_at..s.headers_at + s.hdr_len, start);
+            s.headers_at = start;
+        }
+        let headers = &mut self.packet[start..start + s.hdr_len];
+        if !s.is_v6 {
+            let id = s.ip_id.wrapping_add(s.done as u16);
+            headers[IPV4_ID_OFFSET..IPV4_ID_OFFSET + 2].copy_from_slice(&id.to_be_bytes());
+        }
+        if s.tcp {
+            let t = &mut headers[usize::from(s.hdr.csum_start)..];
+            let seq = s.seq.wrapping_add(start as u32);
+            t[TCP_SEQ_OFFSET..TCP_SEQ_OFFSET + 4].copy_from_slice(&seq.to_be_bytes());
+            let mut flags = s.flags;
+            if s.done > 0 {
+                flags &= !TCP_CWR;
+            }
+            if end < s.payload {
+                flags &= !(TCP_FIN | TCP_PSH);
+            }
+            t[TCP_FLAGS_OFFSET] = flags;
+        }
+        // gso_split writes each segment at the front of its buffer: the buffer's length is
+        // its usable room (only ever grown).
+        let room = s.hdr_len + s.segment.min(s.payload.max(1)) + PAD_ROOM;
+        for buf in &mut bufs[..slots] {
+            if buf.len() < room {
+                buf.resize(room, 0);
+            }
+        }
+        let run = &mut self.packet[start..s.hdr_len + end];
+        let written = gso_split(run, s.hdr, &mut bufs[..slots], sizes, 0, s.is_v6)
+            .map_err(|e| SplitError::Segmentation(e.to_string()))?;
+        if written != count {
+            return Err(SplitError::Segmentation(format!(
+                "{written} segments where {count} were due"
+            )));
+        }
+        s.done += count;
+        Ok(count)
+    }
 }
 
 /// Copies one packet into a buffer, growing it (with padding room) if the packet is larger.
@@ -143,11 +305,11 @@ fn complete_checksum(
     let initial = u16::from_be_bytes([packet[at], packet[at + 1]]);
     packet[at] = 0;
     packet[at + 1] = 0;
-    let sum = tun_rs::checksum(&packet[start..], u64::from(initial));
-    // UDP (checksum at offset 6) sends a computed zero as 0xffff (RFC 768): zero means "no
-    // checksum" over IPv4 and is invalid over IPv6.
+    let sum = checksum::fold(checksum::sum(&packet[start..], u64::from(initial)));
+    // UDP sends a computed zero as 0xffff (RFC 768): zero means "no checksum" over IPv4 and
+    // is invalid over IPv6.
     let checksum = match !sum {
-        0 if csum_offset == UDP_CHECKSUM_OFFSET => 0xffff,
+        0 if usize::from(csum_offset) == UDP_CHECKSUM_OFFSET => 0xffff,
         other => other,
     };
     packet[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
@@ -157,6 +319,11 @@ fn complete_checksum(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checksum::TCP_CHECKSUM_OFFSET;
+    use crate::vnet::VIRTIO_NET_HDR_F_NEEDS_CSUM as F_NEEDS_CSUM;
+    use crate::vnet::VIRTIO_NET_HDR_GSO_NONE as GSO_NONE;
+    use crate::vnet::VIRTIO_NET_HDR_GSO_TCPV4 as GSO_TCPV4;
+    use crate::vnet::VIRTIO_NET_HDR_GSO_TCPV6 as GSO_TCPV6;
     use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 
     fn header(
@@ -251,6 +418,144 @@ mod tests {
         let (mut bufs, mut sizes) = buffers(1);
         assert_eq!(split(&mut read, &mut bufs, &mut sizes), Ok(1));
         assert_eq!(&bufs[0][..sizes[0]], &good[..]);
+    }
+
+    /// A superpacket as the kernel hands it over, of `segments` × `mss` payload bytes (the
+    /// last one short by `short`): TCP with CWR and PSH (both must end up on one segment
+    /// only) or UDP (USO), over IPv4 or IPv6; the checksum field holds the pseudo-header sum.
+    fn superpacket(v6: bool, tcp: bool, mss: u16, segments: usize, short: usize) -> Vec<u8> {
+        let len = usize::from(mss) * segments - short;
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        let ip = if v6 {
+            PacketBuilder::ipv6(
+                [0xfd, 0, 0, 0x19, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                [0xfd, 0, 0, 0x19, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                64,
+            )
+        } else {
+            PacketBuilder::ipv4([198, 19, 1, 2], [198, 19, 2, 2], 64)
+        };
+        let mut packet = Vec::new();
+        if tcp {
+            let builder = ip.tcp(40000, 5201, 0xffff_ff00, 65535).ack(7).psh().cwr();
+            builder.write(&mut packet, &payload).unwrap();
+        } else {
+            ip.udp(40000, 5201).write(&mut packet, &payload).unwrap();
+        }
+        let ip_len = if v6 { 40 } else { 20 };
+        if !v6 {
+            packet[4..6].copy_from_slice(&0xfff0u16.to_be_bytes()); // the IPv4 ID wraps too
+        }
+        let gso_type = match (tcp, v6) {
+            (true, false) => GSO_TCPV4,
+            (true, true) => GSO_TCPV6,
+            (false, _) => VIRTIO_NET_HDR_GSO_UDP_L4,
+        };
+        let csum_offset = if tcp {
+            TCP_CHECKSUM_OFFSET
+        } else {
+            UDP_CHECKSUM_OFFSET
+        };
+        let mut read = header(F_NEEDS_CSUM, gso_type, mss, ip_len, csum_offset as u16).to_vec();
+        read.extend_from_slice(&packet);
+        read
+    }
+
+    /// Splits `read` with [`Split`] into batches of `batch` buffers, as the TUN worker does
+    /// when a superpacket has more segments than its batch has room for.
+    fn split_in_batches(read: &[u8], batch: usize) -> Vec<Vec<u8>> {
+        let mut read = read.to_vec();
+        let mut split = Split::new(&mut read).unwrap();
+        let (mut bufs, mut sizes) = buffers(batch);
+        let mut packets = Vec::new();
+        while split.remaining() > 0 {
+            let before = split.remaining();
+            let n = split.next_into(&mut bufs, &mut sizes).unwrap();
+            assert_eq!(
+                n,
+                before.min(batch),
+                "a batch is filled while segments remain"
+            );
+            for (buf, size) in bufs.iter().zip(&sizes).take(n) {
+                assert!(buf.len() >= size + PAD_ROOM, "padding room");
+                packets.push(buf[..*size].to_vec());
+            }
+        }
+        assert_eq!(split.next_into(&mut bufs, &mut sizes), Ok(0));
+        packets
+    }
+
+    #[test]
+    fn a_superpacket_of_more_segments_than_a_batch_is_split_whole_over_several_batches() {
+        // MSS 88 (the smallest TCP lets a sender ask for): a 64 KB superpacket has 740
+        // segments, six batches of 128.
+        let read = superpacket(false, true, 88, 740, 0);
+        let packets = split_in_batches(&read, 128);
+        assert_eq!(packets.len(), 740, "every segment delivered, none dropped");
+        let mut joined = Vec::new();
+        for (i, packet) in packets.iter().enumerate() {
+            let sliced = SlicedPacket::from_ip(packet).unwrap();
+            let (Some(etherparse::NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) =
+                (sliced.net, sliced.transport)
+            else {
+                panic!("segment {i} is not IPv4/TCP")
+            };
+            assert_eq!(
+                ip.header().identification(),
+                0xfff0u16.wrapping_add(i as u16)
+            );
+            assert_eq!(
+                tcp.sequence_number(),
+                0xffff_ff00u32.wrapping_add(88 * i as u32)
+            );
+            assert_eq!(tcp.cwr(), i == 0, "CWR on the first segment only ({i})");
+            assert_eq!(tcp.psh(), i == 739, "PSH on the last segment only ({i})");
+            let expected = tcp
+                .to_header()
+                .calc_checksum_ipv4(&ip.header().to_header(), tcp.payload())
+                .unwrap();
+            assert_eq!(tcp.checksum(), expected, "segment {i}");
+            assert_eq!(
+                ip.header().header_checksum(),
+                ip.header().to_header().calc_header_checksum()
+            );
+            joined.extend_from_slice(tcp.payload());
+        }
+        assert_eq!(joined, read[VNET_HDR_LEN + 40..], "the payload, in order");
+    }
+
+    #[test]
+    fn split_over_batches_gives_exactly_the_packets_of_one_split() {
+        for (v6, tcp, mss, segments, short) in [
+            (false, true, 88, 740, 0),
+            (true, true, 88, 743, 50),
+            (false, true, 536, 122, 1),
+            (true, true, 1380, 47, 700),
+            (false, false, 8, 4000, 3),
+            (true, false, 1200, 54, 0),
+        ] {
+            let read = superpacket(v6, tcp, mss, segments, short);
+            let (mut bufs, mut sizes) = buffers(segments);
+            let n = split(&mut read.clone(), &mut bufs, &mut sizes).unwrap();
+            assert_eq!(n, segments);
+            let whole: Vec<Vec<u8>> = bufs
+                .iter()
+                .zip(&sizes)
+                .map(|(b, s)| b[..*s].to_vec())
+                .collect();
+            for batch in [1, 7, 64, 128, segments] {
+                assert!(
+                    split_in_batches(&read, batch) == whole,
+                    "v6 {v6}, tcp {tcp}, MSS {mss}, {segments} segments, batches of {batch}"
+                );
+            }
+            // All at once still needs room for all.
+            let (mut bufs, mut sizes) = buffers(segments - 1);
+            assert_eq!(
+                split(&mut read.clone(), &mut bufs, &mut sizes),
+                Err(SplitError::TooManySegments(segments))
+            );
+        }
     }
 
     #[test]

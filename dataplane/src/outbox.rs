@@ -5,15 +5,18 @@
 //! [`Coalescer`] into superpackets when the TUN has offloads (one write each).
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use tun_rs::SyncDevice;
 
 use crate::engine::Transmit;
 use crate::gro::Coalescer;
-use crate::offload::VNET_HDR_LEN;
 use crate::peer::Endpoint;
 use crate::stats::{DropReason, Stats};
+use crate::sys;
 use crate::udp::SocketPair;
+use crate::vnet::VNET_HDR_LEN;
 
 /// Largest UDP payload one GSO send may carry (IPv4's limit; IPv6's is a little larger).
 const MAX_GSO_BYTES: usize = 65507;
@@ -179,11 +182,10 @@ fn send_with_retry(sockets: &SocketPair, run: &Run<'_>) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             // The socket buffer is full: give the NIC a moment, once.
             if let Some(socket) = sockets.for_endpoint(&run.to) {
-                use std::os::fd::AsRawFd;
-                crate::workers::poll_fds(
+                sys::poll_fds(
                     &[socket.as_raw_fd()],
                     libc::POLLOUT,
-                    std::time::Duration::from_millis(10),
+                    Duration::from_millis(10),
                 );
             }
             sockets.send(&run.to, run.contents, run.segment)

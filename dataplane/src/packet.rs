@@ -357,6 +357,7 @@ fn put(out: &mut [u8], at: usize, bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checksum;
     use etherparse::{Icmpv4Slice, Icmpv6Slice, Ipv4HeaderSlice, Ipv6HeaderSlice};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -407,24 +408,14 @@ mod tests {
         (0..len).map(|i| (i * 7 + 3) as u8).collect()
     }
 
-    /// RFC 1071 checksum, written out here so the tests do not trust etherparse's.
-    fn ones_sum(mut sum: u32, data: &[u8]) -> u32 {
-        for chunk in data.chunks(2) {
-            let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-            sum += u32::from(word);
-        }
-        sum
-    }
-
-    fn fold(mut sum: u32) -> u16 {
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
+    /// RFC 1071 checksum by the tests' own reference, so they do not trust etherparse's.
     fn internet_checksum(data: &[u8]) -> u16 {
-        fold(ones_sum(0, data))
+        checksum::reference(data, 0)
+    }
+
+    /// The folded sum of `data` on top of `sum`, by the same reference.
+    fn ones_sum(sum: u32, data: &[u8]) -> u32 {
+        u32::from(!checksum::reference(data, sum))
     }
 
     /// Checks IPv4 + ICMPv4 framing and checksums; returns (ip header, icmp slice).
@@ -448,7 +439,7 @@ mod tests {
         sum = ones_sum(sum, &((bytes.len() - 40) as u32).to_be_bytes());
         sum = ones_sum(sum, &[0, 0, 0, 58]);
         sum = ones_sum(sum, &bytes[40..]);
-        assert_eq!(fold(sum), 0, "ICMPv6 checksum");
+        assert_eq!(!(sum as u16), 0, "ICMPv6 checksum");
         let icmp = Icmpv6Slice::from_slice(&bytes[40..]).unwrap();
         assert!(icmp.is_checksum_valid(ip.source(), ip.destination()));
         (ip, icmp)

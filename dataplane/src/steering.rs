@@ -1,128 +1,21 @@
-//! Worker affinity: which worker serves a packet. Pinned, each worker's threads run on one
-//! CPU and the kernel hands a packet to the worker of the CPU it is on — the TUN through a
-//! steering eBPF program (`TUNSETSTEERINGEBPF`), the listen sockets through a reuseport
-//! classic-BPF program (`SO_ATTACH_REUSEPORT_CBPF`). Spread, threads run anywhere and the
-//! kernel's flow hash picks the worker.
+//! The mechanisms of worker affinity: which worker serves a packet when workers are pinned.
+//! A [`CpuMap`] names each worker's CPU; from it come the two programs through which the
+//! kernel hands a packet to the worker of the CPU it is on — the TUN's steering eBPF program
+//! (`TUNSETSTEERINGEBPF`) and the listen sockets' reuseport classic-BPF program
+//! (`SO_ATTACH_REUSEPORT_CBPF`) — and their detachment, which gives the choice back to the
+//! kernel's flow hash. When to pin and when to spread is policy: [`crate::affinity`].
 //!
-//! Why pin: on a VM, waking a thread that sleeps on another, idle vCPU costs tens of
-//! microseconds, and a round trip through a userspace router needs several wake-ups. With the
-//! worker of the sending CPU serving the packet, a pod's request, both routers and the reply
-//! stay on the CPU the pod sent from, and each wake-up is a cheap local switch. Why spread: a
-//! busy flow then shares its CPU with the application, halving its throughput on small
-//! nodes. [`Adaptive`] pins while the device is quiet and spreads while it is busy.
-//!
-//! Everything here is best effort: without CAP_BPF, on old kernels or in a cpuset that
-//! cannot be read, the device stays spread.
+//! Everything here is best effort: without CAP_BPF or on old kernels the callers keep the
+//! kernel's hash.
 
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-/// `TUNSETSTEERINGEBPF` = `_IOR('T', 224, int)`.
-const TUNSETSTEERINGEBPF: libc::c_ulong = 0x8004_54e0;
-/// `SO_DETACH_REUSEPORT_BPF` (Linux 5.3; the same number on every architecture but
-/// mips/parisc/sparc, which the router does not build for).
-const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+use crate::sys;
+
 /// The kernel's license check only matters for GPL-only helpers; the one used here is not.
 const LICENSE: &[u8] = b"Apache-2.0\0";
-
-/// How workers are placed on CPUs (`worker_affinity` in the config file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WorkerAffinity {
-    /// Pinned while quiet, spread while busy (see [`Adaptive`]).
-    #[default]
-    Adaptive,
-    /// Always pinned: the lowest latency, less throughput per busy flow.
-    Pinned,
-    /// Never pinned: the kernel's flow hash picks the worker.
-    Off,
-}
-
-impl WorkerAffinity {
-    pub const NAMES: [&'static str; 3] = ["adaptive", "pinned", "off"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            WorkerAffinity::Adaptive => "adaptive",
-            WorkerAffinity::Pinned => "pinned",
-            WorkerAffinity::Off => "off",
-        }
-    }
-}
-
-impl std::str::FromStr for WorkerAffinity {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "adaptive" => Ok(WorkerAffinity::Adaptive),
-            "pinned" => Ok(WorkerAffinity::Pinned),
-            "off" => Ok(WorkerAffinity::Off),
-            other => Err(format!(
-                "unknown worker affinity `{other}` (expected one of: {})",
-                WorkerAffinity::NAMES.join(", ")
-            )),
-        }
-    }
-}
-
-/// Packets (TUN reads plus datagrams received) in one timer tick above which an adaptive
-/// device spreads its workers: 1,000 per 100 ms is ~115 Mbit/s of full-size packets, a few
-/// per cent of one core — far above request/response traffic (a ping every millisecond is
-/// 200 per tick on each router), far below one busy flow.
-pub const SPREAD_ABOVE_PER_TICK: u64 = 1_000;
-/// Packets per tick below which a tick counts as quiet.
-pub const QUIET_BELOW_PER_TICK: u64 = 300;
-/// Quiet ticks in a row before an adaptive device pins its workers again (1 s at 100 ms), so
-/// a flow pausing briefly does not flap between the modes.
-pub const QUIET_TICKS_TO_PIN: u32 = 10;
-
-/// The adaptive mode's decision, fed the packet count of each timer tick.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Adaptive {
-    pinned: bool,
-    quiet_ticks: u32,
-}
-
-impl Default for Adaptive {
-    /// A fresh device is quiet: pinned.
-    fn default() -> Self {
-        Adaptive {
-            pinned: true,
-            quiet_ticks: 0,
-        }
-    }
-}
-
-impl Adaptive {
-    pub fn pinned(&self) -> bool {
-        self.pinned
-    }
-
-    /// Takes one tick's packet count; returns the new placement (`true` = pinned) when it
-    /// changes.
-    pub fn observe(&mut self, packets: u64) -> Option<bool> {
-        if self.pinned {
-            if packets > SPREAD_ABOVE_PER_TICK {
-                self.pinned = false;
-                self.quiet_ticks = 0;
-                return Some(false);
-            }
-            return None;
-        }
-        if packets < QUIET_BELOW_PER_TICK {
-            self.quiet_ticks += 1;
-            if self.quiet_ticks >= QUIET_TICKS_TO_PIN {
-                self.pinned = true;
-                self.quiet_ticks = 0;
-                return Some(true);
-            }
-        } else {
-            self.quiet_ticks = 0;
-        }
-        None
-    }
-}
 
 /// The CPU each worker is pinned to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +25,7 @@ pub struct CpuMap {
 }
 
 impl CpuMap {
-    /// Worker `k` on `allowed[k]` (the CPUs this process may run on: [`allowed_cpus`]);
+    /// Worker `k` on `allowed[k]` (the CPUs this process may run on: `sys::allowed_cpus`);
     /// `None` when pinning makes no sense: one worker (the scheduler places it best) or more
     /// workers than CPUs.
     pub fn from_allowed(allowed: &[u32], workers: usize) -> Option<CpuMap> {
@@ -152,8 +45,6 @@ impl CpuMap {
     /// index of the current CPU's worker, or an out-of-range index (the kernel then falls
     /// back to its hash) on a CPU without a worker.
     fn reuseport_program(&self) -> Vec<libc::sock_filter> {
-        const SKF_AD_OFF: u32 = (-0x1000i32) as u32;
-        const SKF_AD_CPU: u32 = 36;
         let stmt = |code: u32, k: u32| libc::sock_filter {
             code: code as u16,
             jt: 0,
@@ -162,7 +53,7 @@ impl CpuMap {
         };
         let mut program = vec![stmt(
             libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
-            SKF_AD_OFF + SKF_AD_CPU,
+            (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32,
         )];
         for (worker, &cpu) in self.cpus.iter().enumerate() {
             // Equal: fall through to the return; not equal: skip it.
@@ -195,57 +86,13 @@ impl CpuMap {
     }
 }
 
-/// The CPUs this process may run on (its affinity mask: a pod's cpuset, `taskset`).
-pub fn allowed_cpus() -> io::Result<Vec<u32>> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `cpu` is below CPU_SETSIZE.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .map(|cpu| cpu as u32)
-        .collect())
-}
-
-/// The calling thread's id (for [`set_thread_cpus`] from another thread).
-pub fn current_thread_id() -> libc::pid_t {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::gettid() }
-}
-
-/// Lets thread `tid` (0 = the caller) run only on `cpus`.
-pub fn set_thread_cpus(tid: libc::pid_t, cpus: &[u32]) -> io::Result<()> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        if (cpu as usize) < libc::CPU_SETSIZE as usize {
-            // SAFETY: CPU_SET on a valid set with an index below CPU_SETSIZE.
-            unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-        }
-    }
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// With a map, makes the reuseport group of `socket` (whose `k`-th member is worker `k`'s)
 /// deliver to the worker of the receiving CPU; without, gives the group back to the
 /// kernel's hash.
 pub fn steer_reuseport_group(socket: RawFd, map: Option<&CpuMap>) -> io::Result<()> {
     let Some(map) = map else {
-        return match crate::udp::set_int_option(
-            socket,
-            libc::SOL_SOCKET,
-            SO_DETACH_REUSEPORT_BPF,
-            0,
-        ) {
+        return match sys::set_int_option(socket, libc::SOL_SOCKET, libc::SO_DETACH_REUSEPORT_BPF, 0)
+        {
             // ENOENT: no program was attached.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             other => other,
@@ -282,7 +129,7 @@ pub fn steer_tun(queue: RawFd, map: Option<&CpuMap>) -> io::Result<()> {
     let fd: libc::c_int = program.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
     // SAFETY: the ioctl reads one int (a program's fd, or -1); the TUN takes its own
     // reference to the program, so ours may close afterwards.
-    let rc = unsafe { libc::ioctl(queue, TUNSETSTEERINGEBPF as _, &fd) };
+    let rc = unsafe { libc::ioctl(queue, libc::TUNSETSTEERINGEBPF, &fd) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -402,39 +249,6 @@ fn load_socket_filter(program: &[BpfInsn]) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn adaptive_spreads_at_once_when_busy_and_pins_after_a_quiet_second() {
-        let mut a = Adaptive::default();
-        assert!(a.pinned());
-        assert_eq!(
-            a.observe(SPREAD_ABOVE_PER_TICK),
-            None,
-            "at the threshold: stays"
-        );
-        assert_eq!(a.observe(SPREAD_ABOVE_PER_TICK + 1), Some(false));
-        assert_eq!(a.observe(100_000), None);
-        // Quiet ticks, interrupted by a moderate one: the count starts over.
-        for _ in 0..QUIET_TICKS_TO_PIN - 1 {
-            assert_eq!(a.observe(0), None);
-        }
-        assert_eq!(a.observe(QUIET_BELOW_PER_TICK), None, "not quiet");
-        for _ in 0..QUIET_TICKS_TO_PIN - 1 {
-            assert_eq!(a.observe(QUIET_BELOW_PER_TICK - 1), None);
-        }
-        assert_eq!(a.observe(0), Some(true));
-        assert!(a.pinned());
-    }
-
-    #[test]
-    fn affinity_names_round_trip_and_unknown_ones_are_refused() {
-        for name in WorkerAffinity::NAMES {
-            assert_eq!(name.parse::<WorkerAffinity>().unwrap().name(), name);
-        }
-        let err = "pinnned".parse::<WorkerAffinity>().unwrap_err();
-        assert!(err.contains("adaptive, pinned, off"), "{err}");
-        assert_eq!(WorkerAffinity::default(), WorkerAffinity::Adaptive);
-    }
 
     #[test]
     fn workers_take_the_allowed_cpus_in_order() {

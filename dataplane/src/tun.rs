@@ -1,6 +1,7 @@
 //! The TUN device: created (or attached to) by name through `tun-rs`, packets read and written
-//! without a packet-information header, nonblocking so one worker can poll it beside its UDP
-//! sockets. Offloads and multiple queues come with the fast path.
+//! without a packet-information header, one nonblocking queue per worker (`IFF_MULTI_QUEUE`),
+//! with offloads (`IFF_VNET_HDR`, TSO/USO) when the kernel grants them. Also the kernel's rules
+//! for interface names.
 
 use std::io;
 
@@ -50,9 +51,6 @@ pub fn check_ifname(name: &str) -> Result<(), TunError> {
         None => Ok(()),
     }
 }
-
-/// Headroom every TUN write buffer keeps in front of its packet for the virtio-net header.
-pub const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// How a TUN device was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,11 +127,6 @@ impl Tun {
     /// Whether the TUN also takes UDP superpackets (USO4/USO6, kernel 6.2+).
     pub fn udp_gso(&self) -> bool {
         self.offload && self.queues[0].udp_gso()
-    }
-
-    /// An outbox whose TUN writes fit this device (headers, superpackets or not).
-    pub fn outbox(&self) -> crate::outbox::Outbox {
-        crate::outbox::Outbox::new(self.offload, self.udp_gso())
     }
 
     pub fn queue_count(&self) -> usize {

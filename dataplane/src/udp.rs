@@ -1,6 +1,7 @@
-//! The UDP side: one IPv4 and one IPv6 socket on the listen port (either may be missing when
-//! the host lacks that family), batched receive (`recvmmsg`, UDP GRO) and per-datagram source
-//! address control through `quinn-udp`, large socket buffers, and the fwmark (`SO_MARK`).
+//! The UDP side: per worker one IPv4 and one IPv6 socket on the listen port (either may be
+//! missing when the host lacks that family), every worker's in one `SO_REUSEPORT` group per
+//! family; batched receive (`recvmmsg`, UDP GRO), GSO sends and per-datagram source address
+//! control through `quinn-udp`, large socket buffers, and the fwmark (`SO_MARK`).
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -10,6 +11,8 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::peer::Endpoint;
+use crate::steering::{self, CpuMap};
+use crate::sys::set_int_option;
 
 /// Socket buffer size asked for with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (wireguard-go uses
 /// 7 MiB; without it bursts die as receive-buffer errors).
@@ -127,30 +130,6 @@ impl AsRawFd for BoundSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }
-}
-
-/// Sets an int socket option.
-pub(crate) fn set_int_option(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: a plain int option on a descriptor the caller owns; the pointer and length
-    // describe `value`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            &value as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// quinn-udp sets DF on every datagram (PMTU probing, right for QUIC). A tunnel must instead
@@ -325,12 +304,12 @@ impl UdpSockets {
     /// With a map, makes each family's reuseport group deliver to the worker of the
     /// receiving CPU (the group's `k`-th socket is worker `k`'s: they were bound in that
     /// order); without, gives the groups back to the kernel's hash.
-    pub fn steer(&self, map: Option<&crate::steering::CpuMap>) -> io::Result<()> {
+    pub fn steer(&self, map: Option<&CpuMap>) -> io::Result<()> {
         if self.workers.len() < 2 {
             return Ok(());
         }
         for socket in self.workers[0].sockets() {
-            crate::steering::steer_reuseport_group(socket.as_raw_fd(), map)?;
+            steering::steer_reuseport_group(socket.as_raw_fd(), map)?;
         }
         Ok(())
     }

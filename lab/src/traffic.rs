@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,10 @@ pub struct TransferReport {
     /// The peer address the receiver's `accept` returned.
     pub source_seen_by_receiver: SocketAddr,
     pub elapsed: Duration,
+    /// The sender's MSS at the end (TCP_MAXSEG).
+    pub sender_mss: u32,
+    /// Segments the sender's kernel retransmitted (`tcpi_total_retrans`).
+    pub sender_retransmits: u32,
 }
 
 impl TransferReport {
@@ -103,6 +108,13 @@ impl TransferReport {
         Ok(())
     }
 
+    /// Retransmitted segments per segment the data needed (at the sender's MSS): about 0 on
+    /// a path that loses nothing.
+    pub fn retransmitted_share(&self) -> f64 {
+        let segments = self.bytes_sent.div_ceil(u64::from(self.sender_mss.max(1)));
+        f64::from(self.sender_retransmits) / segments.max(1) as f64
+    }
+
     /// Megabits per second, for information only (tests never assert on time).
     pub fn mbit_per_second(&self) -> f64 {
         self.bytes_received as f64 * 8.0 / self.elapsed.as_secs_f64().max(1e-9) / 1e6
@@ -118,9 +130,25 @@ pub fn tcp_transfer(
     receiver_addr: IpAddr,
     bytes: u64,
 ) -> anyhow::Result<TransferReport> {
+    tcp_transfer_with_mss(sender, receiver, receiver_addr, bytes, None)
+}
+
+/// [`tcp_transfer`] with the sender's segments at most `mss` bytes (TCP_MAXSEG on the
+/// listener: its SYN-ACK announces that MSS, and the sender must keep to it; Linux takes 88
+/// to 65,535). Fails unless the sender's MSS is then at most `mss`.
+pub fn tcp_transfer_with_mss(
+    sender: &Netns,
+    receiver: &Netns,
+    receiver_addr: IpAddr,
+    bytes: u64,
+    mss: Option<u16>,
+) -> anyhow::Result<TransferReport> {
     let listener = receiver
         .enter(|| TcpListener::bind(SocketAddr::new(receiver_addr, 0)))?
         .with_context(|| format!("cannot listen on {receiver_addr} in {}", receiver.name()))?;
+    if let Some(mss) = mss {
+        set_mss(&listener, mss).with_context(|| format!("cannot set MSS {mss}"))?;
+    }
     let target = listener.local_addr()?;
     let abort = AtomicBool::new(false);
     let started = Instant::now();
@@ -135,6 +163,12 @@ pub fn tcp_transfer(
             .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
         let (stream, bytes_sent, sent_checksum) =
             sent.with_context(|| format!("sending to {target} from {}", sender.name()))?;
+        let sender_mss = u32::try_from(mss_of(&stream)?).unwrap_or(0);
+        if let Some(mss) = mss {
+            if sender_mss > u32::from(mss) {
+                anyhow::bail!("the sender's MSS is {sender_mss}, above the {mss} asked for");
+            }
+        }
         let (source, bytes_received, received_checksum) =
             received.with_context(|| format!("receiving on {target} in {}", receiver.name()))?;
         Ok(TransferReport {
@@ -146,8 +180,70 @@ pub fn tcp_transfer(
             sender_addr: stream.local_addr()?,
             source_seen_by_receiver: source,
             elapsed: started.elapsed(),
+            sender_mss,
+            sender_retransmits: retransmits_of(&stream)?,
         })
     })
+}
+
+/// Sets TCP_MAXSEG on a socket.
+fn set_mss(socket: &impl AsRawFd, mss: u16) -> std::io::Result<()> {
+    let value = libc::c_int::from(mss);
+    // SAFETY: an int option on a descriptor the caller owns; pointer and length describe it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A connected socket's MSS (TCP_MAXSEG reads back the one in use).
+fn mss_of(socket: &impl AsRawFd) -> std::io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int option read into `value`, whose size `len` gives.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Segments the kernel retransmitted on a connection so far (`tcpi_total_retrans`).
+fn retransmits_of(socket: &impl AsRawFd) -> std::io::Result<u32> {
+    // SAFETY: an all-zero tcp_info is a valid value to be overwritten.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.tcpi_total_retrans)
 }
 
 /// Connects from inside `ns` and writes `bytes` random bytes, then half-closes. Returns the
@@ -349,6 +445,8 @@ mod tests {
             sender_addr: source,
             source_seen_by_receiver: source,
             elapsed: Duration::from_secs(1),
+            sender_mss: 1380,
+            sender_retransmits: 0,
         }
     }
 

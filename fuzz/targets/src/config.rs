@@ -22,8 +22,8 @@ use tailsk8s::config::{
     MAX_WORKERS, MIN_MTU,
 };
 use tailsk8s::routes::DEFAULT_FWMARK;
+use tailsk8s_dataplane::affinity::WorkerAffinity;
 use tailsk8s_dataplane::key::Key;
-use tailsk8s_dataplane::steering::WorkerAffinity;
 
 use crate::input::Choices;
 

@@ -29,7 +29,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use tailsk8s_dataplane::gro::Coalescer;
-use tailsk8s_dataplane::offload::{self, VNET_HDR_LEN};
+use tailsk8s_dataplane::offload;
+use tailsk8s_dataplane::vnet::VNET_HDR_LEN;
 use tun_rs::VirtioNetHdr;
 
 use crate::headers::{self, Ip, Segment, Transport, ACK, GSO_NONE, PSH, TCP, UDP};

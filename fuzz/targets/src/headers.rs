@@ -276,7 +276,7 @@ pub fn vnet_header(
         csum_start,
         csum_offset,
     };
-    let mut out = vec![0u8; tailsk8s_dataplane::offload::VNET_HDR_LEN];
+    let mut out = vec![0u8; tailsk8s_dataplane::vnet::VNET_HDR_LEN];
     if let Err(e) = hdr.encode(&mut out) {
         panic!("virtio-net header does not encode: {e}");
     }

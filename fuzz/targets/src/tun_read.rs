@@ -15,8 +15,9 @@
 //! - plain (even): the rest is one packet, handed over twice: in a buffer of exactly its
 //!   length, then with spare room for padding;
 //! - with offloads (odd): the rest is one read with a virtio-net header in front. It goes
-//!   through `offload::split`, exactly as the TUN worker does, into reused buffers, and every
-//!   packet that comes out is routed from the buffer split left it in.
+//!   through `offload::Split`, a batch of reused buffers at a time as the TUN worker does
+//!   (a superpacket may have more segments than a batch), and every packet that comes out is
+//!   routed from the buffer the split left it in.
 //!
 //! Invariants per routed packet, checked against the harness's own header reading and a naive
 //! longest-prefix table:
@@ -47,7 +48,8 @@ use tailsk8s_dataplane::engine::DEFAULT_MTU;
 use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::packet::{ICMPV4_ERROR_MAX_LEN, ICMPV6_ERROR_MAX_LEN};
 
-use tailsk8s_dataplane::offload::{self, VNET_HDR_LEN};
+use tailsk8s_dataplane::offload::{self, PAD_ROOM};
+use tailsk8s_dataplane::vnet::VNET_HDR_LEN;
 use tun_rs::VirtioNetHdr;
 
 use crate::headers::{self, Segment, Transport, FIN, GSO_NONE, PSH, TCP, UDP};
@@ -60,10 +62,9 @@ const HANDSHAKING: usize = 1;
 const NO_ENDPOINT: usize = 2;
 const LOW_ORDER: usize = 3;
 
-/// Buffers the split may fill: the TUN worker keeps room for 64 segments per read.
+/// Buffers one split batch may fill: a TUN read finds at least 64 free in the worker's batch,
+/// and a superpacket with more segments goes on batch after batch.
 const SPLIT_BUFFERS: usize = 64;
-/// Spare bytes `offload::split` promises after each packet (WireGuard pads to 16).
-pub const PAD_ROOM: usize = 16;
 
 struct World {
     local: Local,
@@ -137,36 +138,47 @@ impl World {
         self.route_in(&mut buf, packet.len());
     }
 
-    /// A read with a virtio-net header: split as the TUN worker does, then every packet
-    /// routed from the buffer the split left it in. Returns the datagrams sent to the
-    /// established peer.
+    /// A read with a virtio-net header: split as the TUN worker does — [`SPLIT_BUFFERS`] at a
+    /// time, each batch routed from the buffers the split left its packets in before the next
+    /// batch is split into the same buffers. Returns the datagrams sent to the established
+    /// peer.
     fn route_read(&mut self, read: &[u8]) -> usize {
         let mut buffer = read.to_vec();
         // The worker's buffers are reused from read to read: start them dirty.
         let mut bufs = vec![vec![0xee; 100]; SPLIT_BUFFERS];
         let mut sizes = vec![usize::MAX; SPLIT_BUFFERS];
-        let Ok(count) = offload::split(&mut buffer, &mut bufs, &mut sizes) else {
+        let Ok(mut split) = offload::Split::new(&mut buffer) else {
             return 0;
         };
-        assert!(count <= SPLIT_BUFFERS, "split claims {count} packets");
-        let packets: Vec<Vec<u8>> = bufs
-            .iter()
-            .zip(&sizes)
-            .take(count)
-            .map(|(buf, &size)| {
+        let mut packets = Vec::new();
+        let mut delivered = 0;
+        loop {
+            let before = split.remaining();
+            let Ok(count) = split.next_into(&mut bufs, &mut sizes) else {
+                // Refused part-way: what came before was routed, the rest is dropped.
+                return delivered;
+            };
+            assert_eq!(
+                count,
+                before.min(SPLIT_BUFFERS),
+                "split gave {count} packets with {before} due"
+            );
+            for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
                 assert!(
                     size <= buf.len() && buf.len() - size >= PAD_ROOM,
                     "a {size}-byte packet in a {}-byte buffer: no room to pad",
                     buf.len()
                 );
-                buf[..size].to_vec()
-            })
-            .collect();
-        check_split(read, &packets);
-        let mut delivered = 0;
-        for (buf, &size) in bufs.iter_mut().zip(&sizes).take(count) {
-            delivered += self.route_in(buf, size);
+                packets.push(buf[..size].to_vec());
+            }
+            for (buf, &size) in bufs.iter_mut().zip(&sizes).take(count) {
+                delivered += self.route_in(buf, size);
+            }
+            if split.remaining() == 0 {
+                break;
+            }
         }
+        check_split(read, &packets);
         delivered
     }
 
@@ -508,7 +520,16 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         // NOP, NOP, timestamps.
         *options = vec![1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 7];
     }
+    // MSS 48 (the kernel's smallest): 150 segments, more than one split batch holds.
+    let mut small_mss = tcp("198.19.1.2", "198.19.2.2", 48 * 150);
+    if let Transport::Tcp { flags, .. } = &mut small_mss.transport {
+        *flags |= headers::CWR;
+    }
     let with_header = [
+        (
+            "offload-v4-tcp-small-mss",
+            headers::superpacket(&small_mss, headers::GSO_TCPV4 | headers::GSO_ECN, 48),
+        ),
         (
             "offload-v4-tcp-superpacket",
             headers::superpacket(
@@ -634,6 +655,7 @@ mod tests {
     #[test]
     fn every_segment_of_a_superpacket_reaches_the_established_peer() {
         for (name, segments) in [
+            ("offload-v4-tcp-small-mss", 150),
             ("offload-v4-tcp-superpacket", 4),
             ("offload-v6-tcp-superpacket", 3),
             ("offload-v4-udp-superpacket", 3),

@@ -2,11 +2,13 @@
 //! `SO_REUSEPORT` UDP sockets, and runs two threads, one per direction:
 //!
 //! ```text
-//!  tun thread    poll queue ─► read superpackets, split to segments ─► engine (encrypt)
-//!                ─► outbox ─► UDP GSO sends
+//!  tun thread    poll queue ─► read superpackets, split to segments into a batch
+//!                ─► engine (encrypt) ─► outbox ─► UDP GSO sends
+//!                (a superpacket with more segments than a batch: batch after batch)
 //!  udp thread    poll sockets ─► recvmmsg + UDP GRO ─► engine (decrypt) ─► outbox
 //!                ─► GRO-coalesced TUN writes, UDP sends (handshake replies)
-//!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; follow the TUN's MTU
+//!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; the adaptive placement follows
+//!                the load; every second: follow the TUN's MTU, notice a deleted TUN
 //! ```
 //!
 //! A thread reads into its own buffers, holds the engine's read lock only while the engine
@@ -20,15 +22,14 @@ use std::time::{Duration, Instant};
 
 use quinn_udp::RecvMeta;
 
-use crate::device::{ExitReason, Shared};
+use super::shared::{ExitReason, Shared};
+use super::tun_batch::{TunBatch, TUN_BATCH};
 use crate::engine::new_scratch;
-use crate::offload::{copy_into, split, VNET_HDR_LEN};
 use crate::stats::DropReason;
+use crate::sys::poll_fds;
 use crate::udp::UdpSockets;
+use crate::vnet::VNET_HDR_LEN;
 
-/// Packets one TUN thread collects before handing them to the engine (one 64 KiB
-/// superpacket of 1380-byte segments is 48).
-const TUN_BATCH: usize = 128;
 /// Datagrams (each possibly a GRO run) one UDP thread reads per `recvmmsg`.
 const UDP_BATCH: usize = 32;
 /// Decrypted packets collected before a GRO-coalesced write to the TUN.
@@ -36,31 +37,7 @@ const TUN_FLUSH_PACKETS: usize = 128;
 /// Room for one packet, or one GRO-coalesced run of datagrams.
 const BUF_LEN: usize = 65536 + 64;
 /// How often threads wake to notice a stop request or new sockets.
-pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Waits until one of `fds` (negative entries are ignored) is ready for `events` or the
-/// timeout passes.
-pub(crate) fn poll_fds(fds: &[i32], events: libc::c_short, timeout: Duration) -> bool {
-    let mut pollfds = [libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    }; 4];
-    let n = fds.len().min(pollfds.len());
-    for (slot, fd) in pollfds.iter_mut().zip(fds) {
-        slot.fd = *fd;
-        slot.events = events;
-    }
-    // SAFETY: `pollfds[..n]` is a valid array of initialised pollfd structs.
-    let ready = unsafe {
-        libc::poll(
-            pollfds.as_mut_ptr(),
-            n as libc::nfds_t,
-            timeout.as_millis() as libc::c_int,
-        )
-    };
-    ready > 0
-}
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Follows socket replacements (a UAPI `listen_port` change) without taking a lock per batch.
 struct SocketView {
@@ -100,22 +77,46 @@ fn max_segments(shared: &Shared, sockets: &UdpSockets, worker: usize) -> usize {
 pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
     let queue = shared.tun.queue(worker);
     let offload = shared.tun.offload();
-    // One read (a superpacket, or a packet up to the largest MTU) lands here first; packets
-    // are then split or copied into `bufs`, which grow to what reads need and stay so.
+    // One read (a superpacket, or a packet up to the largest MTU) lands here first; its
+    // packets are then split or copied into the batch.
     let mut original = vec![0u8; VNET_HDR_LEN + BUF_LEN];
-    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); TUN_BATCH];
-    let mut sizes = [0usize; TUN_BATCH];
+    let mut batch = TunBatch::new(TUN_BATCH);
     let mut scratch = new_scratch();
-    let mut outbox = shared.tun.outbox();
+    let mut outbox = shared.outbox();
     let mut view = SocketView::new(&shared);
+    // Hands a batch to the engine and makes the syscalls; false once the TUN is gone.
+    let mut deliver = |packets: &mut [Vec<u8>], sizes: &[usize]| {
+        // The kernel never hands us more than the TUN's MTU: a larger packet means the MTU
+        // was just raised (`ip link set mtu`). Follow it now, not at the next timer tick, or
+        // the engine would answer "too big" with the old MTU and poison the sender's PMTU.
+        if sizes.iter().any(|&n| n > shared.engine.mtu()) {
+            shared.refresh_mtu();
+        }
+        {
+            let mut batch = shared.engine.batch();
+            for (buf, len) in packets.iter_mut().zip(sizes) {
+                batch.handle_tun_packet(buf, *len, &mut scratch, &mut outbox);
+            }
+        }
+        view.refresh(&shared);
+        let segments = max_segments(&shared, &view.sockets, worker);
+        let flushed = outbox.flush(
+            queue,
+            view.sockets.worker(worker),
+            segments,
+            shared.engine.stats(),
+        );
+        if flushed.is_err() {
+            shared.finish(ExitReason::TunGone);
+        }
+        flushed.is_ok()
+    };
     let fd = queue.as_raw_fd();
     while !shared.stop.load(Relaxed) {
         if !poll_fds(&[fd], libc::POLLIN, POLL_INTERVAL) {
             continue;
         }
-        let mut count = 0;
-        // Keep room for a whole superpacket's segments.
-        while count + 64 <= TUN_BATCH {
+        while batch.wants_read() {
             let n = match queue.recv(&mut original) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -129,44 +130,14 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
                     return;
                 }
             };
-            if !offload {
-                copy_into(&mut bufs[count], &original[..n]);
-                sizes[count] = n;
-                count += 1;
-                continue;
-            }
-            match split(&mut original[..n], &mut bufs[count..], &mut sizes[count..]) {
-                Ok(segments) => count += segments,
-                Err(_) => shared.engine.stats().drop(DropReason::MalformedPacket),
+            if batch
+                .push(&mut original[..n], offload, &mut deliver)
+                .is_err()
+            {
+                shared.engine.stats().drop(DropReason::MalformedPacket);
             }
         }
-        if count == 0 {
-            continue;
-        }
-        // The kernel never hands us more than the TUN's MTU: a larger packet means the MTU
-        // was just raised (`ip link set mtu`). Follow it now, not at the next timer tick, or
-        // the engine would answer "too big" with the old MTU and poison the sender's PMTU.
-        if sizes[..count].iter().any(|&n| n > shared.engine.mtu()) {
-            shared.refresh_mtu();
-        }
-        {
-            let mut batch = shared.engine.batch();
-            for (buf, len) in bufs.iter_mut().zip(sizes.iter()).take(count) {
-                batch.handle_tun_packet(buf, *len, &mut scratch, &mut outbox);
-            }
-        }
-        view.refresh(&shared);
-        let segments = max_segments(&shared, &view.sockets, worker);
-        if outbox
-            .flush(
-                queue,
-                view.sockets.worker(worker),
-                segments,
-                shared.engine.stats(),
-            )
-            .is_err()
-        {
-            shared.finish(ExitReason::TunGone);
+        if !batch.hand_over(&mut deliver) {
             return;
         }
     }
@@ -177,7 +148,7 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
     let mut bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
     let mut metas = [RecvMeta::default(); UDP_BATCH];
     let mut scratch = new_scratch();
-    let mut outbox = shared.tun.outbox();
+    let mut outbox = shared.outbox();
     let mut view = SocketView::new(&shared);
     while !shared.stop.load(Relaxed) {
         view.refresh(&shared);
@@ -260,7 +231,7 @@ fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 
 pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut scratch = new_scratch();
-    let mut outbox = shared.tun.outbox();
+    let mut outbox = shared.outbox();
     let mut last_mtu_check = Instant::now();
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(POLL_INTERVAL);

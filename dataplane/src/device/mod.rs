@@ -1,0 +1,181 @@
+//! A running device: the engine, the TUN (one queue per worker) and the listen sockets (one
+//! `SO_REUSEPORT` pair per worker), started, stopped and handed to the UAPI. It owns what
+//! runs beneath it: the state its threads share (`shared`), the threads themselves
+//! (`workers`) and the TUN thread's batch (`tun_batch`).
+
+mod shared;
+mod tun_batch;
+mod workers;
+
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+
+use crate::affinity::{Placement, WorkerAffinity};
+use crate::config::DeviceControl;
+use crate::engine::Engine;
+use crate::tun::{Tun, TunError, TunOptions};
+use crate::udp::UdpSockets;
+use shared::Shared;
+
+pub use shared::ExitReason;
+
+/// What a device needs to start.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    pub ifname: String,
+    pub mtu: u16,
+    /// 0 = a random port.
+    pub listen_port: u16,
+    pub fwmark: u32,
+    /// Worker count (0 = one per core).
+    pub workers: usize,
+    /// TUN offloads (TSO/USO + GRO writes) and UDP GSO; off for kernels where they misbehave.
+    pub offload: bool,
+    /// Whether workers are pinned to CPUs, with packets steered to the worker of their CPU
+    /// (see [`crate::affinity`]).
+    pub affinity: WorkerAffinity,
+}
+
+impl DeviceOptions {
+    /// The worker count to use: the configured one, or one per core.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    #[error("binding UDP port {port}: {source}")]
+    Bind { port: u16, source: io::Error },
+    #[error("starting a device thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A running device. Dropping it stops its threads.
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Device {
+    /// Creates the TUN, binds the listen sockets and starts the threads.
+    pub fn start(options: &DeviceOptions) -> Result<Device, DeviceError> {
+        let workers = options.worker_count();
+        let tun = Tun::create(
+            &options.ifname,
+            TunOptions {
+                mtu: options.mtu,
+                queues: workers,
+                offload: options.offload,
+            },
+        )?;
+        let sockets =
+            UdpSockets::bind(options.listen_port, options.fwmark, workers).map_err(|source| {
+                DeviceError::Bind {
+                    port: options.listen_port,
+                    source,
+                }
+            })?;
+        let placement = Placement::new(
+            options.affinity,
+            workers,
+            std::os::fd::AsRawFd::as_raw_fd(tun.queue(0)),
+        )
+        .filter(|placement| placement.start(&sockets));
+        let engine = Engine::new(usize::from(options.mtu));
+        let shared = Arc::new(Shared::new(
+            engine,
+            tun,
+            sockets,
+            options.fwmark,
+            workers,
+            placement,
+        ));
+        let mut device = Device {
+            shared: shared.clone(),
+            threads: Vec::new(),
+        };
+        let mut spawn = |name: String, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(body)
+                .map(|handle| device.threads.push(handle))
+                .map_err(DeviceError::Thread)
+        };
+        for worker in 0..workers {
+            let s = shared.clone();
+            spawn(
+                format!("tsk-tun{worker}"),
+                Box::new(move || {
+                    s.place(worker);
+                    workers::tun_loop(s, worker)
+                }),
+            )?;
+            let s = shared.clone();
+            spawn(
+                format!("tsk-udp{worker}"),
+                Box::new(move || {
+                    s.place(worker);
+                    workers::udp_loop(s, worker)
+                }),
+            )?;
+        }
+        let s = shared.clone();
+        spawn(
+            "tsk-timers".to_string(),
+            Box::new(move || workers::timer_loop(s)),
+        )?;
+        tracing::info!(
+            interface = %options.ifname,
+            workers,
+            offload = shared.tun.offload(),
+            affinity = options.affinity.name(),
+            pinned_workers = shared.pinned_workers(),
+            "device started"
+        );
+        Ok(device)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.shared.engine
+    }
+
+    /// The UAPI / control-plane view of this device.
+    pub fn control(&self) -> Arc<dyn DeviceControl> {
+        self.shared.clone()
+    }
+
+    pub fn tun(&self) -> &Tun {
+        &self.shared.tun
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.shared.sockets().port()
+    }
+
+    /// Why the device stopped, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.shared.exit_reason()
+    }
+
+    pub fn stop(&self) {
+        self.shared.finish(ExitReason::Stopped);
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.stop();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

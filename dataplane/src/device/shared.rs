@@ -1,0 +1,177 @@
+//! The state a running device's threads and its control interface share: the engine, the
+//! TUN, the listen sockets (replaced by a `listen_port` change), the worker placement, and
+//! the stop flag with the reason the device stopped. Also the UAPI's get/set
+//! ([`DeviceControl`], whose semantics are [`crate::control`]'s), since a set may rebind the
+//! listen sockets or change their fwmark.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::affinity::Placement;
+use crate::config::{DeviceControl, DeviceSnapshot, DeviceUpdate, SetError};
+use crate::control::{self, ListenSockets};
+use crate::engine::{new_scratch, Engine, SCRATCH_LEN};
+use crate::outbox::Outbox;
+use crate::tun::Tun;
+use crate::udp::UdpSockets;
+
+/// Why a device stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// [`super::Device::stop`] was called.
+    Stopped,
+    /// The TUN interface was deleted.
+    TunGone,
+    /// An I/O error the device cannot recover from.
+    Failed(String),
+}
+
+/// The state the device's threads and its control interface share.
+pub(crate) struct Shared {
+    pub(crate) engine: Engine,
+    pub(crate) tun: Tun,
+    sockets: RwLock<Arc<UdpSockets>>,
+    /// Bumped whenever `sockets` is replaced, so threads notice without taking the lock.
+    pub(crate) sockets_generation: AtomicU64,
+    fwmark: AtomicU32,
+    pub(crate) stop: AtomicBool,
+    exit: Mutex<Option<ExitReason>>,
+    workers: usize,
+    /// Whether UDP sends may carry several datagrams (GSO).
+    pub(crate) udp_gso: bool,
+    /// Where workers run, unless they are never pinned.
+    placement: Option<Placement>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        engine: Engine,
+        tun: Tun,
+        sockets: UdpSockets,
+        fwmark: u32,
+        workers: usize,
+        placement: Option<Placement>,
+    ) -> Shared {
+        Shared {
+            engine,
+            udp_gso: tun.offload(),
+            tun,
+            sockets: RwLock::new(Arc::new(sockets)),
+            sockets_generation: AtomicU64::new(0),
+            fwmark: AtomicU32::new(fwmark),
+            stop: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            workers,
+            placement,
+        }
+    }
+
+    pub(crate) fn sockets(&self) -> Arc<UdpSockets> {
+        self.sockets.read().clone()
+    }
+
+    /// An outbox whose TUN writes fit this device's TUN (headers, superpackets or not).
+    pub(crate) fn outbox(&self) -> Outbox {
+        Outbox::new(self.tun.offload(), self.tun.udp_gso())
+    }
+
+    /// Why the device stopped, once it has.
+    pub(crate) fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.lock().clone()
+    }
+
+    /// Whether the workers may be pinned (else they always stay spread).
+    pub(crate) fn pinned_workers(&self) -> bool {
+        self.placement.is_some()
+    }
+
+    /// Stops the device's threads, keeping the first reason given.
+    pub(crate) fn finish(&self, reason: ExitReason) {
+        let mut exit = self.exit.lock();
+        if exit.is_none() {
+            *exit = Some(reason);
+        }
+        self.stop.store(true, Relaxed);
+    }
+
+    /// Registers the calling thread as one of `worker`'s with the placement.
+    pub(crate) fn place(&self, worker: usize) {
+        if let Some(placement) = &self.placement {
+            placement.register(worker);
+        }
+    }
+
+    /// Takes the TUN's current MTU into the engine.
+    pub(crate) fn refresh_mtu(&self) {
+        if let Ok(mtu) = self.tun.mtu() {
+            if usize::from(mtu) != self.engine.mtu() {
+                self.engine.set_mtu(usize::from(mtu));
+            }
+        }
+    }
+
+    /// Lets an adaptive placement follow the load; called once per timer tick.
+    pub(crate) fn follow_load(&self) {
+        if let Some(placement) = &self.placement {
+            let stats = self.engine.stats();
+            let packets = stats.tun_packets_in.load(Relaxed) + stats.datagrams_in.load(Relaxed);
+            placement.tick(packets, || self.sockets());
+        }
+    }
+
+    pub(crate) fn tick(&self, outbox: &mut Outbox, scratch: &mut [u8; SCRATCH_LEN]) {
+        self.engine.tick(Instant::now(), scratch, outbox);
+        if !outbox.is_empty() {
+            let sockets = self.sockets();
+            // Timer output is handshakes and keepalives: no GSO needed.
+            let _ = outbox.flush(self.tun.queue(0), sockets.worker(0), 1, self.engine.stats());
+        }
+    }
+}
+
+impl ListenSockets for Shared {
+    fn port(&self) -> u16 {
+        self.sockets().port()
+    }
+
+    fn fwmark(&self) -> u32 {
+        self.fwmark.load(Relaxed)
+    }
+
+    fn set_fwmark(&self, fwmark: u32) -> io::Result<()> {
+        self.sockets().set_mark(fwmark)?;
+        self.fwmark.store(fwmark, Relaxed);
+        Ok(())
+    }
+
+    fn rebind(&self, port: u16) -> io::Result<()> {
+        let fresh = UdpSockets::bind(port, self.fwmark.load(Relaxed), self.workers)?;
+        *self.sockets.write() = Arc::new(fresh);
+        self.sockets_generation.fetch_add(1, Relaxed);
+        // After the swap, outside the sockets lock: a placement change racing with this one
+        // then sees the new sockets, and this applies the latest placement.
+        if let Some(placement) = &self.placement {
+            placement.sockets_replaced(&self.sockets());
+        }
+        Ok(())
+    }
+}
+
+impl DeviceControl for Shared {
+    fn get(&self) -> DeviceSnapshot {
+        control::get(&self.engine, self)
+    }
+
+    fn set(&self, update: DeviceUpdate) -> Result<(), SetError> {
+        if control::set(&self.engine, self, &update)? {
+            let mut outbox = self.outbox();
+            let mut scratch = new_scratch();
+            self.tick(&mut outbox, &mut scratch);
+        }
+        Ok(())
+    }
+}
