@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,8 +28,11 @@ use base64::Engine as _;
 use tailsk8s_e2e::config_router::{
     rules_for_table, table_routes, wait_until_serving, Exited, ROUTE_TABLE,
 };
+use tailsk8s_e2e::counters::{self, KernelDrops, TcpView};
 use tailsk8s_e2e::flood::{self, FloodReport, Flooder};
+use tailsk8s_e2e::iperf;
 use tailsk8s_e2e::relay::{self, Faults, RelayReport};
+use tailsk8s_e2e::sequence;
 use tailsk8s_e2e::{
     ping, require_netns, tailsk8s_binary, tcp_transfer, wait, ConfigMesh, ConfigRouter, Daemon,
     KeyPair, MeshOptions, Netns, Node, PeerSpec, Pod, ShowDump, Topology, TopologyBuilder,
@@ -44,7 +47,6 @@ const RESTART_TRANSFER: u64 = 256 * MB;
 /// The soak's length unless `TAILSK8S_SOAK_SECONDS` says otherwise (issue 10: 10 minutes).
 const SOAK_SECONDS_ENV: &str = "TAILSK8S_SOAK_SECONDS";
 const SOAK_SECONDS: u64 = 600;
-const IPERF_PORT: u16 = 5201;
 /// The common rate of the paced floods: one flooder thread reaches it with either kind on
 /// the shared 2-vCPU machine.
 const FLOOD_PACED_RATE: u64 = 50_000;
@@ -86,159 +88,6 @@ fn rx_from(router: &ConfigRouter<'_>, public_key: &str) -> anyhow::Result<u64> {
 
 fn router_pid(router: &mut ConfigRouter<'_>) -> u32 {
     router.daemon_mut().and_then(|d| d.pid()).expect("running")
-}
-
-/// A `/proc/PID/status` field in kB (e.g. `VmRSS`).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
-/// User + system CPU time of a process and its threads.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no memory preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1000 / per_second)
-}
-
-/// A counter of `/proc/net/snmp` (e.g. `Tcp`, `RetransSegs`) in `ns`.
-fn snmp(ns: &Netns, group: &str, name: &str) -> u64 {
-    proc_net_counter(ns, "snmp", group, name)
-}
-
-/// A counter of `/proc/net/FILE` (`snmp`, `netstat`: header and value lines per group).
-fn proc_net_counter(ns: &Netns, file: &str, group: &str, name: &str) -> u64 {
-    let text = ns
-        .enter(|| fs::read_to_string(format!("/proc/thread-self/net/{file}")))
-        .unwrap()
-        .unwrap();
-    let prefix = format!("{group}:");
-    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
-    let (names, values) = (rows[0], rows[1]);
-    let index = names
-        .split_whitespace()
-        .position(|n| n == name)
-        .unwrap_or_else(|| panic!("no {group} {name} in /proc/net/{file}"));
-    values
-        .split_whitespace()
-        .nth(index)
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// The UDP sockets bound to `port` in `ns`: (bytes waiting in their receive queues, drops).
-fn udp_sockets_on(ns: &Netns, port: u16) -> (u64, u64) {
-    let port = format!(":{port:04X}");
-    let mut waiting = 0;
-    let mut drops = 0;
-    for table in ["udp", "udp6"] {
-        let text = ns
-            .enter(|| fs::read_to_string(format!("/proc/thread-self/net/{table}")))
-            .unwrap()
-            .unwrap();
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if !fields.get(1).is_some_and(|local| local.ends_with(&port)) {
-                continue;
-            }
-            let rx_queue = fields[4].split(':').nth(1).unwrap();
-            waiting += u64::from_str_radix(rx_queue, 16).unwrap();
-            drops += fields.last().unwrap().parse::<u64>().unwrap();
-        }
-    }
-    (waiting, drops)
-}
-
-/// A counter of `ip -s link show dev IFNAME`: `direction` "RX:" or "TX:", `column` 1 for
-/// packets, 3 for dropped.
-fn link_counter(ns: &Netns, ifname: &str, direction: &str, column: usize) -> u64 {
-    let text = ns.ip(&["-s", "link", "show", "dev", ifname]).unwrap();
-    let mut lines = text.lines();
-    lines
-        .find(|l| l.trim_start().starts_with(direction))
-        .unwrap();
-    let counters = lines.next().unwrap();
-    counters
-        .split_whitespace()
-        .nth(column)
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// Packets the router has written to its TUN (the interface's RX counter).
-fn tun_rx_packets(ns: &Netns, ifname: &str) -> u64 {
-    link_counter(ns, ifname, "RX:", 1)
-}
-
-/// What TCP saw of a transfer from `sender` to `receiver`: retransmissions, and how many
-/// of them the receiver reported as duplicates (D-SACK: spurious, the original had only
-/// been reordered), and segments the receiver queued out of order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct TcpView {
-    retransmitted: u64,
-    spurious: u64,
-    out_of_order: u64,
-}
-
-impl TcpView {
-    fn read(sender: &Netns, receiver: &Netns) -> TcpView {
-        TcpView {
-            retransmitted: snmp(sender, "Tcp", "RetransSegs"),
-            spurious: proc_net_counter(sender, "netstat", "TcpExt", "TCPDSACKRecv"),
-            out_of_order: proc_net_counter(receiver, "netstat", "TcpExt", "TCPOFOQueue"),
-        }
-    }
-
-    fn since(self, before: TcpView) -> TcpView {
-        TcpView {
-            retransmitted: self.retransmitted - before.retransmitted,
-            spurious: self.spurious - before.spurious,
-            out_of_order: self.out_of_order - before.out_of_order,
-        }
-    }
-}
-
-/// Drops the kernel counts around the routers of a mesh, summed over its nodes: UDP
-/// datagrams lost to full socket buffers, and packets for the TUN lost to a full queue. With
-/// no underlay loss, TCP retransmissions beyond these were dropped inside a router (replay
-/// window, its own queues), which it does not export yet.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct KernelDrops {
-    udp_rcvbuf_errors: u64,
-    tun_tx_dropped: u64,
-}
-
-impl KernelDrops {
-    fn read(topo: &Topology, mesh: &ConfigMesh<'_>) -> KernelDrops {
-        let mut drops = KernelDrops::default();
-        for (node, router) in topo.nodes().iter().zip(mesh.routers()) {
-            drops.udp_rcvbuf_errors += snmp(node.netns(), "Udp", "RcvbufErrors");
-            drops.tun_tx_dropped += link_counter(node.netns(), router.ifname(), "TX:", 3);
-        }
-        drops
-    }
-
-    fn since(self, before: KernelDrops) -> KernelDrops {
-        KernelDrops {
-            udp_rcvbuf_errors: self.udp_rcvbuf_errors - before.udp_rcvbuf_errors,
-            tun_tx_dropped: self.tun_tx_dropped - before.tun_tx_dropped,
-        }
-    }
 }
 
 /// The lines of `ip -o link show` in `ns`.
@@ -411,12 +260,14 @@ fn five_percent_underlay_loss_a_100_mb_transfer_completes_intact() {
         if loss > 0 {
             add_underlay_loss(&topo, loss);
         }
-        let tcp_before = TcpView::read(from.netns(), to.netns());
-        let drops_before = KernelDrops::read(&topo, &mesh);
+        let tcp_before = TcpView::read(from.netns(), to.netns()).unwrap();
+        let drops_before = KernelDrops::read(&topo, &mesh).unwrap();
         let report = tcp_transfer(from.netns(), to.netns(), to.ipv4().into(), bytes).unwrap();
-        let drops = KernelDrops::read(&topo, &mesh).since(drops_before);
+        let drops = KernelDrops::read(&topo, &mesh).unwrap().since(drops_before);
         report.verify(from.ipv4().into()).unwrap();
-        let tcp = TcpView::read(from.netns(), to.netns()).since(tcp_before);
+        let tcp = TcpView::read(from.netns(), to.netns())
+            .unwrap()
+            .since(tcp_before);
         let (arrived, dropped) = if loss > 0 {
             topo.nodes()
                 .iter()
@@ -483,65 +334,6 @@ fn pair_through<'t>(topo: &'t Topology, relay: SocketAddr) -> Vec<ConfigRouter<'
     routers
 }
 
-/// What the receiving pod saw of a sequence stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StreamCount {
-    sent: u32,
-    delivered: u32,
-    missing: u32,
-    duplicates: u32,
-}
-
-/// Sends `count` UDP datagrams numbered 0.. from `from` to `to`, paced (so that no socket
-/// buffer overflows on the way), and counts at `to` how often each number arrived.
-fn sequence_stream(from: &Pod, to: &Pod, count: u32) -> StreamCount {
-    let receiver = to
-        .netns()
-        .enter(|| UdpSocket::bind(SocketAddr::new(to.ipv4().into(), 0)))
-        .unwrap()
-        .unwrap();
-    let target = receiver.local_addr().unwrap();
-    // Quiet for this long once the stream has ended: everything held back was released.
-    receiver
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let sender = from
-        .netns()
-        .enter(|| UdpSocket::bind(SocketAddr::new(from.ipv4().into(), 0)))
-        .unwrap()
-        .unwrap();
-    let mut seen = vec![0u32; count as usize];
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let mut payload = [0u8; 64];
-            for seq in 0..count {
-                payload[..4].copy_from_slice(&seq.to_be_bytes());
-                sender.send_to(&payload, target).unwrap();
-                // Pacing, not synchronisation: ~5,000 datagrams/s, well below what the
-                // routers and the receiver's buffer take.
-                if seq % 10 == 9 {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        });
-        let mut buf = [0u8; 128];
-        while let Ok(n) = receiver.recv(&mut buf) {
-            if n >= 4 {
-                let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                if let Some(slot) = seen.get_mut(seq as usize) {
-                    *slot += 1;
-                }
-            }
-        }
-    });
-    StreamCount {
-        sent: count,
-        delivered: seen.iter().filter(|&&n| n > 0).count() as u32,
-        missing: seen.iter().filter(|&&n| n == 0).count() as u32,
-        duplicates: seen.iter().map(|&n| n.saturating_sub(1)).sum(),
-    }
-}
-
 /// Runs a relay in node 1 at `relay_addr` with `faults` while `body` runs; returns both.
 fn with_relay<T>(
     topo: &Topology,
@@ -598,7 +390,7 @@ fn reordered_and_duplicated_datagrams_deliver_every_inner_packet_once() {
             || Ok(ping_once(from.netns(), to.ipv4().into())?.then_some(())),
         )
         .unwrap();
-        sequence_stream(from, to, 5000)
+        sequence::stream(from, to, 5000).unwrap()
     });
     eprintln!("relay: {relayed:?}; receiving pod: {count:?}");
     assert!(
@@ -635,7 +427,7 @@ fn replay_window_reach() {
                 || Ok(ping_once(from.netns(), to.ipv4().into())?.then_some(())),
             )
             .unwrap();
-            sequence_stream(from, to, displacement as u32 + 10_000)
+            sequence::stream(from, to, displacement as u32 + 10_000).unwrap()
         });
         eprintln!(
             "displacement {displacement}: held {} of {} data packets, receiving pod \
@@ -691,7 +483,7 @@ fn wait_for_empty_socket_queues(ns: &Netns) {
     wait::until(
         "the router's UDP receive queues drain",
         Duration::from_secs(10),
-        || Ok((udp_sockets_on(ns, LISTEN_PORT).0 == 0).then_some(())),
+        || Ok((counters::udp_sockets_on(ns, LISTEN_PORT)?.0 == 0).then_some(())),
     )
     .unwrap();
 }
@@ -713,26 +505,26 @@ fn a_garbage_flood_writes_nothing_to_the_tun_and_a_transfer_still_completes() {
     let ifname = mesh.routers()[1].ifname().to_string();
     let router_ns = b.netns();
     let (socket_drops_before, tun_before) = (
-        udp_sockets_on(router_ns, LISTEN_PORT).1,
-        tun_rx_packets(router_ns, &ifname),
+        counters::udp_sockets_on(router_ns, LISTEN_PORT).unwrap().1,
+        counters::tun_rx_packets(router_ns, &ifname).unwrap(),
     );
     // Nothing but the flood reaches the router here: its TUN must stay silent.
     let ((), garbage_only) = while_flooding(&flooder, listen_addr(b), &payloads, None, || {
         wait::until("200,000 flood datagrams", Duration::from_secs(60), || {
-            Ok((snmp(flooder.netns(), "Udp", "OutDatagrams") > 200_000).then_some(()))
+            Ok((counters::snmp(flooder.netns(), "Udp", "OutDatagrams")? > 200_000).then_some(()))
         })
         .unwrap();
     });
     wait_for_empty_socket_queues(router_ns);
     assert_eq!(
-        tun_rx_packets(router_ns, &ifname),
+        counters::tun_rx_packets(router_ns, &ifname).unwrap(),
         tun_before,
         "the router wrote flood packets to its TUN"
     );
     tailsk8s_e2e::config_router::uapi_get(&ifname).unwrap();
     // The counter does see what the router writes: one echo request crosses.
     assert!(ping_once(from.netns(), to.ipv4().into()).unwrap());
-    assert!(tun_rx_packets(router_ns, &ifname) > tun_before);
+    assert!(counters::tun_rx_packets(router_ns, &ifname).unwrap() > tun_before);
 
     let (report, with_transfer) = while_flooding(&flooder, listen_addr(b), &payloads, None, || {
         // The router's own tools keep answering while the flood runs.
@@ -747,54 +539,8 @@ fn a_garbage_flood_writes_nothing_to_the_tun_and_a_transfer_still_completes() {
          {with_transfer:?} ({:.0}/s); kernel socket drops at the router: {}",
         garbage_only.rate(),
         with_transfer.rate(),
-        udp_sockets_on(router_ns, LISTEN_PORT).1 - socket_drops_before
+        counters::udp_sockets_on(router_ns, LISTEN_PORT).unwrap().1 - socket_drops_before
     );
-}
-
-/// Starts `iperf3 -s -1` in `to` and waits until it listens.
-fn iperf3_server(to: &Pod) -> Daemon {
-    let mut server = to
-        .netns()
-        .spawn("iperf3", &["-s", "-1", "-p", &IPERF_PORT.to_string()])
-        .unwrap();
-    wait::until("iperf3 listens", Duration::from_secs(10), || {
-        if let Some(status) = server.exited()? {
-            anyhow::bail!("iperf3 -s exited: {status}\n{}", server.log());
-        }
-        Ok(to.netns().tcp_listening(IPERF_PORT)?.then_some(()))
-    })
-    .unwrap();
-    server
-}
-
-/// The receiver's Mbit/s of a single-stream iperf3 run of `seconds` from `from` to `to`.
-fn iperf3_mbit(from: &Pod, to: &Pod, seconds: u64) -> f64 {
-    let _server = iperf3_server(to);
-    let out = from
-        .netns()
-        .output(
-            "iperf3",
-            &[
-                "-c",
-                &to.ipv4().to_string(),
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-t",
-                &seconds.to_string(),
-                "-f",
-                "m",
-            ],
-        )
-        .unwrap();
-    receiver_mbit(&out).unwrap_or_else(|| panic!("no receiver line in:\n{out}"))
-}
-
-/// The `Mbits/sec` figure of iperf3's `receiver` summary line.
-fn receiver_mbit(out: &str) -> Option<f64> {
-    let line = out.lines().find(|l| l.trim_end().ends_with("receiver"))?;
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let unit = fields.iter().position(|f| *f == "Mbits/sec")?;
-    fields.get(unit - 1)?.parse().ok()
 }
 
 /// Measurement (issue 10): one TCP stream's throughput unflooded, under a flood of garbage
@@ -822,7 +568,7 @@ fn handshake_flood_against_garbage_flood_throughput() {
         .unwrap();
     let pid = router_pid(&mut mesh.routers_mut()[1]);
 
-    let unflooded = iperf3_mbit(from, to, seconds);
+    let unflooded = iperf::mbit(from, to, seconds).unwrap();
     eprintln!("unflooded: {unflooded:.0} Mbit/s");
     let kinds = [
         ("garbage", garbage_payloads()),
@@ -836,13 +582,13 @@ fn handshake_flood_against_garbage_flood_throughput() {
     for rate in [None, Some(FLOOD_PACED_RATE)] {
         let mut results = Vec::new();
         for (name, payloads) in &kinds {
-            let cpu_before = cpu_time(pid);
+            let cpu_before = counters::cpu_time(pid).unwrap();
             let started = Instant::now();
-            let sent_before = snmp(flooder.netns(), "Udp", "OutDatagrams");
+            let sent_before = counters::snmp(flooder.netns(), "Udp", "OutDatagrams").unwrap();
             let ((mbit, uapi_latency), report) =
                 while_flooding(&flooder, listen_addr(b), payloads, rate, || {
                     wait::until("the flood under way", Duration::from_secs(10), || {
-                        let sent = snmp(flooder.netns(), "Udp", "OutDatagrams");
+                        let sent = counters::snmp(flooder.netns(), "Udp", "OutDatagrams")?;
                         Ok((sent > sent_before + 10_000).then_some(()))
                     })
                     .unwrap();
@@ -850,9 +596,9 @@ fn handshake_flood_against_garbage_flood_throughput() {
                     let asked = Instant::now();
                     tailsk8s_e2e::config_router::uapi_get(mesh.routers()[1].ifname()).unwrap();
                     let uapi_latency = asked.elapsed();
-                    (iperf3_mbit(from, to, seconds), uapi_latency)
+                    (iperf::mbit(from, to, seconds).unwrap(), uapi_latency)
                 });
-            let cpu = cpu_time(pid) - cpu_before;
+            let cpu = counters::cpu_time(pid).unwrap() - cpu_before;
             let router = mesh.routers_mut()[1].daemon_mut().unwrap();
             assert_eq!(router.exited().unwrap(), None, "{}", router.log());
             tailsk8s_e2e::config_router::uapi_get(mesh.routers()[1].ifname()).unwrap();
@@ -887,7 +633,7 @@ fn handshake_flood_against_garbage_flood_throughput() {
     }
     eprintln!(
         "unflooded again: {:.0} Mbit/s",
-        iperf3_mbit(from, to, seconds)
+        iperf::mbit(from, to, seconds).unwrap()
     );
 }
 
@@ -1178,25 +924,13 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
     let (from, to) = pods(&topo);
     wait_for_session(from, to);
     let pids: Vec<u32> = mesh.routers_mut().iter_mut().map(router_pid).collect();
-    let _server = iperf3_server(to);
+    let _server = iperf::server(to).unwrap();
     let mut client = from
         .netns()
-        .spawn(
-            "iperf3",
-            &[
-                "-c",
-                &to.ipv4().to_string(),
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-t",
-                &seconds.to_string(),
-                "-f",
-                "m",
-            ],
-        )
+        .spawn("iperf3", &iperf::client_args(to, seconds))
         .unwrap();
-    let tcp_before = TcpView::read(from.netns(), to.netns());
-    let drops_before = KernelDrops::read(&topo, &mesh);
+    let tcp_before = TcpView::read(from.netns(), to.netns()).unwrap();
+    let drops_before = KernelDrops::read(&topo, &mesh).unwrap();
     let started = Instant::now();
     // Warm-up: buffers and the worker placement settle in the first tenth (at least 5 s).
     let warm_up = Duration::from_secs((seconds / 10).max(5));
@@ -1208,7 +942,12 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
         }
         let sample: Vec<(u64, usize)> = pids
             .iter()
-            .map(|&pid| (status_kb(pid, "VmRSS"), fd_count(pid)))
+            .map(|&pid| {
+                (
+                    counters::status_kb(pid, "VmRSS").unwrap(),
+                    counters::fd_count(pid).unwrap(),
+                )
+            })
             .collect();
         if started.elapsed() >= warm_up {
             let base = baseline.get_or_insert_with(|| sample.clone());
@@ -1234,18 +973,12 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
     eprintln!(
         "soak {seconds} s: {} Mbit/s, {:?}, {:?}; RSS (kB) after warm-up {:?}, peak \
          {peak:?}; fds {:?}",
-        receiver_mbit(&out).map_or("?".into(), |m| format!("{m:.0}")),
-        TcpView::read(from.netns(), to.netns()).since(tcp_before),
-        KernelDrops::read(&topo, &mesh).since(drops_before),
+        iperf::receiver_mbit(&out).map_or("?".into(), |m| format!("{m:.0}")),
+        TcpView::read(from.netns(), to.netns())
+            .unwrap()
+            .since(tcp_before),
+        KernelDrops::read(&topo, &mesh).unwrap().since(drops_before),
         base.iter().map(|(rss, _)| rss).collect::<Vec<_>>(),
         base.iter().map(|(_, fds)| fds).collect::<Vec<_>>(),
     );
-}
-
-#[test]
-fn iperf3_receiver_lines_are_read() {
-    let out = "[  5]   0.00-5.00   sec  1.10 GBytes  1890 Mbits/sec  12             sender\n\
-               [  5]   0.00-5.00   sec  1.10 GBytes  1885 Mbits/sec                  receiver\n";
-    assert_eq!(receiver_mbit(out), Some(1885.0));
-    assert_eq!(receiver_mbit("no summary"), None);
 }
