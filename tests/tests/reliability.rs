@@ -819,7 +819,8 @@ fn the_private_key_is_never_logged_and_key_file_and_socket_are_0600() {
 // Bad key files at start (config_mode.rs covers bad configs, a missing or unreadable config
 // file, loose key permissions and a key created on first start)
 
-/// Runs a router whose key file `prepare` spoiled, with `wrap` around the command; checks
+/// Runs a router whose key file `prepare` spoiled (without the read-any-file capabilities
+/// when `drop_read_caps`); checks
 /// it exits 1 with one error line naming the key file, and that nothing changed.
 fn refuses_key_file(what: &str, prepare: impl Fn(&Path), drop_read_caps: bool) {
     let ns = Netns::new("badkey").unwrap();
