@@ -1,8 +1,9 @@
 //! Criterion microbenchmarks of the packet path, without sockets or a TUN:
 //!
 //! - `engine_roundtrip`: one IP packet of 64, 512 or 1420 bytes encapsulated by one
-//!   [`Engine`] and decapsulated by another (session established in memory, as in the
-//!   engine's own tests), in bytes/s and packets/s.
+//!   engine and decapsulated by another (session established in memory by the data plane's
+//!   fixture, `tailsk8s_dataplane::testing`, as in the engine's own tests), in bytes/s and
+//!   packets/s.
 //! - `superpacket_64k`: what the router does with one 64 KiB TCP superpacket read from an
 //!   offloading TUN: split it into 47 segments of 1420 bytes ([`offload::split`], what the
 //!   TUN worker runs on every read: header checks, then tun-rs's `gso_split`), and
@@ -16,20 +17,18 @@
 //! Short by design (3 s per benchmark, 20 samples): `cargo bench -p tailsk8s-benches`.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tailsk8s_dataplane::allowed_ips::AllowedIps;
-use tailsk8s_dataplane::config::{AllowedIpChange, DeviceUpdate, PeerUpdate};
-use tailsk8s_dataplane::engine::{new_scratch, Engine, Transmit, DEFAULT_MTU, SCRATCH_LEN};
+use tailsk8s_dataplane::engine::DEFAULT_MTU;
 use tailsk8s_dataplane::gro::Coalescer;
-use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::offload;
-use tailsk8s_dataplane::peer::Endpoint;
+use tailsk8s_dataplane::testing::{self, Capture, Node};
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN};
 
 /// Pod addresses on the two nodes, as in benches/iperf3.
@@ -43,9 +42,6 @@ const MSS: usize = DEFAULT_MTU - TCP_HEADERS;
 const SUPERPACKET_SEGMENTS: usize = (65536 - TCP_HEADERS) / MSS;
 /// Room per packet buffer: a full-size packet, WireGuard's padding, and headroom.
 const PACKET_BUF: usize = 2048;
-/// Capacity of a decrypted-packet buffer in the benchmark's sink: the largest packet behind
-/// virtio-net headroom.
-const TUN_BUF_CAPACITY: usize = VIRTIO_NET_HDR_LEN + 65536;
 /// The virtio-net header flag "complete the checksum from csum_start".
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 
@@ -128,174 +124,43 @@ fn split(read: &mut [u8], bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> usize {
 
 // ------------------------------------------------------------------ two engines in memory
 
-/// The engine's output, copied into buffers reused from one iteration to the next (as the
-/// router's `Outbox` does); TUN packets keep virtio-net headroom so GRO can run on them.
-#[derive(Default)]
-struct Sink {
-    datagrams: Vec<Vec<u8>>,
-    datagram_count: usize,
-    packets: Vec<Vec<u8>>,
-    packet_count: usize,
+/// One of the two engines (the data plane's fixture node) and the capture its output goes
+/// to, whose buffers are reused from one iteration to the next (as the router's `Outbox`
+/// reuses its own).
+struct Side {
+    node: Node,
+    out: Capture,
 }
 
-fn push_reused(
-    bufs: &mut Vec<Vec<u8>>,
-    count: &mut usize,
-    capacity: usize,
-    headroom: usize,
-    bytes: &[u8],
-) {
-    if *count == bufs.len() {
-        bufs.push(Vec::with_capacity(capacity));
-    }
-    let buf = &mut bufs[*count];
-    buf.clear();
-    buf.resize(headroom, 0);
-    buf.extend_from_slice(bytes);
-    *count += 1;
-}
-
-impl Sink {
-    fn clear(&mut self) {
-        self.datagram_count = 0;
-        self.packet_count = 0;
-    }
-
-    fn datagrams(&self) -> &[Vec<u8>] {
-        &self.datagrams[..self.datagram_count]
-    }
-
-    fn packet(&self, i: usize) -> &[u8] {
-        &self.packets[i][VIRTIO_NET_HDR_LEN..]
-    }
-}
-
-impl Transmit for Sink {
-    fn send(&mut self, _to: &Endpoint, datagram: &[u8]) {
-        let (bufs, count) = (&mut self.datagrams, &mut self.datagram_count);
-        push_reused(bufs, count, PACKET_BUF, 0, datagram);
-    }
-
-    fn write_tun(&mut self, packet: &[u8]) {
-        let (bufs, count) = (&mut self.packets, &mut self.packet_count);
-        push_reused(bufs, count, TUN_BUF_CAPACITY, VIRTIO_NET_HDR_LEN, packet);
-    }
-}
-
-struct Node {
-    engine: Engine,
-    public: Key,
-    addr: SocketAddr,
-    scratch: Box<[u8; SCRATCH_LEN]>,
-    out: Sink,
-}
-
-impl Node {
-    fn new(addr: &str) -> Node {
-        let private = Key::generate_private();
-        let engine = Engine::new(DEFAULT_MTU);
-        engine
-            .apply(&DeviceUpdate {
-                private_key: Some(Some(private)),
-                ..Default::default()
-            })
-            .expect("a private key applies");
-        Node {
-            engine,
-            public: private.public_key(),
-            addr: addr.parse().expect("a socket address"),
-            scratch: new_scratch(),
-            out: Sink::default(),
-        }
-    }
-
-    fn add_peer(&self, other: &Node, allowed: &str) {
-        let mut peer = PeerUpdate::new(other.public);
-        peer.endpoint = Some(other.addr);
-        peer.allowed_ips = vec![AllowedIpChange::Add(allowed.parse().expect("a prefix"))];
-        self.engine
-            .apply(&DeviceUpdate {
-                peers: vec![peer],
-                ..Default::default()
-            })
-            .expect("a peer applies");
-    }
-
+impl Side {
     /// One packet from the TUN: `buf[..len]`, the rest of `buf` is padding room.
     fn tun_in(&mut self, buf: &mut [u8], len: usize) {
         self.out.clear();
-        self.engine
-            .batch()
-            .handle_tun_packet(buf, len, &mut self.scratch, &mut self.out);
-    }
-
-    fn net_in(&mut self, from: SocketAddr, datagram: &[u8]) {
-        self.out.clear();
-        let local = Some(self.addr.ip());
-        self.engine.batch().handle_datagram(
-            from,
-            local,
-            datagram,
-            &mut self.scratch,
-            &mut self.out,
-        );
+        self.node.tun_packet(buf, len, &mut self.out);
     }
 }
 
-/// Node A (pod 198.19.1.0/24) and node B (pod 198.19.2.0/24), peered, with a session.
-fn established_pair() -> (Node, Node) {
-    let mut a = Node::new("198.18.0.1:51820");
-    let mut b = Node::new("198.18.0.2:51820");
-    a.add_peer(&b, "198.19.2.0/24");
-    b.add_peer(&a, "198.19.1.0/24");
-    // The first packet starts the handshake; shuttle messages until both sides are quiet.
-    let first = udp_packet(64);
-    let mut buf = first.clone();
-    buf.resize(PACKET_BUF, 0);
-    a.tun_in(&mut buf, first.len());
-    let mut in_flight: Vec<(bool, Vec<u8>)> = a
-        .out
-        .datagrams()
-        .iter()
-        .map(|d| (true, d.clone()))
-        .collect();
-    let mut delivered = Vec::new();
-    let mut rounds = 0;
-    while let Some((from_a, datagram)) = in_flight.pop() {
-        rounds += 1;
-        assert!(rounds < 100, "the handshake never settles");
-        let (to, from) = if from_a {
-            (&mut b, a.addr)
-        } else {
-            (&mut a, b.addr)
-        };
-        to.net_in(from, &datagram);
-        delivered.extend((0..to.out.packet_count).map(|i| to.out.packet(i).to_vec()));
-        in_flight.extend(to.out.datagrams().iter().map(|d| (!from_a, d.clone())));
-    }
-    assert_eq!(
-        delivered,
-        vec![first],
-        "the first packet crosses the new session"
-    );
-    (a, b)
+/// Node A (pod 198.19.1.0/24) and node B (pod 198.19.2.0/24), peered, with a session that
+/// carried a first packet (the fixture checks it arrived intact).
+fn established_pair() -> (Side, Side) {
+    let (a, b) = testing::established_pair(Instant::now(), &udp_packet(64));
+    let side = |node| Side {
+        node,
+        out: Capture::default(),
+    };
+    (side(a), side(b))
 }
 
 /// One packet A → B; returns how many packets reached B's TUN.
-fn roundtrip(a: &mut Node, b: &mut Node, buf: &mut [u8], len: usize) -> usize {
+fn roundtrip(a: &mut Side, b: &mut Side, buf: &mut [u8], len: usize) -> usize {
     a.tun_in(buf, len);
     b.out.clear();
-    let mut batch = b.engine.batch();
-    for datagram in a.out.datagrams() {
-        batch.handle_datagram(
-            a.addr,
-            Some(b.addr.ip()),
-            datagram,
-            &mut b.scratch,
-            &mut b.out,
-        );
+    let (from, local) = (a.node.addr, Some(b.node.addr.ip()));
+    let mut batch = b.node.engine.batch();
+    for (_, datagram) in &a.out.sent {
+        batch.handle_datagram(from, local, datagram, &mut b.node.scratch, &mut b.out);
     }
-    b.out.packet_count
+    b.out.tun.len()
 }
 
 fn engine_roundtrip(c: &mut Criterion) {
@@ -307,7 +172,7 @@ fn engine_roundtrip(c: &mut Criterion) {
         buf.resize(PACKET_BUF, 0);
         assert_eq!(roundtrip(&mut a, &mut b, &mut buf, size), 1);
         assert_eq!(
-            b.out.packet(0),
+            &b.out.tun[0][..],
             &packet[..],
             "{size}-byte packet arrives intact"
         );
@@ -329,8 +194,8 @@ fn engine_roundtrip(c: &mut Criterion) {
 /// Split → encapsulate each segment (one batch) → decapsulate each (one batch) → GRO.
 /// Returns the coalesced packets' total length (headroom excluded).
 fn superpacket_pipeline(
-    a: &mut Node,
-    b: &mut Node,
+    a: &mut Side,
+    b: &mut Side,
     read: &mut [u8],
     segments: &mut [Vec<u8>],
     sizes: &mut [usize],
@@ -339,22 +204,22 @@ fn superpacket_pipeline(
     let count = split(read, segments, sizes);
     a.out.clear();
     {
-        let mut batch = a.engine.batch();
+        let mut batch = a.node.engine.batch();
         for (buf, &len) in segments.iter_mut().zip(sizes.iter()).take(count) {
-            batch.handle_tun_packet(buf, len, &mut a.scratch, &mut a.out);
+            batch.handle_tun_packet(buf, len, &mut a.node.scratch, &mut a.out);
         }
     }
     b.out.clear();
     {
-        let mut batch = b.engine.batch();
-        for datagram in a.out.datagrams() {
-            let local = Some(b.addr.ip());
-            batch.handle_datagram(a.addr, local, datagram, &mut b.scratch, &mut b.out);
+        let (from, local) = (a.node.addr, Some(b.node.addr.ip()));
+        let mut batch = b.node.engine.batch();
+        for (_, datagram) in &a.out.sent {
+            batch.handle_datagram(from, local, datagram, &mut b.node.scratch, &mut b.out);
         }
     }
     gro.clear();
-    for i in 0..b.out.packet_count {
-        gro.push(b.out.packet(i));
+    for packet in &b.out.tun {
+        gro.push(packet);
     }
     gro.written().map(|p| p.len() - VIRTIO_NET_HDR_LEN).sum()
 }
@@ -409,7 +274,8 @@ fn superpacket_64k(c: &mut Criterion) {
         &mut gro,
     );
     assert_eq!(
-        b.out.packet_count, SUPERPACKET_SEGMENTS,
+        b.out.tun.len(),
+        SUPERPACKET_SEGMENTS,
         "every segment decrypts"
     );
     assert_eq!(

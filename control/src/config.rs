@@ -57,8 +57,9 @@ use crate::routes::DEFAULT_FWMARK;
 
 /// WireGuard's customary UDP port.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
-/// The MTU of `wg-quick` on an IPv6-capable underlay with a 1500-byte MTU.
-pub const DEFAULT_MTU: u32 = 1420;
+/// The tunnel MTU when the file names none: the engine's default (its one home), as this
+/// file's integer type.
+pub const DEFAULT_MTU: u32 = tailsk8s_dataplane::engine::DEFAULT_MTU as u32;
 /// Smallest MTU that keeps IPv6 on the TUN.
 pub const MIN_MTU: u32 = 1280;
 /// Largest MTU whose encrypted packets (+80 bytes) still fit a 65535-byte datagram.

@@ -22,8 +22,9 @@ use crate::routes::{RouteManager, ROUTE_TABLE, RULE_PRIORITY};
 /// How often the main loop looks at signals, the TUN and the socket file.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// MTU of a device driven by `wg` alone (wg-quick sets its own afterwards).
-const UAPI_ONLY_MTU: u16 = 1420;
+/// MTU of a device driven by `wg` alone (wg-quick sets its own afterwards): the engine's
+/// default, as the TUN's integer type.
+const UAPI_ONLY_MTU: u16 = tailsk8s_dataplane::engine::DEFAULT_MTU as u16;
 
 /// Why the router stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,12 @@ pub fn run(args: &RouterArgs) -> anyhow::Result<()> {
 
 /// Like [`run`], calling `ready` once the device is up and the UAPI socket serves.
 pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
+    if tailsk8s_dataplane::engine::BORINGTUN_CLOCK_DRIVEN_BY_TESTS {
+        anyhow::bail!(
+            "this binary was built with the data plane's boringtun-mock-clock feature, a test \
+             build whose WireGuard timers run on a test clock; build without it"
+        );
+    }
     let config = match &args.config {
         Some(path) => Some(RouterConfig::load(path)?),
         None => None,

@@ -83,7 +83,8 @@ pub struct PeerSnapshot {
     pub public_key: Key,
     pub preshared_key: Option<Key>,
     pub endpoint: Option<SocketAddr>,
-    /// Wall-clock time of the last completed handshake (absolute, as `wg` expects).
+    /// Wall-clock time of the last completed handshake (absolute, as `wg` expects): the
+    /// wall clock given to the snapshot minus the handshake's age in engine time.
     pub last_handshake: Option<SystemTime>,
     /// Wire bytes of WireGuard messages received from / sent to this peer.
     pub rx_bytes: u64,

@@ -4,6 +4,7 @@
 //! run it, so the tests exercise the device's own semantics.
 
 use std::io;
+use std::time::SystemTime;
 
 use crate::config::{DeviceSnapshot, DeviceUpdate, ErrnoError, SetError};
 use crate::engine::Engine;
@@ -21,9 +22,9 @@ pub(crate) trait ListenSockets {
     fn rebind(&self, port: u16) -> io::Result<()>;
 }
 
-/// The device as a UAPI `get` reports it.
+/// The device as a UAPI `get` reports it (handshakes dated by the wall clock now).
 pub(crate) fn get(engine: &Engine, sockets: &impl ListenSockets) -> DeviceSnapshot {
-    let (private_key, peers) = engine.peer_snapshots();
+    let (private_key, peers) = engine.peer_snapshots(SystemTime::now());
     DeviceSnapshot {
         private_key,
         listen_port: sockets.port(),

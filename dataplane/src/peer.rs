@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use boringtun::noise::{rate_limiter::RateLimiter, Tunn};
 use parking_lot::Mutex;
@@ -48,7 +47,8 @@ pub(crate) struct PeerState {
     pub last_sent_ms: u64,
     /// Send one keepalive at the next timer tick (persistent keepalive just turned on).
     pub keepalive_due: bool,
-    pub last_handshake: Option<SystemTime>,
+    /// Engine time (ms) of the last completed handshake; `wg show` turns it into a date.
+    pub last_handshake_ms: Option<u64>,
     /// Wire bytes of WireGuard messages, as `wg show` reports them.
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -67,7 +67,7 @@ impl Peer {
                 persistent_keepalive: 0,
                 last_sent_ms: 0,
                 keepalive_due: false,
-                last_handshake: None,
+                last_handshake_ms: None,
                 rx_bytes: 0,
                 tx_bytes: 0,
                 low_order: public_key.is_low_order_public(),

@@ -8,12 +8,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
 
 use etherparse::PacketBuilder;
-use tailsk8s_dataplane::config::{AllowedIpChange, DeviceUpdate, PeerUpdate};
-use tailsk8s_dataplane::engine::{new_scratch, Engine, DEFAULT_MTU};
 use tailsk8s_dataplane::key::Key;
 use tailsk8s_dataplane::outbox::Outbox;
+use tailsk8s_dataplane::testing::Node;
 
 struct Counting;
 
@@ -51,44 +51,23 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn engine_with_peer(private: Key, peer: Key, endpoint: &str, allowed: &str) -> Engine {
-    let engine = Engine::new(DEFAULT_MTU);
-    let mut update = PeerUpdate::new(peer);
-    update.endpoint = Some(endpoint.parse().unwrap());
-    update.allowed_ips = vec![AllowedIpChange::Add(allowed.parse().unwrap())];
-    engine
-        .apply(&DeviceUpdate {
-            private_key: Some(Some(private)),
-            peers: vec![update],
-            ..Default::default()
-        })
-        .unwrap();
-    engine
-}
-
 /// Hands every datagram in `sent` to `to` as coming from `from`; returns how many packets
 /// `received` holds for the TUN afterwards.
-fn deliver(
-    to: &Engine,
-    from: SocketAddr,
-    sent: &Outbox,
-    scratch: &mut [u8; tailsk8s_dataplane::engine::SCRATCH_LEN],
-    received: &mut Outbox,
-) -> usize {
+fn deliver(to: &mut Node, from: SocketAddr, sent: &Outbox, received: &mut Outbox) -> usize {
     for (_, datagram) in sent.datagrams() {
-        to.batch()
-            .handle_datagram(from, None, datagram, scratch, received);
+        to.datagram(from, None, datagram, received);
     }
     received.packets().count()
 }
 
 #[test]
 fn encrypt_and_decrypt_allocate_nothing_once_warm() {
-    let (ka, kb) = (Key::generate_private(), Key::generate_private());
-    let a_addr: SocketAddr = "198.18.0.1:51820".parse().unwrap();
-    let b_addr: SocketAddr = "198.18.0.2:51820".parse().unwrap();
-    let a = engine_with_peer(ka, kb.public_key(), "198.18.0.2:51820", "198.19.2.0/24");
-    let b = engine_with_peer(kb, ka.public_key(), "198.18.0.1:51820", "198.19.1.0/24");
+    let start = Instant::now();
+    let mut a = Node::new(Key::generate_private(), "198.18.0.1:51820", start);
+    let mut b = Node::new(Key::generate_private(), "198.18.0.2:51820", start);
+    a.add_node(&b, &["198.19.2.0/24"]);
+    b.add_node(&a, &["198.19.1.0/24"]);
+    let (a_addr, b_addr) = (a.addr, b.addr);
     let mut packet = Vec::new();
     PacketBuilder::ipv4([198, 19, 1, 2], [198, 19, 2, 2], 64)
         .udp(4000, 5000)
@@ -96,23 +75,20 @@ fn encrypt_and_decrypt_allocate_nothing_once_warm() {
         .unwrap();
     let len = packet.len();
     packet.resize(len + 64, 0);
-    let (mut scratch_a, mut scratch_b) = (new_scratch(), new_scratch());
     let (mut out_a, mut out_b) = (Outbox::default(), Outbox::default());
     let mut delivered = 0usize;
 
     let mut round = |count: &mut usize| {
         out_a.clear();
-        a.batch()
-            .handle_tun_packet(&mut packet, len, &mut scratch_a, &mut out_a);
+        a.tun_packet(&mut packet, len, &mut out_a);
         // Handshake messages and data alike go to b, and b's answers back to a.
-        *count += deliver(&b, a_addr, &out_a, &mut scratch_b, &mut out_b);
+        *count += deliver(&mut b, a_addr, &out_a, &mut out_b);
         let replies: Vec<Vec<u8>> = out_b.datagrams().map(|(_, d)| d.to_vec()).collect();
         out_b.clear();
         for reply in replies {
             out_a.clear();
-            a.batch()
-                .handle_datagram(b_addr, None, &reply, &mut scratch_a, &mut out_a);
-            *count += deliver(&b, a_addr, &out_a, &mut scratch_b, &mut out_b);
+            a.datagram(b_addr, None, &reply, &mut out_a);
+            *count += deliver(&mut b, a_addr, &out_a, &mut out_b);
             out_b.clear();
         }
     };
@@ -127,9 +103,8 @@ fn encrypt_and_decrypt_allocate_nothing_once_warm() {
     let mut steady = 0usize;
     for _ in 0..2000 {
         out_a.clear();
-        a.batch()
-            .handle_tun_packet(&mut packet, len, &mut scratch_a, &mut out_a);
-        steady += deliver(&b, a_addr, &out_a, &mut scratch_b, &mut out_b);
+        a.tun_packet(&mut packet, len, &mut out_a);
+        steady += deliver(&mut b, a_addr, &out_a, &mut out_b);
         out_b.clear();
     }
     COUNTING.set(false);

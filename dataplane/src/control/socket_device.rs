@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -24,7 +25,7 @@ impl SocketDevice {
     /// No key, no peers, a random listen port, no fwmark.
     pub(crate) fn new() -> SocketDevice {
         SocketDevice {
-            engine: Engine::new(DEFAULT_MTU),
+            engine: Engine::new(DEFAULT_MTU, Instant::now()),
             sockets: Mutex::new(UdpSockets::bind(0, 0, 1).expect("binding a random UDP port")),
             fwmark: AtomicU32::new(0),
         }

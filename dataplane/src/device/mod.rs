@@ -10,6 +10,7 @@ mod workers;
 use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use thiserror::Error;
 
@@ -90,7 +91,7 @@ impl Device {
             std::os::fd::AsRawFd::as_raw_fd(tun.queue(0)),
         )
         .filter(|placement| placement.start(&sockets));
-        let engine = Engine::new(usize::from(options.mtu));
+        let engine = Engine::new(usize::from(options.mtu), Instant::now());
         let shared = Arc::new(Shared::new(
             engine,
             tun,

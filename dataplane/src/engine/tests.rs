@@ -2,146 +2,26 @@
 //! socket or a TUN in sight.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
+use boringtun::noise::{Tunn, TunnResult};
 use etherparse::PacketBuilder;
 use ipnet::IpNet;
 
 use super::*;
 use crate::config::{DeviceUpdate, PeerUpdate};
-use boringtun::noise::Tunn;
+use crate::stats::DropReason;
+use crate::testing::{pump, Capture, Node};
 
-/// Output of one engine call, owned so tests can shuffle it around.
-#[derive(Default)]
-struct Captured {
-    sent: Vec<(Endpoint, Vec<u8>)>,
-    tun: Vec<Vec<u8>>,
+mod timer_rules;
+
+/// A node with a fresh key whose time 0 is now.
+fn node(addr: &str) -> Node {
+    Node::new(Key::generate_private(), addr, Instant::now())
 }
 
-impl Transmit for Captured {
-    fn send(&mut self, to: &Endpoint, datagram: &[u8]) {
-        self.sent.push((*to, datagram.to_vec()));
-    }
-    fn write_tun(&mut self, packet: &[u8]) {
-        self.tun.push(packet.to_vec());
-    }
-}
-
-struct Node {
-    engine: Engine,
-    private: Key,
-    public: Key,
-    addr: SocketAddr,
-    scratch: Box<[u8; SCRATCH_LEN]>,
-}
-
-impl Node {
-    fn new(addr: &str) -> Node {
-        let private = Key::generate_private();
-        let engine = Engine::new(DEFAULT_MTU);
-        engine
-            .apply(&DeviceUpdate {
-                private_key: Some(Some(private)),
-                ..Default::default()
-            })
-            .unwrap();
-        Node {
-            engine,
-            private,
-            public: private.public_key(),
-            addr: addr.parse().unwrap(),
-            scratch: new_scratch(),
-        }
-    }
-
-    fn add_peer(&self, other: &Node, allowed: &[&str]) {
-        let mut peer = PeerUpdate::new(other.public);
-        peer.endpoint = Some(other.addr);
-        peer.allowed_ips = allowed
-            .iter()
-            .map(|a| AllowedIpChange::Add(a.parse().unwrap()))
-            .collect();
-        self.engine
-            .apply(&DeviceUpdate {
-                peers: vec![peer],
-                ..Default::default()
-            })
-            .unwrap();
-    }
-
-    fn tun_in(&mut self, packet: &[u8]) -> Captured {
-        let mut buf = vec![0u8; packet.len() + 64];
-        buf[..packet.len()].copy_from_slice(packet);
-        let mut out = Captured::default();
-        self.engine
-            .batch()
-            .handle_tun_packet(&mut buf, packet.len(), &mut self.scratch, &mut out);
-        out
-    }
-
-    fn net_in(&mut self, from: SocketAddr, datagram: &[u8]) -> Captured {
-        let mut out = Captured::default();
-        self.engine.batch().handle_datagram(
-            from,
-            Some(self.addr.ip()),
-            datagram,
-            &mut self.scratch,
-            &mut out,
-        );
-        out
-    }
-
-    fn peer(&self, key: &Key) -> PeerSnapshot {
-        self.engine
-            .peer_snapshots()
-            .1
-            .into_iter()
-            .find(|p| p.public_key == *key)
-            .expect("peer exists")
-    }
-
-    fn drops(&self, reason: DropReason) -> u64 {
-        self.engine.stats().dropped(reason)
-    }
-}
-
-/// Delivers everything `out` sends, back and forth between a and b, until both are quiet.
-/// Returns what reached each side's TUN.
-fn pump(
-    a: &mut Node,
-    b: &mut Node,
-    first: Captured,
-    first_from_a: bool,
-) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
-    let mut a_tun = Vec::new();
-    let mut b_tun = Vec::new();
-    let mut queue: Vec<(bool, Vec<u8>)> = Vec::new();
-    let absorb = |out: Captured,
-                  from_a: bool,
-                  queue: &mut Vec<(bool, Vec<u8>)>,
-                  a_tun: &mut Vec<Vec<u8>>,
-                  b_tun: &mut Vec<Vec<u8>>| {
-        if from_a {
-            a_tun.extend(out.tun);
-        } else {
-            b_tun.extend(out.tun);
-        }
-        queue.extend(out.sent.into_iter().map(|(_, d)| (from_a, d)));
-    };
-    absorb(first, first_from_a, &mut queue, &mut a_tun, &mut b_tun);
-    let mut rounds = 0;
-    while !queue.is_empty() {
-        rounds += 1;
-        assert!(rounds < 1000, "ping-pong never settles");
-        let (from_a, datagram) = queue.remove(0);
-        if from_a {
-            let out = b.net_in(a.addr, &datagram);
-            absorb(out, false, &mut queue, &mut a_tun, &mut b_tun);
-        } else {
-            let out = a.net_in(b.addr, &datagram);
-            absorb(out, true, &mut queue, &mut a_tun, &mut b_tun);
-        }
-    }
-    (a_tun, b_tun)
+fn pair() -> (Node, Node) {
+    crate::testing::pair(Instant::now())
 }
 
 fn ping_v4(src: &str, dst: &str, seq: u16, payload: usize) -> Vec<u8> {
@@ -161,14 +41,6 @@ fn ping_v6(src: &str, dst: &str, seq: u16) -> Vec<u8> {
     let mut out = Vec::new();
     builder.write(&mut out, &[0x5a; 56]).unwrap();
     out
-}
-
-fn pair() -> (Node, Node) {
-    let a = Node::new("198.18.0.1:51820");
-    let b = Node::new("198.18.0.2:51820");
-    a.add_peer(&b, &["198.19.2.0/24", "fd00:19:2::/64"]);
-    b.add_peer(&a, &["198.19.1.0/24", "fd00:19:1::/64"]);
-    (a, b)
 }
 
 #[test]
@@ -283,8 +155,8 @@ fn inner_source_must_belong_to_the_sending_peer() {
     let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
     pump(&mut a, &mut b, out, true);
     // b sends a packet claiming a source that a gave to nobody / to another peer.
-    let c = Node::new("198.18.0.3:51820");
-    a.add_peer(&c, &["198.19.3.0/24"]);
+    let c = node("198.18.0.3:51820");
+    a.add_node(&c, &["198.19.3.0/24"]);
     let spoofed = ping_v4("198.19.3.9", "198.19.1.2", 1, 56);
     // b routes 198.19.1.0/24 to a, so it encrypts this for a.
     let out = b.tun_in(&spoofed);
@@ -307,7 +179,7 @@ fn endpoint_roams_and_replies_leave_from_the_address_used() {
     pump(&mut a, &mut b, out, true);
     let out = b.tun_in(&ping_v4("198.19.2.2", "198.19.1.2", 1, 56));
     let new_addr: SocketAddr = "[fd00:18::2]:9999".parse().unwrap();
-    let mut got = Captured::default();
+    let mut got = Capture::default();
     a.engine.batch().handle_datagram(
         new_addr,
         Some("fd00:18::1".parse().unwrap()),
@@ -368,8 +240,8 @@ fn garbage_datagrams_are_counted_and_change_nothing() {
 #[test]
 fn handshake_from_an_unknown_key_gets_no_answer() {
     let (mut a, _b) = pair();
-    let mut stranger = Node::new("198.18.0.9:51820");
-    stranger.add_peer(&a, &["198.19.1.0/24"]);
+    let mut stranger = node("198.18.0.9:51820");
+    stranger.add_node(&a, &["198.19.1.0/24"]);
     let out = stranger.tun_in(&ping_v4("198.19.9.2", "198.19.1.2", 0, 56));
     let reply = a.net_in(stranger.addr, &out.sent[0].1);
     assert!(reply.sent.is_empty());
@@ -378,7 +250,7 @@ fn handshake_from_an_unknown_key_gets_no_answer() {
 
 #[test]
 fn low_order_peer_keys_are_accepted_but_never_sent_to() {
-    let a = Node::new("198.18.0.1:51820");
+    let a = node("198.18.0.1:51820");
     let mut a = a;
     let mut low = PeerUpdate::new(Key::ZERO);
     low.endpoint = Some("198.18.0.5:51820".parse().unwrap());
@@ -394,14 +266,14 @@ fn low_order_peer_keys_are_accepted_but_never_sent_to() {
     let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.5.2", 0, 56));
     assert!(out.sent.is_empty());
     assert_eq!(a.drops(DropReason::LowOrderKey), 1);
-    let mut timers = Captured::default();
+    let mut timers = Capture::default();
     a.engine.tick(Instant::now(), &mut a.scratch, &mut timers);
     assert!(timers.sent.is_empty(), "no keepalive or handshake either");
 }
 
 #[test]
 fn own_public_key_as_peer_is_ignored() {
-    let a = Node::new("198.18.0.1:51820");
+    let a = node("198.18.0.1:51820");
     let mut me = PeerUpdate::new(a.public);
     me.allowed_ips = vec![AllowedIpChange::Add("198.19.1.0/24".parse().unwrap())];
     a.engine
@@ -412,8 +284,8 @@ fn own_public_key_as_peer_is_ignored() {
         .unwrap();
     assert_eq!(a.engine.peer_count(), 0);
     // And setting a private key whose public key is a peer's removes that peer.
-    let b = Node::new("198.18.0.2:51820");
-    a.add_peer(&b, &["198.19.2.0/24"]);
+    let b = node("198.18.0.2:51820");
+    a.add_node(&b, &["198.19.2.0/24"]);
     assert_eq!(a.engine.peer_count(), 1);
     a.engine
         .apply(&DeviceUpdate {
@@ -444,7 +316,7 @@ fn private_key_change_allows_an_immediate_new_handshake() {
             ..Default::default()
         })
         .unwrap();
-    b.add_peer(&a, &["198.19.1.0/24"]);
+    b.add_node(&a, &["198.19.1.0/24"]);
     let packet = ping_v4("198.19.1.2", "198.19.2.2", 1, 56);
     let out = a.tun_in(&packet);
     assert_eq!(out.sent[0].1.len(), 148, "a new handshake starts at once");
@@ -480,15 +352,15 @@ fn routes_to(node: &Node, addr: &str) -> Option<Key> {
 #[test]
 fn overlapping_allowed_ips_move_to_the_last_peer_that_claims_them() {
     let (mut a, b) = pair();
-    let c = Node::new("198.18.0.3:51820");
-    a.add_peer(&c, &["198.19.2.128/25"]);
+    let c = node("198.18.0.3:51820");
+    a.add_node(&c, &["198.19.2.128/25"]);
     // The more specific prefix wins for its half.
     assert_eq!(routes_to(&a, "198.19.2.200"), Some(c.public));
     assert_eq!(routes_to(&a, "198.19.2.5"), Some(b.public));
     let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.200", 0, 56));
     assert_eq!(out.sent[0].0.addr, c.addr);
     // Claiming b's exact prefix moves it to c.
-    a.add_peer(&c, &["198.19.2.0/24"]);
+    a.add_node(&c, &["198.19.2.0/24"]);
     assert_eq!(routes_to(&a, "198.19.2.5"), Some(c.public));
     let b_prefixes: Vec<IpNet> = a.peer(&b.public).allowed_ips;
     assert_eq!(b_prefixes, vec!["fd00:19:2::/64".parse::<IpNet>().unwrap()]);
@@ -506,8 +378,8 @@ fn overlapping_allowed_ips_move_to_the_last_peer_that_claims_them() {
 
 #[test]
 fn update_only_and_remove() {
-    let a = Node::new("198.18.0.1:51820");
-    let b = Node::new("198.18.0.2:51820");
+    let a = node("198.18.0.1:51820");
+    let b = node("198.18.0.2:51820");
     let mut only = PeerUpdate::new(b.public);
     only.update_only = true;
     a.engine
@@ -517,7 +389,7 @@ fn update_only_and_remove() {
         })
         .unwrap();
     assert_eq!(a.engine.peer_count(), 0, "update_only never creates");
-    a.add_peer(&b, &["198.19.2.0/24"]);
+    a.add_node(&b, &["198.19.2.0/24"]);
     let mut remove = PeerUpdate::new(b.public);
     remove.remove = true;
     a.engine
@@ -553,7 +425,7 @@ fn persistent_keepalive_switched_on_sends_at_once_and_then_periodically() {
         .unwrap();
     assert!(send_now);
     let start = Instant::now();
-    let mut out = Captured::default();
+    let mut out = Capture::default();
     a.engine.tick(start, &mut a.scratch, &mut out);
     assert_eq!(out.sent.len(), 1);
     assert_eq!(
@@ -561,11 +433,11 @@ fn persistent_keepalive_switched_on_sends_at_once_and_then_periodically() {
         32,
         "a keepalive is an empty data message"
     );
-    let mut out = Captured::default();
+    let mut out = Capture::default();
     a.engine
         .tick(start + Duration::from_secs(5), &mut a.scratch, &mut out);
     assert!(out.sent.iter().all(|(_, d)| d.len() != 32 || d[0] != 4) || out.sent.is_empty());
-    let mut out = Captured::default();
+    let mut out = Capture::default();
     a.engine
         .tick(start + Duration::from_secs(26), &mut a.scratch, &mut out);
     assert!(
@@ -610,8 +482,8 @@ fn initiations_under_load_get_cookie_replies() {
 
 #[test]
 fn no_private_key_means_nothing_is_sent() {
-    let engine = Engine::new(DEFAULT_MTU);
-    let b = Node::new("198.18.0.2:51820");
+    let engine = Engine::new(DEFAULT_MTU, Instant::now());
+    let b = node("198.18.0.2:51820");
     let mut peer = PeerUpdate::new(b.public);
     peer.endpoint = Some(b.addr);
     peer.allowed_ips = vec![AllowedIpChange::Add("198.19.2.0/24".parse().unwrap())];
@@ -624,7 +496,7 @@ fn no_private_key_means_nothing_is_sent() {
     let packet = ping_v4("198.19.1.2", "198.19.2.2", 0, 56);
     let mut buf = packet.clone();
     buf.resize(packet.len() + 16, 0);
-    let mut out = Captured::default();
+    let mut out = Capture::default();
     let mut scratch = new_scratch();
     engine
         .batch()

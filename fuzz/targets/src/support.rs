@@ -1,5 +1,5 @@
-//! In-memory wiring for the engine targets: a [`Capture`] sink, engines with fixed keys
-//! ([`Local`]), remote peers that are bare boringtun `Tunn`s ([`Remote`]), a handshake
+//! In-memory wiring for the engine targets: the data plane's fixture (its [`Capture`] sink,
+//! and its `Node` as [`Local`], here with fixed keys: [`local`]), remote peers that are bare boringtun `Tunn`s ([`Remote`]), a handshake
 //! between the two ([`establish`]), and an independent reading of IP headers ([`ip`]) that the
 //! invariants are checked against.
 //!
@@ -12,30 +12,13 @@
 //! first input of a run.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
-use tailsk8s_dataplane::config::{AllowedIpChange, DeviceUpdate, PeerSnapshot, PeerUpdate};
-use tailsk8s_dataplane::engine::{new_scratch, Engine, Transmit, DEFAULT_MTU, SCRATCH_LEN};
+use tailsk8s_dataplane::engine::SCRATCH_LEN;
 use tailsk8s_dataplane::key::Key;
-use tailsk8s_dataplane::peer::Endpoint;
-
-/// Everything one engine call produced, copied out of the engine's buffers.
-#[derive(Debug, Default)]
-pub struct Capture {
-    pub sent: Vec<(Endpoint, Vec<u8>)>,
-    pub tun: Vec<Vec<u8>>,
-}
-
-impl Transmit for Capture {
-    fn send(&mut self, to: &Endpoint, datagram: &[u8]) {
-        self.sent.push((*to, datagram.to_vec()));
-    }
-
-    fn write_tun(&mut self, packet: &[u8]) {
-        self.tun.push(packet.to_vec());
-    }
-}
+pub use tailsk8s_dataplane::testing::{Capture, Node as Local};
 
 /// A private key that is the same in every run, so seeds and crashes replay alike.
 pub fn fixed_private_key(seed: u8) -> Key {
@@ -58,74 +41,10 @@ pub fn ip_addr(s: &str) -> IpAddr {
         .unwrap_or_else(|_| panic!("harness address {s:?} does not parse"))
 }
 
-/// An engine under test with its address and scratch buffer.
-pub struct Local {
-    pub engine: Engine,
-    pub public: Key,
-    pub addr: SocketAddr,
-    scratch: Box<[u8; SCRATCH_LEN]>,
-}
-
-impl Local {
-    pub fn new(seed: u8, address: &str) -> Local {
-        let private = fixed_private_key(seed);
-        let engine = Engine::new(DEFAULT_MTU);
-        apply(
-            &engine,
-            &DeviceUpdate {
-                private_key: Some(Some(private)),
-                ..Default::default()
-            },
-        );
-        Local {
-            engine,
-            public: private.public_key(),
-            addr: addr(address),
-            scratch: new_scratch(),
-        }
-    }
-
-    pub fn add_peer(&self, public: Key, endpoint: Option<SocketAddr>, allowed: &[IpNet]) {
-        let mut peer = PeerUpdate::new(public);
-        peer.endpoint = endpoint;
-        peer.allowed_ips = allowed.iter().copied().map(AllowedIpChange::Add).collect();
-        apply(
-            &self.engine,
-            &DeviceUpdate {
-                peers: vec![peer],
-                ..Default::default()
-            },
-        );
-    }
-
-    /// A packet read from the TUN: `buf[..len]` is the packet, the rest is spare room.
-    pub fn from_tun(&mut self, buf: &mut [u8], len: usize) -> Capture {
-        let mut out = Capture::default();
-        self.engine
-            .batch()
-            .handle_tun_packet(buf, len, &mut self.scratch, &mut out);
-        out
-    }
-
-    /// A datagram received from `from`, optionally addressed to this engine's own IP.
-    pub fn from_net(&mut self, from: SocketAddr, to_own_ip: bool, datagram: &[u8]) -> Capture {
-        let mut out = Capture::default();
-        let local_ip = to_own_ip.then_some(self.addr.ip());
-        self.engine
-            .batch()
-            .handle_datagram(from, local_ip, datagram, &mut self.scratch, &mut out);
-        out
-    }
-
-    pub fn peers(&self) -> Vec<PeerSnapshot> {
-        self.engine.peer_snapshots().1
-    }
-}
-
-fn apply(engine: &Engine, update: &DeviceUpdate) {
-    if let Err(e) = engine.apply(update) {
-        panic!("harness configuration refused: {e}");
-    }
+/// An engine under test with a fixed key ([`fixed_private_key`]`(seed)`) listening on
+/// `address`: the data plane's own fixture node.
+pub fn local(seed: u8, address: &str) -> Local {
+    Local::new(fixed_private_key(seed), address, Instant::now())
 }
 
 /// What a remote peer did with a datagram from the engine.
@@ -208,7 +127,7 @@ pub fn establish(local: &mut Local, remote: &mut Remote) {
     let Some(init) = remote.initiation() else {
         panic!("remote produced no handshake initiation");
     };
-    let answer = local.from_net(remote.addr, true, &init);
+    let answer = local.net_in(remote.addr, &init);
     let [(_, response)] = answer.sent.as_slice() else {
         panic!(
             "engine answered an initiation with {} datagrams",
@@ -222,7 +141,7 @@ pub fn establish(local: &mut Local, remote: &mut Remote) {
             confirmed.replies.len()
         );
     };
-    let done = local.from_net(remote.addr, true, keepalive);
+    let done = local.net_in(remote.addr, keepalive);
     assert!(
         done.sent.is_empty() && done.tun.is_empty(),
         "a keepalive produced output"
@@ -275,7 +194,7 @@ mod tests {
 
     #[test]
     fn established_session_carries_a_packet_both_ways() {
-        let mut local = Local::new(1, "198.18.0.1:51820");
+        let mut local = local(1, "198.18.0.1:51820");
         let mut remote = Remote::new(2, local.public, "198.18.0.2:51820", 7);
         local.add_peer(remote.public, Some(remote.addr), &[net("198.19.2.0/24")]);
         establish(&mut local, &mut remote);
@@ -285,13 +204,13 @@ mod tests {
 
         let packet = crate::packets::icmp_v4("198.19.2.9", "198.19.1.1", 8);
         let datagram = remote.encapsulate(&packet).expect("a data message");
-        let out = local.from_net(remote.addr, true, &datagram);
+        let out = local.net_in(remote.addr, &datagram);
         assert_eq!(out.tun, vec![packet.clone()]);
 
         let mut buf = crate::packets::icmp_v4("198.19.1.1", "198.19.2.9", 8);
         let len = buf.len();
         buf.resize(len + 16, 0);
-        let out = local.from_tun(&mut buf, len);
+        let out = local.tun_buf_in(&mut buf, len);
         let [(to, sent)] = out.sent.as_slice() else {
             panic!("expected one datagram, got {:?}", out.sent);
         };

@@ -54,7 +54,7 @@ use tun_rs::VirtioNetHdr;
 
 use crate::headers::{self, Segment, Transport, FIN, GSO_NONE, PSH, TCP, UDP};
 use crate::input::Choices;
-use crate::support::{establish, ip, net, Local, Remote};
+use crate::support::{establish, ip, local, net, Local, Remote};
 
 /// Peer indexes (the engine's slots follow the order they are added).
 const ESTABLISHED: usize = 0;
@@ -79,7 +79,7 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let mut local = Local::new(1, "198.18.0.1:51820");
+        let mut local = local(1, "198.18.0.1:51820");
         let mut established = Remote::new(2, local.public, "198.18.0.2:51820", 1);
         let handshaking = Remote::new(3, local.public, "[fd00:18::3]:51820", 1);
         let no_endpoint = crate::support::fixed_private_key(4).public_key();
@@ -187,7 +187,7 @@ impl World {
     fn route_in(&mut self, buf: &mut [u8], len: usize) -> usize {
         let packet = buf[..len].to_vec();
         let packet = packet.as_slice();
-        let out = self.local.from_tun(buf, len);
+        let out = self.local.tun_buf_in(buf, len);
         let destination = ip::destination(packet);
 
         assert!(

@@ -20,6 +20,7 @@
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
 
 use ipnet::IpNet;
 use tailsk8s_dataplane::config::{AllowedIpChange, DeviceSnapshot, DeviceUpdate, PeerSnapshot};
@@ -65,7 +66,7 @@ struct Device {
 impl Device {
     fn new() -> Device {
         Device {
-            engine: Engine::new(DEFAULT_MTU),
+            engine: Engine::new(DEFAULT_MTU, Instant::now()),
             listen_port: 0,
             fwmark: 0,
             model: Model::default(),
@@ -73,7 +74,7 @@ impl Device {
     }
 
     fn snapshot(&self) -> DeviceSnapshot {
-        let (private_key, peers) = self.engine.peer_snapshots();
+        let (private_key, peers) = self.engine.peer_snapshots(SystemTime::now());
         DeviceSnapshot {
             private_key,
             listen_port: self.listen_port,

@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use tailsk8s_dataplane::allowed_ips::NaiveAllowedIps;
 
 use crate::input::{Choices, Writer};
-use crate::support::{addr, establish, ip, net, Capture, Local, Remote};
+use crate::support::{addr, establish, ip, local, net, Capture, Local, Remote};
 
 /// Operations per input, so one input stays fast however long it is.
 const MAX_OPS: usize = 64;
@@ -204,8 +204,8 @@ fn r_prefixes() -> [IpNet; 2] {
 
 impl World {
     fn new() -> World {
-        let mut a = Local::new(1, "198.18.0.1:51820");
-        let b = Local::new(5, "198.18.0.11:51820");
+        let mut a = local(1, "198.18.0.1:51820");
+        let b = local(5, "198.18.0.11:51820");
         let mut r_to_a = Remote::new(2, a.public, SOURCES[0], 1);
         let r_to_b = Remote::new(2, b.public, SOURCES[0], 2);
         let x_to_a = Remote::new(3, a.public, SOURCES[3], 1);
@@ -321,7 +321,11 @@ impl World {
             return;
         }
         let before = self.engines[engine].peers();
-        let out = self.engines[engine].from_net(from, to_own_ip, bytes);
+        let out = self.engines[engine].net_in_at(
+            from,
+            to_own_ip.then_some(self.engines[engine].addr.ip()),
+            bytes,
+        );
         assert!(
             out.tun.is_empty(),
             "raw bytes from {from} reached engine {engine}'s TUN"
@@ -346,7 +350,11 @@ impl World {
         wire: usize,
         bytes: &[u8],
     ) {
-        let out = self.engines[engine].from_net(from, to_own_ip, bytes);
+        let out = self.engines[engine].net_in_at(
+            from,
+            to_own_ip.then_some(self.engines[engine].addr.ip()),
+            bytes,
+        );
         self.check_tun(engine, wire, bytes, &out);
         let remote = self.wires[wire].remote;
         let engine_ip = self.engines[engine].addr.ip();
@@ -595,13 +603,13 @@ mod tests {
             remote: R_TO_A as u8,
             plaintext: ping.clone(),
         });
-        let out = world.engines[ENGINE_A].from_net(addr(SOURCES[0]), true, &world.wires[0].bytes);
+        let out = world.engines[ENGINE_A].net_in(addr(SOURCES[0]), &world.wires[0].bytes);
         assert_eq!(
             out.tun,
             vec![ping],
             "the harness's genuine path really delivers"
         );
-        let again = world.engines[ENGINE_A].from_net(addr(SOURCES[0]), true, &world.wires[0].bytes);
+        let again = world.engines[ENGINE_A].net_in(addr(SOURCES[0]), &world.wires[0].bytes);
         assert!(again.tun.is_empty());
     }
 
@@ -638,10 +646,8 @@ mod tests {
             plaintext: lying,
         });
         let bytes = world.wires[0].bytes.clone();
-        let out = Capture {
-            sent: Vec::new(),
-            tun: vec![Vec::new()],
-        };
+        let mut out = Capture::default();
+        out.tun.push(Vec::new());
         world.check_tun(ENGINE_A, 0, &bytes, &out);
     }
 
@@ -656,10 +662,8 @@ mod tests {
         });
         let bytes = world.wires[0].bytes.clone();
         // Pretend the engine had delivered it.
-        let out = Capture {
-            sent: Vec::new(),
-            tun: vec![spoofed],
-        };
+        let mut out = Capture::default();
+        out.tun.push(spoofed);
         world.check_tun(ENGINE_A, 0, &bytes, &out);
     }
 }

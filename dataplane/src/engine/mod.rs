@@ -1,0 +1,410 @@
+//! The sans-IO WireGuard router. It owns the peers, the allowed-IPs table and the shared
+//! handshake rate limiter, and turns three kinds of input into output through a
+//! [`Transmit`] sink. One module per flow, each opening with its pipeline:
+//!
+//! - [`send`] — outbound: a TUN packet → allowed IPs → peer → MTU → pad → encapsulate;
+//! - [`receive`] — inbound: a datagram → message type → peer → decapsulate → roam →
+//!   cryptokey check → TUN;
+//! - [`timers`] — time passing: retransmits, rekeying, keepalives, expiry;
+//! - [`messages`] — the wire format's sizes and offsets;
+//! - this module — the configuration (keys, peer set, allowed IPs) and how an update
+//!   changes it ([`Engine::apply`]).
+//!
+//! Time is an input: the caller gives the engine its start ([`Engine::new`]) and every later
+//! instant ([`Engine::tick`]); the packet path uses the time of the last tick. The engine
+//! itself reads no clock. boringtun's `Tunn` does read its own (see [`timers`]).
+//!
+//! Concurrency: the configuration sits behind one `RwLock` that the packet path takes for
+//! reading once per batch ([`Engine::batch`]); each peer has its own mutex held only for one
+//! `Tunn` call and the copy of its output into the sink. The sink only copies; drivers make
+//! their syscalls after the batch is released, so no lock is ever held across a syscall.
+
+pub mod messages;
+pub mod receive;
+pub mod send;
+pub mod timers;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use parking_lot::{RwLock, RwLockReadGuard};
+
+use crate::allowed_ips::AllowedIps;
+use crate::config::{AllowedIpChange, DeviceUpdate, PeerSnapshot, PeerUpdate, SetError};
+use crate::key::Key;
+use crate::peer::{Endpoint, Peer};
+use crate::stats::{DropReason, Stats};
+
+pub use messages::{DATA_OVERHEAD, MAX_PEERS};
+
+/// Bytes of scratch the engine needs per call: the largest IP packet plus WireGuard's
+/// overhead, rounded up. Drivers own one such buffer per worker.
+pub const SCRATCH_LEN: usize = 65536 + 64;
+
+/// Default tunnel MTU, as `wg-quick` picks it: a 1500-byte underlay minus IPv6 + UDP +
+/// WireGuard data overhead (40 + 8 + 32). The one home of this value: the config file's
+/// default and the `wg`-only router's MTU refer to it.
+pub const DEFAULT_MTU: usize = 1420;
+const _: () = assert!(
+    DEFAULT_MTU <= u16::MAX as usize,
+    "an MTU fits the TUN's u16"
+);
+
+/// True in a build whose boringtun runs on the test clock (`boringtun-mock-clock`, see
+/// [`timers`]): such a build must not route, and the router refuses to start.
+pub const BORINGTUN_CLOCK_DRIVEN_BY_TESTS: bool = cfg!(feature = "boringtun-mock-clock");
+
+/// Handshake initiations the shared rate limiter lets through per second before it demands
+/// cookies (boringtun counts each initiation twice: our pre-check and the peer's own check).
+const HANDSHAKES_PER_SECOND: u64 = 2 * 100;
+
+/// Where the engine puts its output. Implementations copy into their own buffers; they must
+/// not block or make syscalls (the engine may hold a peer lock while calling them).
+pub trait Transmit {
+    /// Send one WireGuard datagram to a peer.
+    fn send(&mut self, to: &Endpoint, datagram: &[u8]);
+    /// Write one IP packet to the TUN device.
+    fn write_tun(&mut self, packet: &[u8]);
+}
+
+/// The WireGuard router. Share it as `Arc<Engine>` between workers, timers and the UAPI server.
+pub struct Engine {
+    config: RwLock<Config>,
+    stats: Stats,
+    /// Engine time in milliseconds since `epoch`, advanced by [`Engine::tick`]: the packet path
+    /// reads it instead of a clock.
+    now_ms: AtomicU64,
+    /// The instant the caller created the engine at: engine time 0.
+    epoch: Instant,
+    /// When the rate limiter's count was last reset (engine ms).
+    limiter_reset_ms: AtomicU64,
+}
+
+struct Config {
+    private_key: Option<Key>,
+    public_key: Option<Key>,
+    mtu: usize,
+    peers: Vec<Option<Arc<Peer>>>,
+    free_slots: Vec<u32>,
+    by_key: HashMap<Key, u32>,
+    allowed_ips: AllowedIps<u32>,
+    rate_limiter: Arc<RateLimiter>,
+}
+
+impl Engine {
+    /// An engine with no private key and no peers; `now` is its time 0 (later instants come
+    /// through [`Engine::tick`]).
+    pub fn new(mtu: usize, now: Instant) -> Engine {
+        timers::set_boringtun_clock(0);
+        Engine {
+            config: RwLock::new(Config {
+                private_key: None,
+                public_key: None,
+                mtu,
+                peers: Vec::new(),
+                free_slots: Vec::new(),
+                by_key: HashMap::new(),
+                allowed_ips: AllowedIps::new(),
+                rate_limiter: Arc::new(new_rate_limiter(&Key::ZERO)),
+            }),
+            stats: Stats::default(),
+            now_ms: AtomicU64::new(0),
+            epoch: now,
+            limiter_reset_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn mtu(&self) -> usize {
+        self.config.read().mtu
+    }
+
+    pub fn set_mtu(&self, mtu: usize) {
+        self.config.write().mtu = mtu;
+    }
+
+    pub fn public_key(&self) -> Option<Key> {
+        self.config.read().public_key
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.config.read().peer_count()
+    }
+
+    /// Engine time as of the last tick.
+    pub fn now(&self) -> Duration {
+        Duration::from_millis(self.now_ms.load(Relaxed))
+    }
+
+    /// Applies the key and peer parts of an update (the listen port and fwmark belong to the
+    /// socket driver, which handles them before calling this). Returns true when some peer
+    /// wants a packet sent right away (a keepalive just switched on): call [`Engine::tick`].
+    pub fn apply(&self, update: &DeviceUpdate) -> Result<bool, SetError> {
+        let mut config = self.config.write();
+        // New Noise states start their timers at engine time.
+        timers::set_boringtun_clock(self.now_ms.load(Relaxed));
+        if let Some(key) = update.private_key {
+            config.set_private_key(key);
+        }
+        if update.replace_peers {
+            let keys: Vec<Key> = config.by_key.keys().copied().collect();
+            for key in keys {
+                config.remove_peer(&key);
+            }
+        }
+        let mut send_now = false;
+        for peer_update in &update.peers {
+            send_now |= config.apply_peer(peer_update)?;
+        }
+        Ok(send_now)
+    }
+
+    /// The peers as `wg show` reports them, in slot order. `now` is the caller's wall clock:
+    /// the engine keeps a handshake's time as engine time and reports it as `now` minus the
+    /// handshake's age (so a wall clock stepped since then does not matter).
+    pub fn peer_snapshots(&self, now: SystemTime) -> (Option<Key>, Vec<PeerSnapshot>) {
+        let config = self.config.read();
+        let now_ms = self.now_ms.load(Relaxed);
+        let peers = config
+            .peers
+            .iter()
+            .flatten()
+            .map(|peer| {
+                let state = peer.state.lock();
+                PeerSnapshot {
+                    public_key: peer.public_key,
+                    preshared_key: state.preshared_key,
+                    endpoint: state.endpoint.map(|e| e.addr),
+                    last_handshake: state.last_handshake_ms.map(|at| {
+                        let age = Duration::from_millis(now_ms.saturating_sub(at));
+                        now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
+                    }),
+                    rx_bytes: state.rx_bytes,
+                    tx_bytes: state.tx_bytes,
+                    persistent_keepalive: state.persistent_keepalive,
+                    allowed_ips: config.allowed_ips.prefixes_of(peer.slot),
+                }
+            })
+            .collect();
+        (config.private_key, peers)
+    }
+
+    /// Takes the configuration for reading for one batch of packets. Hold it only while the
+    /// engine produces output; release it before any syscall.
+    pub fn batch(&self) -> Batch<'_> {
+        let now_ms = self.now_ms.load(Relaxed);
+        timers::set_boringtun_clock(now_ms);
+        Batch {
+            engine: self,
+            config: self.config.read(),
+            now_ms,
+        }
+    }
+}
+
+/// One batch of packet processing under a read lock of the configuration. Its two entry
+/// points live with their flows: [`Batch::handle_tun_packet`] in [`send`],
+/// [`Batch::handle_datagram`] in [`receive`].
+pub struct Batch<'a> {
+    engine: &'a Engine,
+    config: RwLockReadGuard<'a, Config>,
+    /// Engine time of this batch: the last tick's.
+    now_ms: u64,
+}
+
+impl Config {
+    fn peer(&self, slot: u32) -> Option<&Arc<Peer>> {
+        self.peers.get(slot as usize).and_then(|p| p.as_ref())
+    }
+
+    fn peer_count(&self) -> usize {
+        self.by_key.len()
+    }
+
+    fn add_peer(&mut self, public_key: Key) -> Result<Arc<Peer>, SetError> {
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None if self.peers.len() < MAX_PEERS => {
+                self.peers.push(None);
+                (self.peers.len() - 1) as u32
+            }
+            None => {
+                return Err(SetError::Invalid(format!(
+                    "a device holds at most {MAX_PEERS} peers"
+                )))
+            }
+        };
+        let peer = Arc::new(Peer::new(public_key, slot));
+        peer.state.lock().reset_tunn(
+            &public_key,
+            slot,
+            self.private_key.as_ref(),
+            &self.rate_limiter,
+        );
+        self.peers[slot as usize] = Some(peer.clone());
+        self.by_key.insert(public_key, slot);
+        Ok(peer)
+    }
+
+    fn remove_peer(&mut self, public_key: &Key) -> bool {
+        let Some(slot) = self.by_key.remove(public_key) else {
+            return false;
+        };
+        self.allowed_ips.remove_value(slot);
+        self.peers[slot as usize] = None;
+        self.free_slots.push(slot);
+        true
+    }
+
+    fn set_private_key(&mut self, key: Option<Key>) {
+        let key = key.map(Key::clamped);
+        if key == self.private_key {
+            // `wg setconf` sends the key every time: an unchanged key keeps every session.
+            return;
+        }
+        self.private_key = key;
+        self.public_key = key.map(|k| k.public_key());
+        if let Some(public) = self.public_key {
+            // A peer with our own public key makes no sense; the kernel drops it.
+            self.remove_peer(&public);
+            self.rate_limiter = Arc::new(new_rate_limiter(&public));
+        }
+        for peer in self.peers.iter().flatten() {
+            let mut state = peer.state.lock();
+            // A fresh Tunn: sessions expire and a new handshake may start at once.
+            state.reset_tunn(
+                &peer.public_key,
+                peer.slot,
+                self.private_key.as_ref(),
+                &self.rate_limiter,
+            );
+        }
+    }
+
+    /// One peer's part of an update. Returns true when the peer wants a keepalive now.
+    fn apply_peer(&mut self, update: &PeerUpdate) -> Result<bool, SetError> {
+        if Some(update.public_key) == self.public_key {
+            return Ok(false);
+        }
+        if update.remove {
+            self.remove_peer(&update.public_key);
+            return Ok(false);
+        }
+        let peer = match self.by_key.get(&update.public_key) {
+            Some(&slot) => match self.peer(slot) {
+                Some(peer) => peer.clone(),
+                None => return Err(SetError::Invalid("peer table out of step".into())),
+            },
+            None if update.update_only => return Ok(false),
+            None => self.add_peer(update.public_key)?,
+        };
+        let mut send_now = false;
+        {
+            let mut state = peer.state.lock();
+            if let Some(psk) = update.preshared_key {
+                if psk != state.preshared_key {
+                    state.preshared_key = psk;
+                    state.reset_tunn(
+                        &peer.public_key,
+                        peer.slot,
+                        self.private_key.as_ref(),
+                        &self.rate_limiter,
+                    );
+                }
+            }
+            if let Some(addr) = update.endpoint {
+                state.endpoint = Some(Endpoint::new(addr));
+            }
+            if let Some(interval) = update.persistent_keepalive {
+                if state.persistent_keepalive == 0 && interval > 0 {
+                    state.keepalive_due = true;
+                    send_now = true;
+                }
+                state.persistent_keepalive = interval;
+            }
+        }
+        if update.replace_allowed_ips {
+            self.allowed_ips.remove_value(peer.slot);
+        }
+        for change in &update.allowed_ips {
+            match *change {
+                AllowedIpChange::Add(net) => {
+                    self.allowed_ips.insert(net, peer.slot);
+                }
+                AllowedIpChange::Remove(net) => {
+                    // Only this peer's own entry goes; someone else's is put back untouched.
+                    if let Some(owner) = self.allowed_ips.remove(&net) {
+                        if owner != peer.slot {
+                            self.allowed_ips.insert(net, owner);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(send_now)
+    }
+}
+
+fn new_rate_limiter(public: &Key) -> RateLimiter {
+    RateLimiter::new(
+        &x25519_dalek::PublicKey::from(public.0),
+        HANDSHAKES_PER_SECOND,
+    )
+}
+
+/// Counts one datagram out — on the device, and on the peer's `wg show` counter when it
+/// belongs to a peer's session (cookie replies do not) — and hands it to the sink. Every
+/// datagram the engine sends goes through here.
+fn send_counted(
+    stats: &Stats,
+    peer_tx_bytes: Option<&mut u64>,
+    tx: &mut impl Transmit,
+    to: &Endpoint,
+    datagram: &[u8],
+) {
+    if let Some(tx_bytes) = peer_tx_bytes {
+        *tx_bytes += datagram.len() as u64;
+    }
+    Stats::add(&stats.datagrams_out, 1);
+    tx.send(to, datagram);
+}
+
+/// The drop reason for an error boringtun reports.
+fn drop_reason(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::InvalidMac | WireGuardError::InvalidAeadTag => DropReason::DecryptFailed,
+        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => DropReason::Replay,
+        WireGuardError::NoCurrentSession | WireGuardError::ConnectionExpired => {
+            DropReason::NoSession
+        }
+        WireGuardError::UnderLoad => DropReason::UnderLoad,
+        WireGuardError::InvalidPacket
+        | WireGuardError::IncorrectPacketLength
+        | WireGuardError::WrongPacketType => DropReason::MalformedDatagram,
+        WireGuardError::DestinationBufferTooSmall
+        | WireGuardError::UnexpectedPacket
+        | WireGuardError::WrongIndex
+        | WireGuardError::WrongKey
+        | WireGuardError::InvalidTai64nTimestamp
+        | WireGuardError::WrongTai64nTimestamp
+        | WireGuardError::LockFailed => DropReason::HandshakeFailed,
+    }
+}
+
+/// A helper for drivers and tests: the engine's scratch buffer, boxed (it is 64 KiB).
+pub fn new_scratch() -> Box<[u8; SCRATCH_LEN]> {
+    vec![0u8; SCRATCH_LEN]
+        .into_boxed_slice()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("length is SCRATCH_LEN"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+//! The inbound flow: a datagram from the listen socket becomes an IP packet on the TUN (or a
+//! handshake answer on the wire).
+//!
+//! ```text
+//!  datagram ─► message type (messages::message_header)
+//!     ├─ initiation ─► MAC1 check, cookie reply under load ─► DH reveals static key ─► peer by key
+//!     └─ response, cookie reply, data ─► peer by receiver index (messages::slot_of)
+//!  ─► Tunn::decapsulate
+//!     ├─ handshake done  ─► roam, last handshake ─► response / queued packets / keepalive ─► send
+//!     ├─ keepalive, cookie ─► count (roam unless a cookie reply)
+//!     └─ data ─► roam ─► inner header intact? ─► inner source ∈ this peer's allowed IPs?
+//!                ─► write_tun
+//! ```
+//!
+//! Functions in the order a datagram meets them: [`Batch::handle_datagram`] (the pipeline),
+//! `find_peer`, `deliver`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, TunnResult};
+
+use super::messages::{
+    message_header, slot_of, DATA_OVERHEAD, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+};
+use super::{drop_reason, send_counted, Batch, Config, Transmit, SCRATCH_LEN};
+use crate::key::Key;
+use crate::packet;
+use crate::peer::{Endpoint, Peer, PeerState};
+use crate::stats::{DropReason, Stats};
+
+impl Batch<'_> {
+    /// A datagram received on the listen socket from `from`, addressed to our `local_ip`.
+    pub fn handle_datagram(
+        &mut self,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+        scratch: &mut [u8; SCRATCH_LEN],
+        tx: &mut impl Transmit,
+    ) {
+        let stats = &self.engine.stats;
+        Stats::add(&stats.datagrams_in, 1);
+        let source = Endpoint {
+            addr: from,
+            local_ip,
+        };
+        let Some((peer, message_type)) = self.find_peer(&source, datagram, scratch, tx) else {
+            return;
+        };
+        let mut state = peer.state.lock();
+        let state = &mut *state;
+        let Some(tunn) = state.tunn.as_mut() else {
+            stats.drop(DropReason::NoPrivateKey);
+            return;
+        };
+        let (inner, inner_source) =
+            match tunn.decapsulate(Some(from.ip()), datagram, &mut scratch[..]) {
+                TunnResult::WriteToNetwork(reply)
+                    if reply.first() == Some(&MESSAGE_COOKIE_REPLY) =>
+                {
+                    // The peer's own rate-limit check went under load between ours and its.
+                    stats.drop(DropReason::UnderLoad);
+                    Stats::add(&stats.cookie_replies_sent, 1);
+                    send_counted(stats, None, tx, &source, reply);
+                    return;
+                }
+                TunnResult::WriteToNetwork(reply) => {
+                    // A handshake message that completed: a response to send, or our keepalive
+                    // that confirms the session we initiated.
+                    state.rx_bytes += datagram.len() as u64;
+                    state.endpoint = Some(source);
+                    state.last_handshake_ms = Some(self.now_ms);
+                    state.last_sent_ms = self.now_ms;
+                    // boringtun answers a handshake response with a keepalive. Like the kernel,
+                    // send it only when no queued packet goes out to confirm the session
+                    // instead. Copied out: the flush below reuses the scratch `reply` lives in.
+                    let mut held = [0u8; DATA_OVERHEAD];
+                    let keepalive =
+                        message_type == MESSAGE_RESPONSE && reply.len() == DATA_OVERHEAD;
+                    if keepalive {
+                        held.copy_from_slice(reply);
+                    } else {
+                        send_counted(stats, Some(&mut state.tx_bytes), tx, &source, reply);
+                    }
+                    // Packets queued while the handshake ran go out now.
+                    let mut flushed = false;
+                    while let TunnResult::WriteToNetwork(queued) =
+                        tunn.decapsulate(None, &[], &mut scratch[..])
+                    {
+                        flushed = true;
+                        Stats::add(&stats.tun_packets_in, 1);
+                        send_counted(stats, Some(&mut state.tx_bytes), tx, &source, queued);
+                    }
+                    if keepalive && !flushed {
+                        send_counted(stats, Some(&mut state.tx_bytes), tx, &source, &held);
+                    }
+                    return;
+                }
+                TunnResult::WriteToTunnelV4(inner, v4) => (inner, IpAddr::V4(v4)),
+                TunnResult::WriteToTunnelV6(inner, v6) => (inner, IpAddr::V6(v6)),
+                TunnResult::Done => {
+                    // A keepalive or a cookie reply: authentic, nothing to deliver. A cookie
+                    // reply is not authenticated by the peer's key, so it does not roam.
+                    state.rx_bytes += datagram.len() as u64;
+                    if message_type != MESSAGE_COOKIE_REPLY {
+                        state.endpoint = Some(source);
+                    }
+                    return;
+                }
+                TunnResult::Err(e) => {
+                    stats.drop(drop_reason(&e));
+                    return;
+                }
+            };
+        deliver(
+            &self.config,
+            stats,
+            peer.slot,
+            state,
+            source,
+            datagram.len(),
+            (inner, inner_source),
+            tx,
+        );
+    }
+
+    /// Finds the peer a datagram belongs to. Initiations are checked for MAC1 (and a cookie
+    /// under load, answering with a cookie reply) before the Diffie-Hellman that reveals the
+    /// sender's static key; every other message names its receiver index.
+    fn find_peer(
+        &self,
+        source: &Endpoint,
+        datagram: &[u8],
+        scratch: &mut [u8; SCRATCH_LEN],
+        tx: &mut impl Transmit,
+    ) -> Option<(Arc<Peer>, u8)> {
+        let stats = &self.engine.stats;
+        let config = &*self.config;
+        let (message_type, receiver_index) = match message_header(datagram) {
+            Some((MESSAGE_INITIATION, _)) => {
+                let (Some(private), Some(public)) = (config.private_key, config.public_key) else {
+                    stats.drop(DropReason::NoPrivateKey);
+                    return None;
+                };
+                let init = match config.rate_limiter.verify_packet(
+                    Some(source.addr.ip()),
+                    datagram,
+                    &mut scratch[..],
+                ) {
+                    Ok(Packet::HandshakeInit(init)) => init,
+                    Ok(_) => {
+                        stats.drop(DropReason::MalformedDatagram);
+                        return None;
+                    }
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        stats.drop(DropReason::UnderLoad);
+                        Stats::add(&stats.cookie_replies_sent, 1);
+                        send_counted(stats, None, tx, source, cookie);
+                        return None;
+                    }
+                    Err(TunnResult::Err(e)) => {
+                        stats.drop(drop_reason(&e));
+                        return None;
+                    }
+                    Err(_) => {
+                        stats.drop(DropReason::MalformedDatagram);
+                        return None;
+                    }
+                };
+                let secret = x25519_dalek::StaticSecret::from(private.0);
+                let public = x25519_dalek::PublicKey::from(public.0);
+                let Ok(half) = parse_handshake_anon(&secret, &public, &init) else {
+                    stats.drop(DropReason::DecryptFailed);
+                    return None;
+                };
+                let Some(peer) = config
+                    .by_key
+                    .get(&Key(half.peer_static_public))
+                    .and_then(|&slot| config.peer(slot))
+                else {
+                    stats.drop(DropReason::UnknownPeer);
+                    return None;
+                };
+                return Some((peer.clone(), MESSAGE_INITIATION));
+            }
+            Some((message_type, Some(receiver_index))) => (message_type, receiver_index),
+            _ => {
+                stats.drop(DropReason::MalformedDatagram);
+                return None;
+            }
+        };
+        match config.peer(slot_of(receiver_index)) {
+            Some(peer) => Some((peer.clone(), message_type)),
+            None => {
+                stats.drop(DropReason::UnknownPeer);
+                None
+            }
+        }
+    }
+}
+
+/// A decrypted data packet from `slot`'s peer: roam, then the checks that keep a peer to
+/// its own addresses, then the TUN.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    config: &Config,
+    stats: &Stats,
+    slot: u32,
+    state: &mut PeerState,
+    source: Endpoint,
+    wire_len: usize,
+    (inner, inner_source): (&[u8], IpAddr),
+    tx: &mut impl Transmit,
+) {
+    // Authentic: count it and roam, even if the checks below drop it.
+    state.rx_bytes += wire_len as u64;
+    state.endpoint = Some(source);
+    // boringtun trims to the length the header claims without checking that a whole
+    // header remains: a peer could otherwise put a header-less stub on the TUN.
+    if packet::ip_len(inner) != Some(inner.len()) || packet::source(inner) != Some(inner_source) {
+        stats.drop(DropReason::MalformedPacket);
+        return;
+    }
+    // Cryptokey routing, inbound: the inner source must route back to the same peer.
+    if config.allowed_ips.lookup(inner_source) != Some(slot) {
+        stats.drop(DropReason::NotAllowed);
+        return;
+    }
+    Stats::add(&stats.tun_packets_out, 1);
+    tx.write_tun(inner);
+}

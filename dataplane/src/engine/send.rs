@@ -1,0 +1,95 @@
+//! The outbound flow: an IP packet read from the TUN leaves as a WireGuard datagram.
+//!
+//! ```text
+//!  TUN packet ─► destination ─► allowed IPs (LPM) ─► peer ─► MTU check ─► pad to 16 ─►
+//!      peer usable? (key, not low-order, endpoint) ─► Tunn::encapsulate
+//!      ─► send(endpoint, datagram)
+//!
+//!  no peer:   ICMP host unreachable  ─► write_tun
+//!  too big:   ICMP fragmentation needed (IPv4 with DF) / packet too big (IPv6) ─► write_tun
+//!  no session: boringtun queues the packet and a handshake initiation goes out instead
+//! ```
+
+use boringtun::noise::TunnResult;
+
+use super::{drop_reason, send_counted, Batch, Transmit, SCRATCH_LEN};
+use crate::packet;
+use crate::stats::{DropReason, Stats};
+
+impl Batch<'_> {
+    /// A packet read from the TUN: `buf[..len]` is the packet; the rest of `buf` is room the
+    /// engine may use to pad it in place (WireGuard pads plaintext to 16 bytes).
+    pub fn handle_tun_packet(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        scratch: &mut [u8; SCRATCH_LEN],
+        tx: &mut impl Transmit,
+    ) {
+        let stats = &self.engine.stats;
+        let Some(packet) = buf.get(..len) else {
+            stats.drop(DropReason::MalformedPacket);
+            return;
+        };
+        let Some(destination) = packet::destination(packet) else {
+            stats.drop(DropReason::MalformedPacket);
+            return;
+        };
+        let config = &*self.config;
+        let Some(peer) = config
+            .allowed_ips
+            .lookup(destination)
+            .and_then(|slot| config.peer(slot))
+        else {
+            stats.drop(DropReason::NoRoute);
+            if let Some(n) = packet::icmp_unreachable(packet, destination, &mut scratch[..]) {
+                Stats::add(&stats.icmp_errors_sent, 1);
+                tx.write_tun(&scratch[..n]);
+            }
+            return;
+        };
+        let mtu = config.mtu;
+        if len > mtu {
+            stats.drop(DropReason::TooBig);
+            if packet::dont_fragment(packet) {
+                let mtu16 = u16::try_from(mtu).unwrap_or(u16::MAX);
+                if let Some(n) = packet::icmp_too_big(packet, mtu16, destination, &mut scratch[..])
+                {
+                    Stats::add(&stats.icmp_errors_sent, 1);
+                    tx.write_tun(&scratch[..n]);
+                }
+            }
+            return;
+        }
+        // Pad to a multiple of 16, never beyond the MTU or the caller's buffer.
+        let padded = (len.next_multiple_of(16)).min(mtu).min(buf.len()).max(len);
+        buf[len..padded].fill(0);
+
+        let mut state = peer.state.lock();
+        let state = &mut *state;
+        if state.low_order {
+            stats.drop(DropReason::LowOrderKey);
+            return;
+        }
+        let Some(tunn) = state.tunn.as_mut() else {
+            stats.drop(DropReason::NoPrivateKey);
+            return;
+        };
+        let Some(endpoint) = state.endpoint else {
+            stats.drop(DropReason::NoEndpoint);
+            return;
+        };
+        match tunn.encapsulate(&buf[..padded], &mut scratch[..]) {
+            TunnResult::WriteToNetwork(datagram) => {
+                // A data message, or the initiation of the handshake it waits for.
+                Stats::add(&stats.tun_packets_in, 1);
+                state.last_sent_ms = self.now_ms;
+                send_counted(stats, Some(&mut state.tx_bytes), tx, &endpoint, datagram);
+            }
+            // Queued inside boringtun until the handshake completes.
+            TunnResult::Done => {}
+            TunnResult::Err(e) => stats.drop(drop_reason(&e)),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+}
