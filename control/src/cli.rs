@@ -15,6 +15,8 @@ use thiserror::Error;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{check_ifname, RouterConfig};
+use crate::tailnet_admin::{AuthorizeArgs, RouteArgs};
+use crate::tailscale::admin::Change;
 
 /// The interface name when neither the command line nor the config file gives one.
 pub const DEFAULT_IFNAME: &str = "tsk0";
@@ -43,6 +45,14 @@ pub enum Command {
     Genkey,
     /// Read a base64 private key on stdin and print its public key (like `wg pubkey`).
     Pubkey,
+    /// Advertise pod CIDRs as subnet routes of this node (tailscaled's prefs, keeping its
+    /// other routes); with --approve also approve them in the Tailscale cloud API.
+    Advertise(RouteArgs),
+    /// Withdraw pod CIDRs from this node's advertised routes; with --approve also
+    /// un-approve them in the Tailscale cloud API.
+    Withdraw(RouteArgs),
+    /// Approve a device (this node by default) in a tailnet that requires device approval.
+    Authorize(AuthorizeArgs),
 }
 
 /// `tailsk8s router [--config FILE] [IFNAME]`
@@ -147,6 +157,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             genkey(&mut std::io::stdout().lock())
         }
         Command::Pubkey => pubkey(&mut std::io::stdin().lock(), &mut std::io::stdout().lock()),
+        Command::Advertise(args) => {
+            crate::tailnet_admin::run_routes(&args, Change::Add, &mut std::io::stdout().lock())
+        }
+        Command::Withdraw(args) => {
+            crate::tailnet_admin::run_routes(&args, Change::Remove, &mut std::io::stdout().lock())
+        }
+        Command::Authorize(args) => {
+            crate::tailnet_admin::run_authorize(&args, &mut std::io::stdout().lock())
+        }
     }
 }
 
@@ -264,6 +283,82 @@ mod tests {
             parse(&["pubkey"]).unwrap().command,
             Command::Pubkey
         ));
+    }
+
+    #[test]
+    fn tailnet_admin_arguments_parse() {
+        let Command::Advertise(args) = parse(&["advertise", "--cidr", "10.100.1.0/24"])
+            .unwrap()
+            .command
+        else {
+            panic!("not advertise")
+        };
+        assert_eq!(
+            args.cidrs,
+            ["10.100.1.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert!(!args.approve);
+        assert_eq!(
+            args.local.socket,
+            Path::new(crate::tailscale::DEFAULT_SOCKET)
+        );
+        assert_eq!(
+            args.cloud.api_base,
+            crate::tailscale::cloud::DEFAULT_API_BASE
+        );
+        let Command::Withdraw(args) = parse(&[
+            "withdraw",
+            "--cidr",
+            "10.100.1.0/24",
+            "--cidr",
+            "fd00:100:1::/64",
+            "--approve",
+            "--socket",
+            "/tmp/ts.sock",
+            "--oauth-client-id",
+            "kX",
+            "--oauth-client-secret-file",
+            "/etc/secret",
+            "--api-base",
+            "http://127.0.0.1:1/api/v2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not withdraw")
+        };
+        assert_eq!(args.cidrs.len(), 2);
+        assert!(args.approve);
+        assert_eq!(args.local.socket, Path::new("/tmp/ts.sock"));
+        assert_eq!(args.cloud.oauth_client_id.as_deref(), Some("kX"));
+        assert_eq!(args.cloud.api_base, "http://127.0.0.1:1/api/v2");
+        let Command::Authorize(args) =
+            parse(&["authorize", "--api-key-file", "/k", "--node-id", "nX"])
+                .unwrap()
+                .command
+        else {
+            panic!("not authorize")
+        };
+        assert_eq!(args.node_id.as_deref(), Some("nX"));
+        assert_eq!(args.cloud.api_key_file.as_deref(), Some(Path::new("/k")));
+
+        // No CIDR, a CIDR with host bits, an OAuth ID without its secret, both kinds of key.
+        assert!(parse(&["advertise"]).is_err());
+        assert!(parse(&["advertise", "--cidr", "10.100.1.1/24"]).is_err());
+        assert!(parse(&["authorize", "--oauth-client-id", "kX"]).is_err());
+        assert!(parse(&["authorize", "--oauth-client-secret-file", "/s"]).is_err());
+        assert!(parse(&[
+            "authorize",
+            "--api-key-file",
+            "/k",
+            "--oauth-client-id",
+            "kX",
+            "--oauth-client-secret-file",
+            "/s"
+        ])
+        .is_err());
+        // Never a key on the command line (ps would show it).
+        assert!(parse(&["authorize", "--api-key", "tskey-api-x"]).is_err());
     }
 
     #[test]

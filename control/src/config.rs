@@ -17,6 +17,17 @@
 //! allowed_ips = ["198.19.2.0/24", "fd00:19:2::/64"]
 //! persistent_keepalive = 25                           # optional; seconds, 0 = off
 //! preshared_key_file = "/path"                        # optional
+//!
+//! # Peers from Tailscale (optional)
+//! pod_cidrs = ["198.19.1.0/24", "fd00:19:1::/64"]     # this node's pod CIDRs
+//! cluster_cidrs = ["198.19.0.0/16", "fd00:19::/32"]   # peers' pod CIDRs only inside these
+//! endpoints = ["198.18.0.1:51820"]                    # optional; announced direct endpoints
+//!
+//! [tailscale]
+//! socket = "/var/run/tailscale/tailscaled.sock"       # optional; the LocalAPI socket
+//! tag = "tag:k8s-node"                                # optional; cluster nodes carry this tag
+//! announce_port = 51821                               # optional; TCP, tailnet addresses only
+//! resync = "30s"                                      # optional; re-read the LocalAPI this often
 //! ```
 //!
 //! Decisions, so the file means the same thing to every reader:
@@ -35,14 +46,21 @@
 //!   on DNS to bring its tunnel up).
 //! - The MTU range is 1280 (the IPv6 minimum; below it the kernel drops IPv6 from the TUN)
 //!   to 65455 (65535 minus WireGuard's worst-case 80 bytes of IPv6 + UDP + WireGuard overhead).
-//! - Relative paths (`private_key_file`, `preshared_key_file`) are relative to the directory of
-//!   the config file, not to the working directory of the process.
+//! - Relative paths (`private_key_file`, `preshared_key_file`, `[tailscale] socket`) are
+//!   relative to the directory of the config file, not to the working directory of the process.
+//! - `pod_cidrs` and `cluster_cidrs` must be networks (no host bits: a typo in a node's own pod
+//!   CIDR is refused rather than guessed at), each given once; every pod CIDR must lie inside
+//!   one of the cluster CIDRs, so `pod_cidrs` needs `cluster_cidrs`, and so does `[tailscale]`
+//!   (peers' pod CIDRs are accepted only inside them). `endpoints` are IP:port like a peer's.
+//! - `tag` is `tag:` plus a letter and then letters, digits or dashes, as Tailscale's ACL tags.
+//!   `resync` is a whole number with a unit (`ms`, `s`, `m`, `h`), from 1 s to 24 h.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -66,6 +84,17 @@ pub const MIN_MTU: u32 = 1280;
 pub const MAX_MTU: u32 = 65535 - 80;
 /// Most packet workers (TUN queues) a device may have; the kernel allows 256 queues.
 pub const MAX_WORKERS: usize = 256;
+/// Where tailscaled serves its LocalAPI on Linux.
+pub const DEFAULT_TAILSCALE_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
+/// The tag that marks a tailnet node as a cluster node, unless the file names another.
+pub const DEFAULT_TAG: &str = "tag:k8s-node";
+/// The TCP port of the announcement server (beside WireGuard's customary 51820).
+pub const DEFAULT_ANNOUNCE_PORT: u16 = 51821;
+/// How often the peer source re-reads the LocalAPI even when it signalled no change.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
+/// The shortest and longest `resync` accepted.
+pub const MIN_RESYNC: Duration = Duration::from_secs(1);
+pub const MAX_RESYNC: Duration = Duration::from_secs(24 * 3600);
 /// A config file larger than this is certainly not a router config; refuse to read it all.
 const MAX_FILE_LEN: u64 = 16 << 20;
 
@@ -180,6 +209,42 @@ pub enum ConfigProblem {
     BadInterface { value: String, reason: &'static str },
     #[error("{field} must not be empty")]
     EmptyPath { field: &'static str },
+    #[error("bad {field} entry `{value}`: expected a network ADDRESS/PREFIX-LENGTH")]
+    BadNetwork { field: &'static str, value: String },
+    #[error("{field} entry {value} has host bits set (the network is {network})")]
+    HostBitsSet {
+        field: &'static str,
+        value: IpNet,
+        network: IpNet,
+    },
+    #[error("{field} entry {prefix} was already given at line {first_line}")]
+    DuplicateNetwork {
+        field: &'static str,
+        prefix: IpNet,
+        first_line: usize,
+    },
+    #[error("pod CIDR {prefix} is outside the cluster CIDRs ({cluster})")]
+    PodCidrOutsideCluster { prefix: IpNet, cluster: String },
+    #[error("{what} needs cluster_cidrs (peers' pod CIDRs are only accepted inside them)")]
+    MissingClusterCidrs { what: &'static str },
+    #[error("endpoint {value} was already given at line {first_line}")]
+    DuplicateEndpoint {
+        value: SocketAddr,
+        first_line: usize,
+    },
+    #[error("bad tag `{value}`: expected `tag:` and a name of letters, digits and dashes starting with a letter")]
+    BadTag { value: String },
+    #[error(
+        "bad duration `{value}`: expected a whole number and a unit (ms, s, m, h), e.g. \"30s\""
+    )]
+    BadDuration { value: String },
+    #[error("{field} = {value:?} is out of range 1s..=24h")]
+    DurationOutOfRange {
+        field: &'static str,
+        value: Duration,
+    },
+    #[error("{field} must not be 0")]
+    PortZero { field: &'static str },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -197,8 +262,25 @@ struct RawFile {
     workers: Option<Spanned<usize>>,
     offload: Option<bool>,
     worker_affinity: Option<Spanned<String>>,
+    #[serde(default)]
+    pod_cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    cluster_cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    endpoints: Vec<Spanned<String>>,
+    tailscale: Option<Spanned<RawTailscale>>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
+}
+
+/// The `[tailscale]` table: where the LocalAPI is and how the peer source uses it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTailscale {
+    socket: Option<Spanned<PathBuf>>,
+    tag: Option<Spanned<String>>,
+    announce_port: Option<Spanned<u16>>,
+    resync: Option<Spanned<String>>,
 }
 
 /// One `[[peer]]` table.
@@ -241,6 +323,28 @@ pub struct RouterConfig {
     /// (default: pinned while quiet, spread while busy), `pinned` or `off`.
     pub worker_affinity: WorkerAffinity,
     pub peers: Vec<PeerConfig>,
+    /// This node's pod CIDRs (normalised, unique, each inside a cluster CIDR): what the
+    /// announcement offers; Tailscale's approval decides what peers accept.
+    pub pod_cidrs: Vec<IpNet>,
+    /// Peers' pod CIDRs are accepted only inside these.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Direct endpoints to announce; empty = this node's global addresses + `listen_port`.
+    pub endpoints: Vec<SocketAddr>,
+    /// Peers from Tailscale, when the file has a `[tailscale]` table.
+    pub tailscale: Option<TailscaleConfig>,
+}
+
+/// The `[tailscale]` table, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailscaleConfig {
+    /// tailscaled's LocalAPI socket (resolved against the config file's directory).
+    pub socket: PathBuf,
+    /// Tailnet nodes with this tag are cluster nodes.
+    pub tag: String,
+    /// TCP port of the announcement server, on this node's tailnet addresses only.
+    pub announce_port: u16,
+    /// How often the LocalAPI is re-read even without a change signal.
+    pub resync: Duration,
 }
 
 /// One static peer.
@@ -433,6 +537,42 @@ impl Context<'_> {
             None => WorkerAffinity::default(),
         };
 
+        let pod_cidrs = self.validate_networks("pod_cidrs", &raw.pod_cidrs)?;
+        let cluster_cidrs = self.validate_networks("cluster_cidrs", &raw.cluster_cidrs)?;
+        if cluster_cidrs.is_empty() {
+            if let Some(first) = raw.pod_cidrs.first() {
+                return Err(self.error(
+                    first.span(),
+                    ConfigProblem::MissingClusterCidrs { what: "pod_cidrs" },
+                ));
+            }
+            if let Some(table) = &raw.tailscale {
+                return Err(self.error(
+                    table.span(),
+                    ConfigProblem::MissingClusterCidrs {
+                        what: "[tailscale]",
+                    },
+                ));
+            }
+        }
+        for (prefix, value) in pod_cidrs.iter().zip(&raw.pod_cidrs) {
+            if !cluster_cidrs.iter().any(|c| c.contains(prefix)) {
+                let cluster: Vec<String> = cluster_cidrs.iter().map(IpNet::to_string).collect();
+                return Err(self.error(
+                    value.span(),
+                    ConfigProblem::PodCidrOutsideCluster {
+                        prefix: *prefix,
+                        cluster: cluster.join(", "),
+                    },
+                ));
+            }
+        }
+        let endpoints = self.validate_endpoints(&raw.endpoints)?;
+        let tailscale = match &raw.tailscale {
+            Some(table) => Some(self.validate_tailscale(table.get_ref())?),
+            None => None,
+        };
+
         let mut peers = Vec::with_capacity(raw.peers.len());
         let mut peer_lines: BTreeMap<Key, usize> = BTreeMap::new();
         let mut prefix_lines: BTreeMap<IpNet, usize> = BTreeMap::new();
@@ -452,6 +592,138 @@ impl Context<'_> {
             offload: raw.offload.unwrap_or(true),
             worker_affinity,
             peers,
+            pod_cidrs,
+            cluster_cidrs,
+            endpoints,
+            tailscale,
+        })
+    }
+
+    /// A list of networks (`pod_cidrs`, `cluster_cidrs`): each a network without host bits,
+    /// each given once.
+    fn validate_networks(
+        &self,
+        field: &'static str,
+        values: &[Spanned<String>],
+    ) -> Result<Vec<IpNet>, ConfigError> {
+        let mut lines: BTreeMap<IpNet, usize> = BTreeMap::new();
+        let mut out = Vec::with_capacity(values.len());
+        for value in values {
+            let prefix: IpNet = value.get_ref().trim().parse().map_err(|_| {
+                self.error(
+                    value.span(),
+                    ConfigProblem::BadNetwork {
+                        field,
+                        value: value.get_ref().clone(),
+                    },
+                )
+            })?;
+            if prefix.trunc() != prefix {
+                return Err(self.error(
+                    value.span(),
+                    ConfigProblem::HostBitsSet {
+                        field,
+                        value: prefix,
+                        network: prefix.trunc(),
+                    },
+                ));
+            }
+            if let Some(&first_line) = lines.get(&prefix) {
+                return Err(self.error(
+                    value.span(),
+                    ConfigProblem::DuplicateNetwork {
+                        field,
+                        prefix,
+                        first_line,
+                    },
+                ));
+            }
+            lines.insert(prefix, self.line(&value.span()));
+            out.push(prefix);
+        }
+        Ok(out)
+    }
+
+    fn validate_endpoints(
+        &self,
+        values: &[Spanned<String>],
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let mut lines: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        let mut out = Vec::with_capacity(values.len());
+        for value in values {
+            let addr = self.parse_endpoint(value)?;
+            if let Some(&first_line) = lines.get(&addr) {
+                return Err(self.error(
+                    value.span(),
+                    ConfigProblem::DuplicateEndpoint {
+                        value: addr,
+                        first_line,
+                    },
+                ));
+            }
+            lines.insert(addr, self.line(&value.span()));
+            out.push(addr);
+        }
+        Ok(out)
+    }
+
+    fn validate_tailscale(&self, raw: &RawTailscale) -> Result<TailscaleConfig, ConfigError> {
+        let socket = match &raw.socket {
+            Some(p) => self.resolve("socket", p)?,
+            None => PathBuf::from(DEFAULT_TAILSCALE_SOCKET),
+        };
+        let tag = match &raw.tag {
+            Some(tag) if !is_valid_tag(tag.get_ref()) => {
+                return Err(self.error(
+                    tag.span(),
+                    ConfigProblem::BadTag {
+                        value: tag.get_ref().clone(),
+                    },
+                ));
+            }
+            Some(tag) => tag.get_ref().clone(),
+            None => DEFAULT_TAG.to_string(),
+        };
+        let announce_port = match &raw.announce_port {
+            Some(port) if *port.get_ref() == 0 => {
+                return Err(self.error(
+                    port.span(),
+                    ConfigProblem::PortZero {
+                        field: "announce_port",
+                    },
+                ));
+            }
+            Some(port) => *port.get_ref(),
+            None => DEFAULT_ANNOUNCE_PORT,
+        };
+        let resync = match &raw.resync {
+            Some(text) => {
+                let value = parse_duration(text.get_ref()).ok_or_else(|| {
+                    self.error(
+                        text.span(),
+                        ConfigProblem::BadDuration {
+                            value: text.get_ref().clone(),
+                        },
+                    )
+                })?;
+                if !(MIN_RESYNC..=MAX_RESYNC).contains(&value) {
+                    return Err(self.error(
+                        text.span(),
+                        ConfigProblem::DurationOutOfRange {
+                            field: "resync",
+                            value,
+                        },
+                    ));
+                }
+                value
+            }
+            None => DEFAULT_RESYNC,
+        };
+        Ok(TailscaleConfig {
+            socket,
+            tag,
+            announce_port,
+            resync,
         })
     }
 
@@ -556,6 +828,34 @@ impl Context<'_> {
             );
         }
         Ok(network)
+    }
+}
+
+/// `tag:` and a name: a letter, then letters, digits or dashes (Tailscale's ACL tag syntax).
+pub fn is_valid_tag(tag: &str) -> bool {
+    let Some(name) = tag.strip_prefix("tag:") else {
+        return false;
+    };
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// A whole number and a unit: `500ms`, `30s`, `5m`, `1h`. None for anything else.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    if number.is_empty() || number.len() > 12 {
+        return None;
+    }
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
     }
 }
 
@@ -984,5 +1284,213 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
             keys,
             BTreeMap::from([(Key::from_base64(KEY_A).unwrap(), psk)])
         );
+    }
+
+    const TS_BASE: &str = "private_key_file = \"/k\"\n";
+
+    #[test]
+    fn tailscale_keys_are_understood() {
+        let text = format!(
+            "{TS_BASE}pod_cidrs = [\"198.19.1.0/24\", \"fd00:19:1::/64\"]\n\
+             cluster_cidrs = [\"198.19.0.0/16\", \"fd00:19::/32\"]\n\
+             endpoints = [\"198.18.0.1:51820\", \"[fd00:18::1]:51820\"]\n\
+             [tailscale]\nsocket = \"ts/tailscaled.sock\"\ntag = \"tag:k8s-node-2\"\n\
+             announce_port = 4000\nresync = \"2s\"\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let nets = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.parse::<IpNet>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cfg.pod_cidrs, nets(&["198.19.1.0/24", "fd00:19:1::/64"]));
+        assert_eq!(cfg.cluster_cidrs, nets(&["198.19.0.0/16", "fd00:19::/32"]));
+        assert_eq!(
+            cfg.endpoints,
+            vec![
+                "198.18.0.1:51820".parse::<SocketAddr>().unwrap(),
+                "[fd00:18::1]:51820".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            cfg.tailscale,
+            Some(TailscaleConfig {
+                socket: PathBuf::from("/etc/tailsk8s/ts/tailscaled.sock"),
+                tag: "tag:k8s-node-2".into(),
+                announce_port: 4000,
+                resync: Duration::from_secs(2),
+            })
+        );
+    }
+
+    #[test]
+    fn tailscale_defaults_apply() {
+        let cfg = parse(&format!(
+            "{TS_BASE}cluster_cidrs = [\"198.19.0.0/16\"]\n[tailscale]\n"
+        ))
+        .unwrap();
+        let ts = cfg.tailscale.unwrap();
+        assert_eq!(ts.socket, Path::new(DEFAULT_TAILSCALE_SOCKET));
+        assert_eq!(ts.tag, DEFAULT_TAG);
+        assert_eq!(ts.announce_port, DEFAULT_ANNOUNCE_PORT);
+        assert_eq!(ts.resync, DEFAULT_RESYNC);
+        assert!(cfg.pod_cidrs.is_empty() && cfg.endpoints.is_empty());
+        let plain = parse(TS_BASE).unwrap();
+        assert_eq!(plain.tailscale, None);
+        assert!(plain.cluster_cidrs.is_empty());
+    }
+
+    #[test]
+    fn a_pod_cidr_outside_the_cluster_cidrs_is_refused_at_its_line() {
+        let text = format!(
+            "{TS_BASE}cluster_cidrs = [\"198.19.0.0/16\"]\npod_cidrs = [\n  \"198.19.1.0/24\",\n  \"198.20.1.0/24\",\n]\n"
+        );
+        assert_err_at(&text, 5, |p| {
+            matches!(p, ConfigProblem::PodCidrOutsideCluster { prefix, cluster }
+                if prefix.to_string() == "198.20.1.0/24" && cluster == "198.19.0.0/16")
+        });
+        // Wider than the cluster CIDR is outside too; another family is outside.
+        assert_err_at(
+            &format!(
+                "{TS_BASE}cluster_cidrs = [\"198.19.0.0/16\"]\npod_cidrs = [\"198.18.0.0/15\"]\n"
+            ),
+            3,
+            |p| matches!(p, ConfigProblem::PodCidrOutsideCluster { .. }),
+        );
+        assert_err_at(
+            &format!(
+                "{TS_BASE}cluster_cidrs = [\"198.19.0.0/16\"]\npod_cidrs = [\"fd00:19:1::/64\"]\n"
+            ),
+            3,
+            |p| matches!(p, ConfigProblem::PodCidrOutsideCluster { .. }),
+        );
+    }
+
+    #[test]
+    fn pod_cidrs_and_tailscale_need_cluster_cidrs() {
+        assert_err_at(
+            &format!("{TS_BASE}\npod_cidrs = [\"198.19.1.0/24\"]\n"),
+            3,
+            |p| matches!(p, ConfigProblem::MissingClusterCidrs { what: "pod_cidrs" }),
+        );
+        assert_err_at(
+            &format!("{TS_BASE}[tailscale]\ntag = \"tag:a\"\n"),
+            2,
+            |p| {
+                matches!(
+                    p,
+                    ConfigProblem::MissingClusterCidrs {
+                        what: "[tailscale]"
+                    }
+                )
+            },
+        );
+    }
+
+    #[test]
+    fn bad_networks_are_refused_at_their_line() {
+        for (value, check) in [
+            ("198.19.1.0", "bad"),
+            ("pods", "bad"),
+            ("198.19.1.0/33", "bad"),
+            ("198.19.1.1/24", "host"),
+        ] {
+            let text = format!(
+                "{TS_BASE}cluster_cidrs = [\"198.19.0.0/16\"]\npod_cidrs = [\"{value}\"]\n"
+            );
+            assert_err_at(&text, 3, |p| match check {
+                "bad" => matches!(
+                    p,
+                    ConfigProblem::BadNetwork {
+                        field: "pod_cidrs",
+                        ..
+                    }
+                ),
+                _ => matches!(p, ConfigProblem::HostBitsSet { .. }),
+            });
+        }
+        assert_err_at(
+            &format!("{TS_BASE}cluster_cidrs = [\"198.19.0.0/16\",\n\"198.19.0.0/16\"]\n"),
+            3,
+            |p| {
+                matches!(
+                    p,
+                    ConfigProblem::DuplicateNetwork {
+                        field: "cluster_cidrs",
+                        first_line: 2,
+                        ..
+                    }
+                )
+            },
+        );
+    }
+
+    #[test]
+    fn bad_announced_endpoints_are_refused() {
+        assert_err_at(
+            &format!("{TS_BASE}endpoints = [\"node-a:51820\"]\n"),
+            2,
+            |p| matches!(p, ConfigProblem::BadEndpoint { .. }),
+        );
+        assert_err_at(
+            &format!("{TS_BASE}endpoints = [\"198.18.0.1:0\"]\n"),
+            2,
+            |p| matches!(p, ConfigProblem::EndpointPortZero),
+        );
+        assert_err_at(
+            &format!("{TS_BASE}endpoints = [\"198.18.0.1:1\",\n \"198.18.0.1:1\"]\n"),
+            3,
+            |p| matches!(p, ConfigProblem::DuplicateEndpoint { first_line: 2, .. }),
+        );
+    }
+
+    #[test]
+    fn bad_tailscale_values_are_refused_at_their_line() {
+        let ts = |line: &str| {
+            format!("{TS_BASE}cluster_cidrs = [\"198.19.0.0/16\"]\n[tailscale]\n{line}\n")
+        };
+        for bad in ["k8s-node", "tag:", "tag:1node", "tag:a b", "tag:ü"] {
+            assert_err_at(
+                &ts(&format!("tag = \"{bad}\"")),
+                4,
+                |p| matches!(p, ConfigProblem::BadTag { value } if value == bad),
+            );
+        }
+        for bad in ["30", "s", "30 sec", "-1s", "1.5s", "99999999999999s"] {
+            assert_err_at(&ts(&format!("resync = \"{bad}\"")), 4, |p| {
+                matches!(p, ConfigProblem::BadDuration { .. })
+            });
+        }
+        for bad in ["999ms", "0s", "25h"] {
+            assert_err_at(&ts(&format!("resync = \"{bad}\"")), 4, |p| {
+                matches!(p, ConfigProblem::DurationOutOfRange { .. })
+            });
+        }
+        assert_err_at(&ts("announce_port = 0"), 4, |p| {
+            matches!(
+                p,
+                ConfigProblem::PortZero {
+                    field: "announce_port"
+                }
+            )
+        });
+        assert_err_at(&ts("socket = \"\""), 4, |p| {
+            matches!(p, ConfigProblem::EmptyPath { field: "socket" })
+        });
+        assert_err_at(
+            &ts("sokcet = \"/x\""),
+            4,
+            |p| matches!(p, ConfigProblem::UnknownKey { key, .. } if key == "sokcet"),
+        );
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1500ms"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("1d"), None);
     }
 }

@@ -3,12 +3,19 @@
 //! files ([`key_file`]), installs the kernel routes to the TUN ([`routes`]), and hands the
 //! rest to the router runtime ([`router`]) or the demo ([`demo`]). Invoked as `tailsk8s-wg`,
 //! the binary is instead the wireguard-go-compatible entry point `wg-quick` runs
-//! ([`userspace`]).
+//! ([`userspace`]). Tailscale's side (LocalAPI, membership, the tailnet admin commands) is in
+//! [`tailscale`]; the admin commands' command lines in [`tailnet_admin`].
 
+pub mod announcement;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod endpoints;
 pub mod key_file;
+pub mod peer_source;
+pub mod reconcile;
 pub mod router;
 pub mod routes;
+pub mod tailnet_admin;
+pub mod tailscale;
 pub mod userspace;

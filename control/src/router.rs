@@ -1,22 +1,28 @@
 //! `tailsk8s router`: the node agent's main loop. It validates everything it was given before
 //! touching the host, then binds the UAPI socket that `wg` talks to (first: a live one means
 //! another daemon owns the name), creates the device (TUN + listen sockets + engine threads),
-//! applies the config file (if any) and its kernel routes, serves the socket, and tears all
-//! of it down on SIGINT/SIGTERM, when the TUN is deleted, or when its UAPI socket file is
-//! deleted.
+//! applies the config file (if any) and its kernel routes, starts the Tailscale peer source
+//! when the file has a `[tailscale]` table (one tokio runtime on its own thread: see
+//! [`crate::peer_source`]), serves the socket, and tears all of it down on SIGINT/SIGTERM,
+//! when the TUN is deleted, or when its UAPI socket file is deleted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use parking_lot::Mutex;
+use tailsk8s_dataplane::config::DeviceUpdate;
 use tailsk8s_dataplane::device::{Device, DeviceOptions, ExitReason};
 use tailsk8s_dataplane::uapi::server::UapiServer;
 use tracing::{info, warn};
 
+use crate::announcement::Announcement;
 use crate::cli::RouterArgs;
 use crate::config::RouterConfig;
 use crate::key_file::load_or_create_private_key;
+use crate::peer_source::{PeerSource, SourceSettings};
+use crate::reconcile::{desired_peers, Applier};
 use crate::routes::{RouteManager, ROUTE_TABLE, RULE_PRIORITY};
 
 /// How often the main loop looks at signals, the TUN and the socket file.
@@ -64,7 +70,7 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             let preshared = config
                 .load_preshared_keys()
                 .with_context(|| format!("{}: preshared_key_file", config.path.display()))?;
-            Some((config, config.to_device_update(private_key, &preshared)))
+            Some((config, private_key, preshared))
         }
         None => None,
     };
@@ -95,29 +101,64 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
     let device = Device::start(&options)?;
-    let mut routes = None;
-    if let Some((config, update)) = prepared {
-        device
-            .control()
-            .set(update)
-            .with_context(|| format!("applying {}", config.path.display()))?;
-        let mut manager =
+    let mut applier: Option<Arc<Mutex<Applier>>> = None;
+    let mut source: Option<SourceThread> = None;
+    if let Some((config, private_key, preshared)) = prepared {
+        let manager =
             RouteManager::new(&ifname, ROUTE_TABLE, RULE_PRIORITY).with_fwmark(config.fwmark);
-        let installed = manager
+        manager
             .set_link_up(config.mtu)
-            .and_then(|()| manager.sync(&config.all_allowed_ips()));
-        if let Err(e) = installed {
-            let _ = manager.cleanup();
-            return Err(e).context("installing routes");
-        }
+            .context("bringing the link up")?;
+        let base = DeviceUpdate {
+            private_key: Some(Some(private_key)),
+            listen_port: Some(config.listen_port),
+            fwmark: Some(config.fwmark),
+            ..DeviceUpdate::default()
+        };
+        let statics = desired_peers(&config.peers, &preshared, &[], &config.pod_cidrs);
+        let started = Applier::start(device.control(), Some(manager), base, statics)
+            .with_context(|| format!("applying {} and its routes", config.path.display()))?;
         info!(
             peers = config.peers.len(),
-            routes = manager.installed().count(),
             table = ROUTE_TABLE,
             "configured from {}",
             config.path.display()
         );
-        routes = Some(manager);
+        let shared = Arc::new(Mutex::new(started));
+        if let Some(tailscale) = &config.tailscale {
+            let listen_port = device.listen_port();
+            let endpoints = if config.endpoints.is_empty() {
+                crate::endpoints::default_endpoints(listen_port, &[&ifname], &config.cluster_cidrs)
+                    .context("listing this node's addresses for the announcement")?
+            } else {
+                config.endpoints.clone()
+            };
+            let announcement = Announcement {
+                public_key: private_key.public_key(),
+                listen_port,
+                endpoints,
+                pod_cidrs: config.pod_cidrs.clone(),
+            };
+            let settings = SourceSettings {
+                tailscale: tailscale.clone(),
+                cluster_cidrs: config.cluster_cidrs.clone(),
+                own_pod_cidrs: config.pod_cidrs.clone(),
+                statics: config.peers.clone(),
+                preshared,
+            };
+            info!(
+                socket = %tailscale.socket.display(),
+                tag = %tailscale.tag,
+                endpoints = ?announcement.endpoints,
+                "peers from Tailscale"
+            );
+            source = Some(SourceThread::start(PeerSource::new(
+                settings,
+                shared.clone(),
+                &announcement,
+            ))?);
+        }
+        applier = Some(shared);
     }
     let watch = uapi.watch();
     let server = uapi.serve(device.control(), stop.clone())?;
@@ -146,9 +187,14 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     };
 
     stop.store(true, Ordering::Relaxed);
-    if let Some(mut manager) = routes {
-        if let Err(e) = manager.cleanup() {
-            warn!("removing routes: {e}");
+    if let Some(source) = source {
+        source.stop();
+    }
+    if let Some(applier) = applier {
+        if let Some(manager) = applier.lock().routes_mut() {
+            if let Err(e) = manager.cleanup() {
+                warn!("removing routes: {e}");
+            }
         }
     }
     drop(device);
@@ -161,5 +207,38 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             Ok(())
         }
         Err(why) => bail!("{why}"),
+    }
+}
+
+/// The control plane's tokio runtime on its own thread, running the peer source.
+struct SourceThread {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SourceThread {
+    fn start(source: PeerSource) -> anyhow::Result<SourceThread> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tailsk8s-control")
+            .enable_all()
+            .build()
+            .context("starting the control plane's runtime")?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("tailsk8s-source".into())
+            .spawn(move || {
+                runtime.block_on(source.run(stopped));
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            })
+            .context("starting the peer source thread")?;
+        Ok(SourceThread { stop, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(true);
+        if self.thread.join().is_err() {
+            warn!("the peer source thread panicked");
+        }
     }
 }

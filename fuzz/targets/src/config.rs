@@ -8,18 +8,21 @@
 //!    survives a round trip (written back as TOML, it parses to the same configuration);
 //! 2. as choices for a structure-aware generator of VALID files ([`generate`]): field order,
 //!    optional fields, hex or decimal integers, comments, inline or `[[peer]]` tables, bare
-//!    addresses, host bits, spaces around values. Each generated file must parse to exactly
-//!    the configuration the generator meant.
+//!    addresses, host bits, spaces around values, pod and cluster CIDRs, announced endpoints,
+//!    a `[tailscale]` table. Each generated file must parse to exactly the configuration the
+//!    generator meant.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use tailsk8s::config::{
-    check_ifname, Location, PeerConfig, RouterConfig, DEFAULT_LISTEN_PORT, DEFAULT_MTU, MAX_MTU,
-    MAX_WORKERS, MIN_MTU,
+    check_ifname, is_valid_tag, Location, PeerConfig, RouterConfig, TailscaleConfig,
+    DEFAULT_ANNOUNCE_PORT, DEFAULT_LISTEN_PORT, DEFAULT_MTU, DEFAULT_RESYNC, DEFAULT_TAG,
+    DEFAULT_TAILSCALE_SOCKET, MAX_MTU, MAX_RESYNC, MAX_WORKERS, MIN_MTU, MIN_RESYNC,
 };
 use tailsk8s::routes::DEFAULT_FWMARK;
 use tailsk8s_dataplane::affinity::WorkerAffinity;
@@ -104,6 +107,35 @@ fn check_rules(cfg: &RouterConfig) {
             assert!(f.is_absolute());
         }
     }
+    let mut pods = BTreeSet::new();
+    for p in &cfg.pod_cidrs {
+        assert_eq!(*p, p.trunc(), "pod CIDR {p} not a network");
+        assert!(pods.insert(*p), "duplicate pod CIDR {p} accepted");
+        assert!(
+            cfg.cluster_cidrs.iter().any(|c| c.contains(p)),
+            "pod CIDR {p} outside the cluster CIDRs accepted"
+        );
+    }
+    let clusters: BTreeSet<_> = cfg.cluster_cidrs.iter().collect();
+    assert_eq!(
+        clusters.len(),
+        cfg.cluster_cidrs.len(),
+        "duplicate cluster CIDR"
+    );
+    assert!(cfg.cluster_cidrs.iter().all(|c| *c == c.trunc()));
+    let endpoints: BTreeSet<_> = cfg.endpoints.iter().collect();
+    assert_eq!(endpoints.len(), cfg.endpoints.len(), "duplicate endpoint");
+    assert!(cfg.endpoints.iter().all(|e| e.port() != 0));
+    if let Some(ts) = &cfg.tailscale {
+        assert!(
+            !cfg.cluster_cidrs.is_empty(),
+            "[tailscale] without cluster CIDRs"
+        );
+        assert!(is_valid_tag(&ts.tag), "bad tag {:?} accepted", ts.tag);
+        assert_ne!(ts.announce_port, 0);
+        assert!((MIN_RESYNC..=MAX_RESYNC).contains(&ts.resync));
+        assert!(ts.socket.is_absolute());
+    }
     let update = cfg.to_device_update(Key([9; 32]), &BTreeMap::new());
     assert!(update.replace_peers);
     assert_eq!(update.peers.len(), cfg.peers.len());
@@ -168,6 +200,29 @@ fn render(cfg: &RouterConfig) -> String {
         "worker_affinity = {}",
         quote(cfg.worker_affinity.name())
     );
+    let list = |v: Vec<String>| v.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
+    let _ = writeln!(
+        out,
+        "pod_cidrs = [{}]",
+        list(cfg.pod_cidrs.iter().map(IpNet::to_string).collect())
+    );
+    let _ = writeln!(
+        out,
+        "cluster_cidrs = [{}]",
+        list(cfg.cluster_cidrs.iter().map(IpNet::to_string).collect())
+    );
+    let _ = writeln!(
+        out,
+        "endpoints = [{}]",
+        list(cfg.endpoints.iter().map(SocketAddr::to_string).collect())
+    );
+    if let Some(ts) = &cfg.tailscale {
+        out.push_str("\n[tailscale]\n");
+        let _ = writeln!(out, "socket = {}", path_str(&ts.socket));
+        let _ = writeln!(out, "tag = {}", quote(&ts.tag));
+        let _ = writeln!(out, "announce_port = {}", ts.announce_port);
+        let _ = writeln!(out, "resync = \"{}ms\"", ts.resync.as_millis());
+    }
     for p in &cfg.peers {
         out.push_str("\n[[peer]]\n");
         let _ = writeln!(out, "public_key = {}", quote(&p.public_key.to_base64()));
@@ -268,6 +323,142 @@ fn gen_prefix(c: &mut Choices<'_>) -> (String, IpNet) {
     }
 }
 
+/// Cluster CIDRs the generator picks from, each with pod CIDRs inside it.
+const CLUSTERS: [(&str, [&str; 3]); 3] = [
+    (
+        "198.19.0.0/16",
+        ["198.19.1.0/24", "198.19.2.0/24", "198.19.128.0/17"],
+    ),
+    (
+        "fd00:19::/32",
+        ["fd00:19:1::/64", "fd00:19:2::/64", "fd00:19::/32"],
+    ),
+    (
+        "100.100.0.0/16",
+        ["100.100.0.0/24", "100.100.7.0/26", "100.100.8.0/21"],
+    ),
+];
+const TAGS: [&str; 3] = ["tag:k8s-node", "tag:a", "tag:Node-7-x"];
+const SOCKETS: [&str; 3] = [
+    "/run/tailscale/tailscaled.sock",
+    "ts.sock",
+    "/tmp/tailscaled.sock",
+];
+
+/// The Tailscale keys: cluster and pod CIDRs, endpoints, the `[tailscale]` table (its lines
+/// returned apart: a table must follow every top-level key).
+struct TailscalePart {
+    top: Vec<String>,
+    table: Vec<String>,
+    pod_cidrs: Vec<IpNet>,
+    cluster_cidrs: Vec<IpNet>,
+    endpoints: Vec<SocketAddr>,
+    tailscale: Option<TailscaleConfig>,
+}
+
+fn gen_tailscale(c: &mut Choices<'_>) -> TailscalePart {
+    let mut part = TailscalePart {
+        top: Vec::new(),
+        table: Vec::new(),
+        pod_cidrs: Vec::new(),
+        cluster_cidrs: Vec::new(),
+        endpoints: Vec::new(),
+        tailscale: None,
+    };
+    let mut pods_written = Vec::new();
+    for (cluster, pods) in CLUSTERS {
+        if !c.bool() {
+            continue;
+        }
+        part.cluster_cidrs
+            .push(cluster.parse().unwrap_or_else(|_| unreachable!()));
+        for pod in pods {
+            if c.bool() {
+                part.pod_cidrs
+                    .push(pod.parse().unwrap_or_else(|_| unreachable!()));
+                pods_written.push(quote(&padded(c, pod)));
+            }
+        }
+    }
+    if !part.cluster_cidrs.is_empty() || c.bool() {
+        let written: Vec<String> = part
+            .cluster_cidrs
+            .iter()
+            .map(|n| quote(&n.to_string()))
+            .collect();
+        part.top
+            .push(format!("cluster_cidrs = [{}]", written.join(", ")));
+    }
+    if !pods_written.is_empty() {
+        part.top
+            .push(format!("pod_cidrs = [{}]", pods_written.join(", ")));
+    }
+    let mut written = Vec::new();
+    for _ in 0..c.below(3) {
+        let e = gen_endpoint(c);
+        if !part.endpoints.contains(&e) {
+            written.push(quote(&padded(c, &e.to_string())));
+            part.endpoints.push(e);
+        }
+    }
+    if !written.is_empty() {
+        part.top
+            .push(format!("endpoints = [{}]", written.join(", ")));
+    }
+    if part.cluster_cidrs.is_empty() || !c.bool() {
+        return part;
+    }
+    let mut ts = TailscaleConfig {
+        socket: PathBuf::from(DEFAULT_TAILSCALE_SOCKET),
+        tag: DEFAULT_TAG.to_string(),
+        announce_port: DEFAULT_ANNOUNCE_PORT,
+        resync: DEFAULT_RESYNC,
+    };
+    part.table.push(String::new());
+    part.table.push("[tailscale]".to_string());
+    if c.bool() {
+        let socket = SOCKETS[c.below(SOCKETS.len())];
+        ts.socket = resolve(socket);
+        part.table.push(format!("socket = {}", quote(socket)));
+    }
+    if c.bool() {
+        let tag = TAGS[c.below(TAGS.len())];
+        ts.tag = tag.to_string();
+        part.table.push(format!("tag = {}", quote(tag)));
+    }
+    if c.bool() {
+        ts.announce_port = c.u16().max(1);
+        part.table.push(format!(
+            "announce_port = {}",
+            integer(c, u64::from(ts.announce_port))
+        ));
+    }
+    if c.bool() {
+        let (text, value) = match c.below(4) {
+            0 => {
+                let n = 1000 + u64::from(c.u16());
+                (format!("{n}ms"), Duration::from_millis(n))
+            }
+            1 => {
+                let n = 1 + u64::from(c.u16()) % 3600;
+                (format!("{n}s"), Duration::from_secs(n))
+            }
+            2 => {
+                let n = 1 + u64::from(c.byte()) % 60;
+                (format!("{n}m"), Duration::from_secs(n * 60))
+            }
+            _ => {
+                let n = 1 + u64::from(c.byte()) % 24;
+                (format!("{n}h"), Duration::from_secs(n * 3600))
+            }
+        };
+        ts.resync = value;
+        part.table.push(format!("resync = {}", quote(&text)));
+    }
+    part.tailscale = Some(ts);
+    part
+}
+
 /// A valid config file chosen by `c`, and the configuration it must parse to.
 pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
     let mut lines: Vec<String> = Vec::new();
@@ -309,6 +500,8 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
     if let Some(a) = worker_affinity {
         top.push(format!("worker_affinity = {}", quote(a)));
     }
+    let tailscale = gen_tailscale(c);
+    top.extend(tailscale.top.iter().cloned());
     // Top-level keys in any order (a rotation chosen by the input), maybe with comments.
     let rotate = c.below(top.len());
     top.rotate_left(rotate);
@@ -372,7 +565,10 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
             .map(|f| format!("{{ {} }}", f.join(", ")))
             .collect();
         lines.push(format!("peer = [{}]", tables.join(", ")));
+        // An inline `peer = [...]` is a top-level key: it goes before any table.
+        lines.extend(tailscale.table.iter().cloned());
     } else {
+        lines.extend(tailscale.table.iter().cloned());
         for fields in peer_tables {
             lines.push(String::new());
             lines.push("[[peer]]".to_string());
@@ -395,6 +591,10 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
             .and_then(|a| a.parse().ok())
             .unwrap_or_default(),
         peers,
+        pod_cidrs: tailscale.pod_cidrs,
+        cluster_cidrs: tailscale.cluster_cidrs,
+        endpoints: tailscale.endpoints,
+        tailscale: tailscale.tailscale,
     };
     (text, expected)
 }
@@ -435,6 +635,15 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("refused", refused.into_bytes()),
         ("low-order", low_order.into_bytes()),
         ("bad-toml", b"private_key_file = \"k\nmtu = [1,\n".to_vec()),
+        (
+            "tailscale",
+            b"private_key_file = \"k\"\npod_cidrs = [\"198.19.1.0/24\", \"fd00:19:1::/64\"]\n\
+              cluster_cidrs = [\"198.19.0.0/16\", \"fd00:19::/32\"]\n\
+              endpoints = [\"198.18.0.1:51820\"]\n\n[tailscale]\n\
+              socket = \"/var/run/tailscale/tailscaled.sock\"\ntag = \"tag:k8s-node\"\n\
+              announce_port = 51821\nresync = \"30s\"\n"
+                .to_vec(),
+        ),
     ]
 }
 
@@ -475,5 +684,26 @@ mod tests {
             let cfg = RouterConfig::parse(Path::new(FILE), &text).unwrap();
             assert_eq!(cfg.private_key_file, resolve(s), "{s:?}");
         }
+    }
+
+    #[test]
+    fn generated_files_with_tailscale_keys_parse_as_meant() {
+        // A simple deterministic byte stream per case: many shapes of the new keys.
+        let mut seen_table = false;
+        for case in 0u32..3000 {
+            let mut x = case.wrapping_mul(2_654_435_761).wrapping_add(1);
+            let data: Vec<u8> = (0..300)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            run(&data);
+            let (text, _) = generate(&mut Choices::new(&data));
+            seen_table |= text.contains("[tailscale]");
+        }
+        assert!(seen_table, "no generated file had a [tailscale] table");
     }
 }

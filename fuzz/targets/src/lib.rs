@@ -11,10 +11,12 @@
 //! documents its invariants and provides `seeds()`, the small inputs `fuzz-seeds` writes.
 
 pub mod allowed_ips;
+pub mod announcement;
 pub mod config;
 pub mod gro_coalesce;
 pub mod headers;
 pub mod input;
+pub mod localapi;
 pub mod packets;
 pub mod support;
 pub mod tun_read;
@@ -60,6 +62,16 @@ pub const TARGETS: &[Target] = &[
         name: "allowed_ips",
         run: allowed_ips::run,
         seeds: allowed_ips::seeds,
+    },
+    Target {
+        name: "announcement",
+        run: announcement::run,
+        seeds: announcement::seeds,
+    },
+    Target {
+        name: "localapi",
+        run: localapi::run,
+        seeds: localapi::seeds,
     },
 ];
 
