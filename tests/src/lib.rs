@@ -19,11 +19,21 @@
 //!   [`config_router`]).
 //! - [`dump`]: parsing `wg show IFNAME dump`.
 //! - [`threads`]: a process's threads as /proc shows them (CPU affinity, wake-ups).
+//! - [`relay`]: a UDP relay between two routers that reorders and duplicates data packets.
+//! - [`sequence`]: a numbered UDP stream between pods, counted at the receiver.
+//! - [`counters`]: a router's process, a namespace's network statistics, link counters.
+//! - [`iperf`]: iperf3 between pods, for measurements.
+//! - [`flood`]: a flooder namespace sending garbage or valid-MAC1 handshake initiations.
 
+pub mod counters;
 pub mod dump;
+pub mod flood;
 pub mod gate;
 pub mod inherited_fds;
+pub mod iperf;
+pub mod relay;
 pub mod router_checks;
+pub mod sequence;
 pub mod threads;
 pub mod wg;
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tailsk8s_e2e::topology::UNDERLAY_IF;
 use tailsk8s_e2e::{
-    gate, ping, ping_with_deadline, process, require_netns, tools, EndpointFamily, Impl, Mesh,
-    MeshOptions, Netns, Node, PeerDump, PeerSpec, Topology, TopologyBuilder, WgDevice,
+    gate, ping, ping_with_deadline, process, require_netns, tools, wait, EndpointFamily, Impl,
+    Mesh, MeshOptions, Netns, Node, PeerDump, PeerSpec, Topology, TopologyBuilder, WgDevice,
 };
 
 /// The listen port every device uses unless a test moves it.
@@ -65,18 +65,6 @@ fn assert_running(device: &mut WgDevice) {
         daemon.label(),
         daemon.log()
     );
-}
-
-/// Polls `probe` every 50 ms until it returns a value; panics after `timeout`.
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `ping ARGS…` inside `ns`, returning its stdout (for options [`ping`] does not offer).
@@ -511,11 +499,12 @@ fn nat_traversal(inside_impl: Impl, outside_impl: Impl) {
             persistent_keepalive: Some(1),
         })
         .unwrap();
-    let learned = wait_until(
+    let learned = wait::until(
         "node 2 learns node 1's NATed endpoint",
         Duration::from_secs(10),
-        || endpoint_of(&outside, inside.public_key()),
-    );
+        || Ok(endpoint_of(&outside, inside.public_key())),
+    )
+    .unwrap();
     assert_eq!(
         learned.ip(),
         IpAddr::from(NAT_OUTSIDE),
@@ -526,11 +515,12 @@ fn nat_traversal(inside_impl: Impl, outside_impl: Impl) {
     }
     // The keepalives keep coming with no traffic to carry.
     let rx = peer_dump(&outside, inside.public_key()).rx_bytes;
-    wait_until(
+    wait::until(
         "another persistent keepalive",
         Duration::from_secs(4),
-        || (peer_dump(&outside, inside.public_key()).rx_bytes > rx).then_some(()),
-    );
+        || Ok((peer_dump(&outside, inside.public_key()).rx_bytes > rx).then_some(())),
+    )
+    .unwrap();
     assert_running(&mut inside);
     assert_running(&mut outside);
 }
@@ -785,20 +775,21 @@ fn wait_for_big_mtu(topo: &Topology) {
         panic!("two nodes")
     };
     let (src, dst) = (a.bridge_v4().to_string(), b.bridge_v4().to_string());
-    wait_until(
+    wait::until(
         "a big non-DF ping crossing (both routers adopted the MTU and sent the ~20 kB datagram)",
         Duration::from_secs(10),
         || {
-            ping_args(
+            Ok(ping_args(
                 a.netns(),
                 &[
                     "-n", "-q", "-c", "1", "-W", "1", "-s", BIG_PING, "-M", "dont", "-I", &src,
                     &dst,
                 ],
             )
-            .ok()
+            .ok())
         },
-    );
+    )
+    .unwrap();
 }
 
 /// Big MTU over an underlay that carries the whole encrypted datagram (~20 kB): the

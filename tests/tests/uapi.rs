@@ -407,12 +407,12 @@ fn handshake_time_is_absolute_and_counters_count_wire_bytes() {
 
     // A handshake alone: the initiator sent its initiation and then the keepalive, the
     // responder only its response. Everything one side sent, the other received (a veth loses
-    // nothing).
-    std::thread::sleep(Duration::from_millis(300));
-    let (on_a, on_b) = (
-        peer(&dump(&a), b.public_key()).clone(),
-        peer(&dump(&b), a.public_key()).clone(),
-    );
+    // nothing): read both sides once their counters agree, so no message is still on its way.
+    let (on_a, on_b) = wait_for(Duration::from_secs(2), "handshake counters agree", || {
+        let on_a = peer(&dump(&a), b.public_key()).clone();
+        let on_b = peer(&dump(&b), a.public_key()).clone();
+        (on_a.tx_bytes == on_b.rx_bytes && on_b.tx_bytes == on_a.rx_bytes).then_some((on_a, on_b))
+    });
     eprintln!(
         "after the handshake: initiator tx {} rx {}, responder tx {} rx {}",
         on_a.tx_bytes, on_a.rx_bytes, on_b.tx_bytes, on_b.rx_bytes
@@ -741,6 +741,9 @@ fn low_order_public_keys_are_accepted_but_never_sent_to() {
     }
     let before = udp_out_datagrams(&ns);
     ping_all_unanswered(&ns, &targets, 2);
+    // An absence check: nothing may be sent, so there is no event to wait for. Watching
+    // 1.5 s more lets the persistent keepalive (every 1 s, the one timer that would send
+    // without traffic) come due at least once after the last ping.
     std::thread::sleep(Duration::from_millis(1500));
 
     let after = dump(&device);
@@ -1063,12 +1066,14 @@ fn tailsk8s_wg_stays_in_the_foreground_with_wg_process_foreground() {
         (userspace.socket().exists() && ns.output("wg", &["show", &userspace.ifname]).is_ok())
             .then_some(())
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // No waiting needed: a daemonizing run serves from a forked child, which the list of
+    // processes running PROGRAM IFNAME would show beside (or instead of) our child, whose
+    // parent leaves only once that child serves.
     assert_eq!(daemon.exited().unwrap(), None, "it left the foreground");
     assert_eq!(
         userspace.daemons(),
         [daemon.pid().unwrap()],
-        "not our child"
+        "the socket is served by another process than our child"
     );
     let status = daemon.stop().expect("reaped");
     assert!(status.success(), "SIGTERM exit: {status}\n{}", daemon.log());
