@@ -368,7 +368,7 @@ fn broken(mut segment: Segment, p: &Packet) -> Vec<u8> {
     match p.how % 8 {
         1 => packet.truncate(usize::from(p.at) % len + 1),
         6 => packet[usize::from(p.at) % len] = p.value,
-        7 => packet.extend(std::iter::repeat(p.value).take(usize::from(p.at % 64) + 1)),
+        7 => packet.extend(std::iter::repeat_n(p.value, usize::from(p.at % 64) + 1)),
         _ => {
             let at = segment.checksum_at();
             packet[at] ^= 0x40;

@@ -304,7 +304,7 @@ impl World {
 
     fn engine_for(&self, wire: usize, choice: u8) -> usize {
         let intended = self.links[self.wires[wire].remote].engine;
-        if choice % 2 == 0 {
+        if choice.is_multiple_of(2) {
             intended
         } else {
             1 - intended
@@ -451,7 +451,7 @@ fn mutate(bytes: &mut Vec<u8>, kind: u8, at: u16, value: u8) {
             }
         }
         1 => bytes.truncate(at),
-        _ => bytes.extend(std::iter::repeat(value).take(at % 64)),
+        _ => bytes.extend(std::iter::repeat_n(value, at % 64)),
     }
 }
 
