@@ -40,10 +40,15 @@ pub enum DropReason {
     QueueFull,
     /// The kernel refused to send a datagram (no route to the endpoint, and the like).
     SendFailed,
+    /// A handshake message that found the handshake queue full (a flood beyond what the
+    /// handshake thread keeps up with).
+    HandshakeQueueFull,
+    /// A handshake message with a valid cookie under load, beyond its source's rate.
+    RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::NoRoute,
         DropReason::NotAllowed,
         DropReason::MalformedPacket,
@@ -60,6 +65,8 @@ impl DropReason {
         DropReason::LowOrderKey,
         DropReason::QueueFull,
         DropReason::SendFailed,
+        DropReason::HandshakeQueueFull,
+        DropReason::RateLimited,
     ];
 
     /// The label used in metrics and logs.
@@ -81,6 +88,8 @@ impl DropReason {
             DropReason::LowOrderKey => "low_order_key",
             DropReason::QueueFull => "queue_full",
             DropReason::SendFailed => "send_failed",
+            DropReason::HandshakeQueueFull => "handshake_queue_full",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }

@@ -60,6 +60,21 @@ pub(crate) fn slot_of(receiver_index: u32) -> u32 {
     receiver_index >> SESSION_BITS
 }
 
+/// Whether a datagram claims to be a handshake message (initiation, response or cookie
+/// reply): what drivers send to their handshake queue, apart from data. Only the type is
+/// read; the engine checks the rest.
+pub fn is_handshake(datagram: &[u8]) -> bool {
+    matches!(
+        datagram.get(..TYPE_LEN),
+        Some([
+            MESSAGE_INITIATION | MESSAGE_RESPONSE | MESSAGE_COOKIE_REPLY,
+            0,
+            0,
+            0
+        ])
+    )
+}
+
 /// The message type and, for all but initiations, the receiver index, of a datagram whose
 /// length fits its type. `None` for anything that is not a WireGuard message. Initiations
 /// carry no receiver index: their peer is found from the static key inside.

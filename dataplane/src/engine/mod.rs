@@ -1,18 +1,24 @@
-//! The sans-IO WireGuard router. It owns the peers, the allowed-IPs table and the shared
-//! handshake rate limiter, and turns three kinds of input into output through a
-//! [`Transmit`] sink. One module per flow, each opening with its pipeline:
+//! The sans-IO WireGuard router. It owns the peers, the allowed-IPs table, the MAC and
+//! cookie checks of handshake messages and the per-source handshake limit, and turns three
+//! kinds of input into output through a [`Transmit`] sink. One module per flow, each
+//! opening with its pipeline:
 //!
 //! - [`send`] — outbound: a TUN packet → allowed IPs → peer → MTU → pad → encapsulate;
 //! - [`receive`] — inbound: a datagram → message type → peer → decapsulate → roam →
 //!   cryptokey check → TUN;
 //! - [`timers`] — time passing: retransmits, rekeying, keepalives, expiry;
 //! - [`messages`] — the wire format's sizes and offsets;
+//! - [`source_limit`] — per-source token buckets for cookie-carrying handshakes under load;
 //! - this module — the configuration (keys, peer set, allowed IPs) and how an update
 //!   changes it ([`Engine::apply`]).
 //!
 //! Time is an input: the caller gives the engine its start ([`Engine::new`]) and every later
 //! instant ([`Engine::tick`]); the packet path uses the time of the last tick. The engine
 //! itself reads no clock. boringtun's `Tunn` does read its own (see [`timers`]).
+//!
+//! Load is an input too: the driver that queues handshake messages knows how loaded it is
+//! and says so per message ([`Batch::handle_handshake`]); under load, an initiation or
+//! response without a valid cookie gets a cookie reply instead of a Diffie-Hellman.
 //!
 //! Concurrency: the configuration sits behind one `RwLock` that the packet path takes for
 //! reading once per batch ([`Engine::batch`]); each peer has its own mutex held only for one
@@ -22,6 +28,7 @@
 pub mod messages;
 pub mod receive;
 pub mod send;
+pub mod source_limit;
 pub mod timers;
 
 use std::collections::HashMap;
@@ -31,13 +38,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::allowed_ips::AllowedIps;
 use crate::config::{AllowedIpChange, DeviceUpdate, PeerSnapshot, PeerUpdate, SetError};
 use crate::key::Key;
 use crate::peer::{Endpoint, Peer};
 use crate::stats::{DropReason, Stats};
+use source_limit::SourceLimit;
 
 pub use messages::{DATA_OVERHEAD, MAX_PEERS};
 
@@ -58,10 +66,6 @@ const _: () = assert!(
 /// [`timers`]): such a build must not route, and the router refuses to start.
 pub const BORINGTUN_CLOCK_DRIVEN_BY_TESTS: bool = cfg!(feature = "boringtun-mock-clock");
 
-/// Handshake initiations the shared rate limiter lets through per second before it demands
-/// cookies (boringtun counts each initiation twice: our pre-check and the peer's own check).
-const HANDSHAKES_PER_SECOND: u64 = 2 * 100;
-
 /// Where the engine puts its output. Implementations copy into their own buffers; they must
 /// not block or make syscalls (the engine may hold a peer lock while calling them).
 pub trait Transmit {
@@ -80,8 +84,9 @@ pub struct Engine {
     now_ms: AtomicU64,
     /// The instant the caller created the engine at: engine time 0.
     epoch: Instant,
-    /// When the rate limiter's count was last reset (engine ms).
-    limiter_reset_ms: AtomicU64,
+    /// Handshakes with a valid cookie under load, per source. Only the handshake path
+    /// takes it, for one lookup.
+    source_limit: Mutex<SourceLimit>,
 }
 
 struct Config {
@@ -92,7 +97,12 @@ struct Config {
     free_slots: Vec<u32>,
     by_key: HashMap<Key, u32>,
     allowed_ips: AllowedIps<u32>,
+    /// Checks MAC1 only (boringtun's limiter, never under load): the peers' `Tunn`s and
+    /// handshakes while not loaded.
     rate_limiter: Arc<RateLimiter>,
+    /// Checks MAC1 and then MAC2 against the sender's cookie, answering with a cookie reply
+    /// when it is missing (boringtun's limiter, always under load): handshakes under load.
+    cookie_checker: Arc<RateLimiter>,
 }
 
 impl Engine {
@@ -110,11 +120,12 @@ impl Engine {
                 by_key: HashMap::new(),
                 allowed_ips: AllowedIps::new(),
                 rate_limiter: Arc::new(new_rate_limiter(&Key::ZERO)),
+                cookie_checker: Arc::new(new_cookie_checker(&Key::ZERO)),
             }),
             stats: Stats::default(),
             now_ms: AtomicU64::new(0),
             epoch: now,
-            limiter_reset_ms: AtomicU64::new(0),
+            source_limit: Mutex::new(SourceLimit::new()),
         }
     }
 
@@ -275,6 +286,7 @@ impl Config {
             // A peer with our own public key makes no sense; the kernel drops it.
             self.remove_peer(&public);
             self.rate_limiter = Arc::new(new_rate_limiter(&public));
+            self.cookie_checker = Arc::new(new_cookie_checker(&public));
         }
         for peer in self.peers.iter().flatten() {
             let mut state = peer.state.lock();
@@ -352,11 +364,15 @@ impl Config {
     }
 }
 
+/// boringtun's limiter counts handshakes and goes under load past a limit; the engine
+/// decides load itself ([`Batch::handle_handshake`]), so it keeps one that never is...
 fn new_rate_limiter(public: &Key) -> RateLimiter {
-    RateLimiter::new(
-        &x25519_dalek::PublicKey::from(public.0),
-        HANDSHAKES_PER_SECOND,
-    )
+    RateLimiter::new(&x25519_dalek::PublicKey::from(public.0), u64::MAX)
+}
+
+/// ... and one that always is, for handshakes while the driver says the device is loaded.
+fn new_cookie_checker(public: &Key) -> RateLimiter {
+    RateLimiter::new(&x25519_dalek::PublicKey::from(public.0), 0)
 }
 
 /// Counts one datagram out — on the device, and on the peer's `wg show` counter when it

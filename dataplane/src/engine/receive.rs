@@ -3,8 +3,10 @@
 //!
 //! ```text
 //!  datagram ─► message type (messages::message_header)
-//!     ├─ initiation ─► MAC1 check, cookie reply under load ─► DH reveals static key ─► peer by key
-//!     └─ response, cookie reply, data ─► peer by receiver index (messages::slot_of)
+//!     ├─ initiation ─► MAC1 check; under load: cookie reply unless MAC2 is valid, then the
+//!     │                source's token bucket ─► DH reveals static key ─► peer by key
+//!     ├─ response ─► under load: as an initiation ─► peer by receiver index
+//!     └─ cookie reply, data ─► peer by receiver index (messages::slot_of)
 //!  ─► Tunn::decapsulate
 //!     ├─ handshake done  ─► roam, last handshake ─► response / queued packets / keepalive ─► send
 //!     ├─ keepalive, cookie ─► count (roam unless a cookie reply)
@@ -12,8 +14,12 @@
 //!                ─► write_tun
 //! ```
 //!
+//! Drivers hand handshake messages (initiation, response, cookie reply) to
+//! [`Batch::handle_handshake`], saying whether they are under load, and everything else to
+//! [`Batch::handle_datagram`] (which takes handshake messages too, as if not loaded).
+//!
 //! Functions in the order a datagram meets them: [`Batch::handle_datagram`] (the pipeline),
-//! `find_peer`, `deliver`.
+//! `find_peer`, `check_handshake`, `deliver`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,6 +36,7 @@ use crate::key::Key;
 use crate::packet;
 use crate::peer::{Endpoint, Peer, PeerState};
 use crate::stats::{DropReason, Stats};
+use boringtun::noise::rate_limiter::RateLimiter;
 
 impl Batch<'_> {
     /// A datagram received on the listen socket from `from`, addressed to our `local_ip`.
@@ -41,13 +48,42 @@ impl Batch<'_> {
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) {
+        self.receive(from, local_ip, datagram, false, scratch, tx);
+    }
+
+    /// A handshake message (see [`super::messages::is_handshake`]) taken from the driver's
+    /// handshake queue; `under_load` when that queue is filling (the driver's policy): then
+    /// initiations and responses without a valid cookie get a cookie reply instead of a
+    /// Diffie-Hellman, and those with one pass their source's token bucket.
+    pub fn handle_handshake(
+        &mut self,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+        under_load: bool,
+        scratch: &mut [u8; SCRATCH_LEN],
+        tx: &mut impl Transmit,
+    ) {
+        self.receive(from, local_ip, datagram, under_load, scratch, tx);
+    }
+
+    fn receive(
+        &mut self,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+        under_load: bool,
+        scratch: &mut [u8; SCRATCH_LEN],
+        tx: &mut impl Transmit,
+    ) {
         let stats = &self.engine.stats;
         Stats::add(&stats.datagrams_in, 1);
         let source = Endpoint {
             addr: from,
             local_ip,
         };
-        let Some((peer, message_type)) = self.find_peer(&source, datagram, scratch, tx) else {
+        let Some((peer, message_type)) = self.find_peer(&source, datagram, under_load, scratch, tx)
+        else {
             return;
         };
         let mut state = peer.state.lock();
@@ -61,7 +97,8 @@ impl Batch<'_> {
                 TunnResult::WriteToNetwork(reply)
                     if reply.first() == Some(&MESSAGE_COOKIE_REPLY) =>
                 {
-                    // The peer's own rate-limit check went under load between ours and its.
+                    // The peers' limiter is never under load (`new_rate_limiter`): should
+                    // boringtun answer with a cookie anyway, it is one, not a handshake.
                     stats.drop(DropReason::UnderLoad);
                     Stats::add(&stats.cookie_replies_sent, 1);
                     send_counted(stats, None, tx, &source, reply);
@@ -129,11 +166,13 @@ impl Batch<'_> {
 
     /// Finds the peer a datagram belongs to. Initiations are checked for MAC1 (and a cookie
     /// under load, answering with a cookie reply) before the Diffie-Hellman that reveals the
-    /// sender's static key; every other message names its receiver index.
+    /// sender's static key; every other message names its receiver index (responses under
+    /// load are checked as initiations first).
     fn find_peer(
         &self,
         source: &Endpoint,
         datagram: &[u8],
+        under_load: bool,
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) -> Option<(Arc<Peer>, u8)> {
@@ -145,27 +184,16 @@ impl Batch<'_> {
                     stats.drop(DropReason::NoPrivateKey);
                     return None;
                 };
-                let init = match config.rate_limiter.verify_packet(
-                    Some(source.addr.ip()),
-                    datagram,
-                    &mut scratch[..],
-                ) {
-                    Ok(Packet::HandshakeInit(init)) => init,
-                    Ok(_) => {
-                        stats.drop(DropReason::MalformedDatagram);
-                        return None;
-                    }
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        stats.drop(DropReason::UnderLoad);
-                        Stats::add(&stats.cookie_replies_sent, 1);
-                        send_counted(stats, None, tx, source, cookie);
-                        return None;
-                    }
-                    Err(TunnResult::Err(e)) => {
-                        stats.drop(drop_reason(&e));
-                        return None;
-                    }
-                    Err(_) => {
+                let checker = if under_load {
+                    &config.cookie_checker
+                } else {
+                    &config.rate_limiter
+                };
+                let init = match self
+                    .check_handshake(checker, under_load, source, datagram, scratch, tx)?
+                {
+                    Packet::HandshakeInit(init) => init,
+                    _ => {
                         stats.drop(DropReason::MalformedDatagram);
                         return None;
                     }
@@ -186,6 +214,12 @@ impl Batch<'_> {
                 };
                 return Some((peer.clone(), MESSAGE_INITIATION));
             }
+            Some((MESSAGE_RESPONSE, Some(receiver_index))) if under_load => {
+                // A response's Diffie-Hellman happens in the peer's `Tunn`, which checks
+                // MAC1 only: the cookie is checked here.
+                self.check_handshake(&config.cookie_checker, true, source, datagram, scratch, tx)?;
+                (MESSAGE_RESPONSE, receiver_index)
+            }
             Some((message_type, Some(receiver_index))) => (message_type, receiver_index),
             _ => {
                 stats.drop(DropReason::MalformedDatagram);
@@ -196,6 +230,50 @@ impl Batch<'_> {
             Some(peer) => Some((peer.clone(), message_type)),
             None => {
                 stats.drop(DropReason::UnknownPeer);
+                None
+            }
+        }
+    }
+
+    /// MAC1 of a handshake message, and under load its cookie (MAC2) and its source's token
+    /// bucket. A message without a valid cookie under load is answered with a cookie reply.
+    /// `None` when the message goes no further (counted).
+    fn check_handshake<'d>(
+        &self,
+        checker: &RateLimiter,
+        under_load: bool,
+        source: &Endpoint,
+        datagram: &'d [u8],
+        scratch: &mut [u8; SCRATCH_LEN],
+        tx: &mut impl Transmit,
+    ) -> Option<Packet<'d>> {
+        let stats = &self.engine.stats;
+        match checker.verify_packet(Some(source.addr.ip()), datagram, &mut scratch[..]) {
+            Ok(packet) => {
+                if under_load
+                    && !self
+                        .engine
+                        .source_limit
+                        .lock()
+                        .allow(source.addr.ip(), self.now_ms)
+                {
+                    stats.drop(DropReason::RateLimited);
+                    return None;
+                }
+                Some(packet)
+            }
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                stats.drop(DropReason::UnderLoad);
+                Stats::add(&stats.cookie_replies_sent, 1);
+                send_counted(stats, None, tx, source, cookie);
+                None
+            }
+            Err(TunnResult::Err(e)) => {
+                stats.drop(drop_reason(&e));
+                None
+            }
+            Err(_) => {
+                stats.drop(DropReason::MalformedDatagram);
                 None
             }
         }

@@ -446,38 +446,123 @@ fn persistent_keepalive_switched_on_sends_at_once_and_then_periodically() {
     );
 }
 
-#[test]
-fn initiations_under_load_get_cookie_replies() {
-    let (mut a, b) = pair();
-    let initiator = {
-        let mut tunn = Tunn::new(
-            x25519_dalek::StaticSecret::from(b.private.0),
-            x25519_dalek::PublicKey::from(a.public.0),
-            None,
-            None,
-            1,
-            None,
-        );
-        move |dst: &mut [u8]| -> Vec<u8> {
-            match tunn.format_handshake_initiation(dst, true) {
-                TunnResult::WriteToNetwork(p) => p.to_vec(),
-                _ => panic!("no initiation"),
-            }
-        }
-    };
-    let mut make = initiator;
-    let mut buf = vec![0u8; 256];
-    let mut cookies = 0;
-    for _ in 0..(HANDSHAKES_PER_SECOND as usize) {
-        let init = make(&mut buf);
-        let out = a.net_in(b.addr, &init);
-        cookies += out.sent.iter().filter(|(_, d)| d.len() == 64).count();
-    }
-    assert!(
-        cookies > 0,
-        "a flood of initiations is answered with cookies"
+/// A handshake message handed to `node` the way the handshake thread does.
+fn handshake_in(node: &mut Node, from: SocketAddr, datagram: &[u8], under_load: bool) -> Capture {
+    let mut out = Capture::default();
+    node.engine.batch().handle_handshake(
+        from,
+        Some(node.addr.ip()),
+        datagram,
+        under_load,
+        &mut node.scratch,
+        &mut out,
     );
-    assert!(a.drops(DropReason::UnderLoad) > 0);
+    out
+}
+
+/// An initiator for `b`'s key towards `a`, outside any engine: makes initiations and takes
+/// cookie replies (so its next initiations carry MAC2).
+fn initiator(a: &Node, b: &Node) -> Tunn {
+    Tunn::new(
+        x25519_dalek::StaticSecret::from(b.private.0),
+        x25519_dalek::PublicKey::from(a.public.0),
+        None,
+        None,
+        1,
+        None,
+    )
+}
+
+fn initiation(tunn: &mut Tunn) -> Vec<u8> {
+    let mut buf = [0u8; 256];
+    match tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("no initiation"),
+    }
+}
+
+#[test]
+fn initiations_under_load_get_cookie_replies_and_no_handshake() {
+    let (mut a, b) = pair();
+    let mut tunn = initiator(&a, &b);
+    // Not loaded: a response, whatever the rate.
+    for _ in 0..50 {
+        let out = handshake_in(&mut a, b.addr, &initiation(&mut tunn), false);
+        assert_eq!(out.sent.len(), 1);
+        assert_eq!(out.sent[0].1.len(), messages::RESPONSE_LEN);
+    }
+    assert_eq!(a.engine.stats().cookie_replies_sent.load(Relaxed), 0);
+    // Loaded: every initiation without a cookie gets a cookie reply, and no response.
+    for n in 1..=50 {
+        let out = handshake_in(&mut a, b.addr, &initiation(&mut tunn), true);
+        assert_eq!(out.sent.len(), 1);
+        assert_eq!(out.sent[0].1.len(), messages::COOKIE_REPLY_LEN);
+        assert_eq!(out.sent[0].0.addr, b.addr);
+        assert_eq!(a.drops(DropReason::UnderLoad), n);
+    }
+    assert_eq!(a.engine.stats().cookie_replies_sent.load(Relaxed), 50);
+    // The datagram path never is: it answers with a response.
+    let out = a.net_in(b.addr, &initiation(&mut tunn));
+    assert_eq!(out.sent[0].1.len(), messages::RESPONSE_LEN);
+}
+
+#[test]
+fn under_load_a_cookie_lets_a_source_through_at_its_rate() {
+    let (mut a, b) = pair();
+    let mut tunn = initiator(&a, &b);
+    let init = initiation(&mut tunn);
+    let out = handshake_in(&mut a, b.addr, &init, true);
+    let mut buf = [0u8; 256];
+    // The initiator takes the cookie: its next initiation carries MAC2.
+    assert!(matches!(
+        tunn.decapsulate(Some(a.addr.ip()), &out.sent[0].1, &mut buf),
+        TunnResult::Done
+    ));
+    let mut responses = 0;
+    for _ in 0..20 {
+        let init = initiation(&mut tunn);
+        let out = handshake_in(&mut a, b.addr, &init, true);
+        responses += out
+            .sent
+            .iter()
+            .filter(|(_, d)| d.len() == messages::RESPONSE_LEN)
+            .count();
+    }
+    // A burst, then the source's bucket is empty (engine time stands still).
+    assert_eq!(responses as u64, source_limit::BURST);
+    assert_eq!(a.drops(DropReason::RateLimited), 20 - source_limit::BURST);
+    // The cookie is bound to the address it was sent to: from elsewhere, another cookie.
+    let elsewhere: SocketAddr = "198.18.0.77:51820".parse().unwrap();
+    let out = handshake_in(&mut a, elsewhere, &initiation(&mut tunn), true);
+    assert_eq!(out.sent[0].1.len(), messages::COOKIE_REPLY_LEN);
+    // Time refills the bucket.
+    let mut ticked = Capture::default();
+    a.engine.tick(
+        a.start + Duration::from_secs(2),
+        &mut a.scratch,
+        &mut ticked,
+    );
+    let out = handshake_in(&mut a, b.addr, &initiation(&mut tunn), true);
+    assert_eq!(out.sent[0].1.len(), messages::RESPONSE_LEN);
+}
+
+#[test]
+fn handshake_messages_are_told_apart_from_data_by_type() {
+    let (mut a, mut b) = pair();
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    assert!(messages::is_handshake(&out.sent[0].1), "an initiation");
+    let (_, _) = pump(&mut a, &mut b, out, true);
+    let data = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 1, 56));
+    assert!(!messages::is_handshake(&data.sent[0].1), "data");
+    for type_ in [1u8, 2, 3] {
+        assert!(messages::is_handshake(&[type_, 0, 0, 0, 9]));
+        assert!(
+            !messages::is_handshake(&[type_, 0, 0, 1, 9]),
+            "reserved bytes"
+        );
+    }
+    assert!(!messages::is_handshake(&[1, 0, 0]));
+    assert!(!messages::is_handshake(&[0, 0, 0, 0]));
 }
 
 #[test]

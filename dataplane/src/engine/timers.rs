@@ -2,7 +2,6 @@
 //!
 //! ```text
 //!  tick(now) ─► engine time = now − epoch (never backwards)
-//!            ─► rate limiter: reset the handshake count every second
 //!            ─► per peer: Tunn::update_timers ─► handshake retransmit / rekey / passive
 //!               keepalive / expiry ─► send
 //!            ─► per peer: persistent keepalive due (or just switched on) and nothing sent
@@ -13,7 +12,7 @@
 //! REKEY_ATTEMPT_TIME, KEEPALIVE_TIMEOUT) live inside boringtun's `Tunn`, which reads its own
 //! clock: boringtun 0.7.1 has no `*_at(now)` calls (it also reads the wall clock once per
 //! `Tunn`, to date handshake initiations, which no feature changes). The engine's own rules
-//! (persistent keepalive, the rate limiter's second, a handshake's age for `wg show`) run on
+//! (persistent keepalive, a handshake's age for `wg show`, the per-source handshake limit) run on
 //! engine time. boringtun's only way to drive its clock from outside is its `mock-instant` feature
 //! (a thread-local mock clock); this crate's `boringtun-mock-clock` feature turns it on and
 //! makes every entry point of the engine set that clock to engine time
@@ -33,9 +32,6 @@ use boringtun::noise::TunnResult;
 
 use super::{send_counted, Engine, Transmit, SCRATCH_LEN};
 
-/// How often boringtun's shared rate limiter forgets the handshakes it counted.
-const RATE_LIMITER_RESET_MS: u64 = 1000;
-
 impl Engine {
     /// Advances engine time to `now` and runs every peer's timers: handshake retries,
     /// rekeying, passive and persistent keepalives, session expiry. Call every 100–250 ms
@@ -46,11 +42,6 @@ impl Engine {
         let now_ms = self.now_ms.fetch_max(now_ms, Relaxed).max(now_ms);
         set_boringtun_clock(now_ms);
         let config = self.config.read();
-        let last_reset = self.limiter_reset_ms.load(Relaxed);
-        if now_ms.saturating_sub(last_reset) >= RATE_LIMITER_RESET_MS {
-            self.limiter_reset_ms.store(now_ms, Relaxed);
-            config.rate_limiter.reset_count();
-        }
         for peer in config.peers.iter().flatten() {
             let mut state = peer.state.lock();
             let state = &mut *state;
