@@ -77,6 +77,18 @@ pub(crate) fn current_thread_id() -> libc::pid_t {
     unsafe { libc::gettid() }
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux keeps a nice value per
+/// thread), so that under CPU contention other threads run first.
+pub(crate) fn set_current_thread_nice(nice: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain integers; `who` is this thread's id.
+    let rc =
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, current_thread_id() as libc::id_t, nice) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Lets thread `tid` (0 = the caller) run only on `cpus`.
 pub(crate) fn set_thread_cpus(tid: libc::pid_t, cpus: &[u32]) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.

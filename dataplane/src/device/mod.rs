@@ -1,8 +1,10 @@
 //! A running device: the engine, the TUN (one queue per worker) and the listen sockets (one
 //! `SO_REUSEPORT` pair per worker), started, stopped and handed to the UAPI. It owns what
 //! runs beneath it: the state its threads share (`shared`), the threads themselves
-//! (`workers`) and the TUN thread's batch (`tun_batch`).
+//! (`workers`), the TUN thread's batch (`tun_batch`) and the handshake queue with its
+//! thread (`handshakes`).
 
+mod handshakes;
 mod shared;
 mod tun_batch;
 mod workers;
@@ -129,6 +131,11 @@ impl Device {
                 }),
             )?;
         }
+        let s = shared.clone();
+        spawn(
+            "tsk-handshake".to_string(),
+            Box::new(move || handshakes::handshake_loop(s)),
+        )?;
         let s = shared.clone();
         spawn(
             "tsk-timers".to_string(),

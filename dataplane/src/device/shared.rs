@@ -1,5 +1,6 @@
 //! The state a running device's threads and its control interface share: the engine, the
-//! TUN, the listen sockets (replaced by a `listen_port` change), the worker placement, and
+//! TUN, the listen sockets (replaced by a `listen_port` change), the handshake queue, the
+//! worker placement, and
 //! the stop flag with the reason the device stopped. Also the UAPI's get/set
 //! ([`DeviceControl`], whose semantics are [`crate::control`]'s), since a set may rebind the
 //! listen sockets or change their fwmark.
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
+use super::handshakes::{self, HandshakeQueue};
 use crate::affinity::Placement;
 use crate::config::{DeviceControl, DeviceSnapshot, DeviceUpdate, SetError};
 use crate::control::{self, ListenSockets};
@@ -38,6 +40,8 @@ pub(crate) struct Shared {
     /// Bumped whenever `sockets` is replaced, so threads notice without taking the lock.
     pub(crate) sockets_generation: AtomicU64,
     fwmark: AtomicU32,
+    /// Handshake messages from the UDP threads for the handshake thread.
+    pub(crate) handshakes: HandshakeQueue,
     pub(crate) stop: AtomicBool,
     exit: Mutex<Option<ExitReason>>,
     workers: usize,
@@ -63,6 +67,7 @@ impl Shared {
             sockets: RwLock::new(Arc::new(sockets)),
             sockets_generation: AtomicU64::new(0),
             fwmark: AtomicU32::new(fwmark),
+            handshakes: HandshakeQueue::new(handshakes::CAPACITY),
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             workers,

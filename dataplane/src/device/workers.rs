@@ -5,8 +5,10 @@
 //!  tun thread    poll queue ─► read superpackets, split to segments into a batch
 //!                ─► engine (encrypt) ─► outbox ─► UDP GSO sends
 //!                (a superpacket with more segments than a batch: batch after batch)
-//!  udp thread    poll sockets ─► recvmmsg + UDP GRO ─► engine (decrypt) ─► outbox
-//!                ─► GRO-coalesced TUN writes, UDP sends (handshake replies)
+//!  udp thread    poll sockets ─► recvmmsg + UDP GRO ─► handshake messages to the
+//!                handshake queue (see `handshakes`) ─► the rest: engine (decrypt) ─► outbox
+//!                ─► GRO-coalesced TUN writes
+//!  handshake     handshake queue ─► engine (MAC, cookie, DH) ─► UDP sends (see `handshakes`)
 //!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; the adaptive placement follows
 //!                the load; every second: follow the TUN's MTU, notice a deleted TUN
 //! ```
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use quinn_udp::RecvMeta;
 
+use super::handshakes;
 use super::shared::{ExitReason, Shared};
 use super::tun_batch::{TunBatch, TUN_BATCH};
 use crate::engine::new_scratch;
@@ -180,6 +183,17 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                     // ICMP errors surface here as ECONNREFUSED and the like: not fatal.
                     Err(_) => break,
                 };
+                // Handshake messages leave for their own queue first, with no lock held.
+                for (meta, buf) in metas.iter().zip(bufs.iter()).take(count) {
+                    let from = canonical(meta.addr);
+                    for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
+                        if handshakes::belongs_here(datagram)
+                            && !shared.handshakes.offer(from, meta.dst_ip, datagram)
+                        {
+                            shared.engine.stats().drop(DropReason::HandshakeQueueFull);
+                        }
+                    }
+                }
                 // Decrypted packets wait in the outbox for GRO; flush every
                 // `TUN_FLUSH_PACKETS` so its buffers stay few (memory) and writes stay timely.
                 let mut datagrams = metas
@@ -192,6 +206,7 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                             .chunks(meta.stride.max(1))
                             .map(move |d| (from, meta.dst_ip, d))
                     })
+                    .filter(|(_, _, d)| !handshakes::belongs_here(d))
                     .peekable();
                 while datagrams.peek().is_some() {
                     {
