@@ -143,7 +143,7 @@ fn cookie_replies_under_load_allocate_nothing_once_warm() {
         })
         .collect();
     let mut out = Outbox::default();
-    let mut flood = |a: &mut Node, out: &mut Outbox, rounds: usize| {
+    let flood = |a: &mut Node, out: &mut Outbox, rounds: usize| {
         for _ in 0..rounds {
             for init in &initiations {
                 out.clear();
