@@ -203,11 +203,13 @@ pub(crate) fn handshake_loop(shared: Arc<Shared>) {
         }
         if !outbox.is_empty() {
             let sockets = shared.sockets();
-            // Handshake messages go to the network only, never to the TUN.
+            // Handshake messages go to the network only, never to the TUN. A flood's cookie
+            // replies all go to the flooder at the same size: one GSO send per batch.
+            let segments = super::workers::max_segments(&shared, &sockets, 0);
             let _ = outbox.flush(
                 shared.tun.queue(0),
                 sockets.worker(0),
-                1,
+                segments,
                 shared.engine.stats(),
             );
         }

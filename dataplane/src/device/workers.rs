@@ -65,7 +65,7 @@ impl SocketView {
     }
 }
 
-fn max_segments(shared: &Shared, sockets: &UdpSockets, worker: usize) -> usize {
+pub(super) fn max_segments(shared: &Shared, sockets: &UdpSockets, worker: usize) -> usize {
     if !shared.udp_gso {
         return 1;
     }
