@@ -63,7 +63,7 @@ impl Engine {
                 if let Some(endpoint) = state.endpoint {
                     send_counted(
                         &self.stats,
-                        Some(&mut state.tx_bytes),
+                        Some(&mut state.traffic),
                         tx,
                         &endpoint,
                         datagram,
@@ -85,7 +85,7 @@ impl Engine {
                     {
                         send_counted(
                             &self.stats,
-                            Some(&mut state.tx_bytes),
+                            Some(&mut state.traffic),
                             tx,
                             &endpoint,
                             datagram,
