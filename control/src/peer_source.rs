@@ -106,6 +106,17 @@ impl Health {
     }
 }
 
+/// How the source's syncs went, for metrics and `tailsk8s status`.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStats {
+    /// When the last good sync (status read, announcements fetched, peers applied) ended.
+    pub synced_at: Option<std::time::SystemTime>,
+    /// Failed LocalAPI reads and failed applies since start.
+    pub errors: u64,
+    /// How long the last good sync took.
+    pub reconcile: Option<Duration>,
+}
+
 /// What the source remembers about one cluster node between syncs.
 #[derive(Debug, Clone)]
 struct Known {
@@ -133,6 +144,7 @@ pub struct PeerSource {
     self_ips: Vec<IpAddr>,
     /// Direct or tailnet path per Tailscale peer (see [`crate::path`]).
     paths: Arc<Mutex<PathMonitor>>,
+    stats: Arc<Mutex<SyncStats>>,
 }
 
 impl PeerSource {
@@ -160,7 +172,18 @@ impl PeerSource {
             served: None,
             self_ips: Vec::new(),
             paths: Arc::default(),
+            stats: Arc::default(),
         }
+    }
+
+    /// The path per peer, shared (for status reporting).
+    pub fn paths(&self) -> Arc<Mutex<PathMonitor>> {
+        self.paths.clone()
+    }
+
+    /// How the syncs went, shared (for status reporting).
+    pub fn sync_stats(&self) -> Arc<Mutex<SyncStats>> {
+        self.stats.clone()
     }
 
     /// The source's freshness, shared (for status reporting).
@@ -216,18 +239,28 @@ impl PeerSource {
                     backoff = FIRST_BACKOFF;
                     next_read = Instant::now() + resync;
                     let mut stop = shutdown.clone();
+                    let started = std::time::Instant::now();
                     tokio::select! {
                         () = self.sync(view) => {}
                         () = stopped(&mut stop) => break,
                     }
+                    let mut stats = self.stats.lock();
+                    if self.apply_failing {
+                        stats.errors += 1;
+                    } else {
+                        stats.synced_at = Some(std::time::SystemTime::now());
+                        stats.reconcile = Some(started.elapsed());
+                    }
                 }
                 Ok(view) => {
+                    self.stats.lock().errors += 1;
                     self.health
                         .stale(format!("tailscaled is {}, not Running", view.backend_state));
                     next_read = Instant::now() + backoff;
                     backoff = (backoff * 2).min(resync);
                 }
                 Err(e) => {
+                    self.stats.lock().errors += 1;
                     self.health.stale(e.to_string());
                     next_read = Instant::now() + backoff;
                     backoff = (backoff * 2).min(resync);

@@ -43,7 +43,7 @@ pub(crate) fn heartbeat_slot(of: HeartbeatOf, workers: usize) -> usize {
 fn heartbeat_name(slot: usize, workers: usize) -> String {
     if slot == 2 * workers {
         "tsk-timers".to_string()
-    } else if slot % 2 == 0 {
+    } else if slot.is_multiple_of(2) {
         format!("tsk-tun{}", slot / 2)
     } else {
         format!("tsk-udp{}", slot / 2)
