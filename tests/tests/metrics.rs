@@ -1,0 +1,125 @@
+//! `/metrics`, `/healthz`, `/readyz` and `tailsk8s status` of config-file routers in
+//! namespaces (root): the counters the router exports are the ones `wg show` reports, and
+//! `tailsk8s status --json` lists the peers it runs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+
+use tailsk8s_e2e::{
+    ping, require_netns, tailsk8s_binary, tcp_transfer, ConfigMesh, MeshOptions, Netns, ShowDump,
+    TopologyBuilder,
+};
+
+const KB: u64 = 1024;
+const METRICS: &str = "127.0.0.1:9586";
+
+/// GET `path` on the node's metrics server: (HTTP status, body).
+fn http_get(node: &Netns, path: &str) -> (u16, String) {
+    let url = format!("http://{METRICS}{path}");
+    let out = node
+        .output(
+            "curl",
+            &["-s", "-w", "\n%{http_code}", "--max-time", "5", &url],
+        )
+        .unwrap();
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+    (code.parse().unwrap_or(0), body.to_string())
+}
+
+/// The samples of one metric, by their `public_key` label.
+fn by_public_key(text: &str, name: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let (labels, value) = rest.rsplit_once("} ").unwrap();
+        let key = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("public_key=\""))
+            .map(|k| k.trim_end_matches('"').to_string())
+            .unwrap();
+        out.insert(key, value.parse::<f64>().unwrap() as u64);
+    }
+    out
+}
+
+#[test]
+fn metrics_match_wg_show_and_status_lists_the_peers() {
+    if !require_netns() {
+        return;
+    }
+    let topo = TopologyBuilder::new(2).build().unwrap();
+    let options = MeshOptions {
+        metrics_listen: Some(METRICS.parse::<SocketAddr>().unwrap()),
+        ..MeshOptions::default()
+    };
+    let mesh = ConfigMesh::start(&topo, &options).unwrap();
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    ping(a.pods()[0].netns(), b.pods()[0].ip(false), 2).unwrap();
+    let size = 2048 * KB;
+    let report = tcp_transfer(
+        a.pods()[0].netns(),
+        b.pods()[0].netns(),
+        b.pods()[0].ip(false),
+        size,
+    )
+    .unwrap();
+    report.verify(a.pods()[0].ip(false)).unwrap();
+
+    let router = &mesh.routers()[0];
+    let peer_key = mesh.routers()[1].public_key().unwrap().to_string();
+    assert_eq!(http_get(a.netns(), "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(a.netns(), "/readyz"), (200, "ok\n".to_string()));
+
+    // No keepalives run, so the counters only move if something sends: read wg show on both
+    // sides of the scrape and require the scrape to lie between.
+    let before = router.dump().unwrap();
+    let (code, text) = http_get(a.netns(), "/metrics");
+    let after = router.dump().unwrap();
+    assert_eq!(code, 200);
+    let (p0, p1) = (
+        before.peer(&peer_key).unwrap(),
+        after.peer(&peer_key).unwrap(),
+    );
+    let tx = by_public_key(&text, "tailsk8s_peer_transmit_bytes_total")[&peer_key];
+    let rx = by_public_key(&text, "tailsk8s_peer_receive_bytes_total")[&peer_key];
+    assert!(
+        (p0.tx_bytes..=p1.tx_bytes).contains(&tx),
+        "{tx} vs {p0:?} {p1:?}"
+    );
+    assert!(
+        (p0.rx_bytes..=p1.rx_bytes).contains(&rx),
+        "{rx} vs {p0:?} {p1:?}"
+    );
+    // Wire bytes carry the transfer plus headers: at least the payload, and not more than
+    // TCP/IP + WireGuard overhead per full-size segment (under 10 %).
+    assert!(tx >= size && tx < size + size / 10, "tx {tx} for {size}");
+    let packets = by_public_key(&text, "tailsk8s_peer_transmit_packets_total")[&peer_key];
+    assert!(packets >= size / 1420, "{packets} packets for {size} bytes");
+    let attempts = by_public_key(&text, "tailsk8s_peer_handshake_attempts_total");
+    assert!(attempts.values().sum::<u64>() <= 2, "{attempts:?}");
+    let handshake = by_public_key(&text, "tailsk8s_peer_last_handshake_seconds")[&peer_key];
+    assert_eq!(Some(handshake), p1.latest_handshake);
+
+    let out = Command::new(tailsk8s_binary().unwrap())
+        .args(["status", "--json", router.ifname()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peers = status["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{status}");
+    assert_eq!(peers[0]["public_key"], peer_key.as_str());
+    assert_eq!(peers[0]["path"], "direct");
+    assert_eq!(peers[0]["state"], "connected");
+    assert!(peers[0]["tx_bytes"].as_u64().unwrap() >= tx);
+    assert_eq!(status["key_loaded"], true);
+}
