@@ -1,5 +1,6 @@
-//! The Tailscale peer source: the control plane's async side. One tokio runtime (on its own
-//! thread, beside the data plane's threads) runs three tasks:
+//! The Tailscale peer source: the control plane's async side. It runs three tasks on the
+//! control plane's one tokio runtime (on its own thread, beside the data plane's threads and
+//! the router's status socket and metrics server; see [`crate::router`]):
 //!
 //! - the **sync loop**: reads LocalAPI `/status` at start, after a `watch-ipn-bus` message
 //!   (debounced), every `resync`, and when a failed announcement fetch is due again; turns the
