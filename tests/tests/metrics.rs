@@ -123,3 +123,67 @@ fn metrics_match_wg_show_and_status_lists_the_peers() {
     assert!(peers[0]["tx_bytes"].as_u64().unwrap() >= tx);
     assert_eq!(status["key_loaded"], true);
 }
+
+/// The value of `tailsk8s_drops_total{reason="REASON"}`.
+fn drops(text: &str, reason: &str) -> u64 {
+    let prefix = format!("tailsk8s_drops_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}")) as u64
+}
+
+#[test]
+fn drops_are_counted_under_their_reason() {
+    if !require_netns() {
+        return;
+    }
+    let topo = TopologyBuilder::new(2).build().unwrap();
+    let options = MeshOptions {
+        metrics_listen: Some(METRICS.parse::<SocketAddr>().unwrap()),
+        ..MeshOptions::default()
+    };
+    let mesh = ConfigMesh::start(&topo, &options).unwrap();
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    // A session first, so the spoofed packets below are encrypted and delivered.
+    ping(a.pods()[0].netns(), b.pods()[0].ip(false), 2).unwrap();
+    let (_, start_a) = http_get(a.netns(), "/metrics");
+
+    // No route: a destination routed to the TUN that is in no peer's allowed IPs.
+    let tun_a = mesh.routers()[0].ifname();
+    a.netns()
+        .exec("ip", &["route", "add", "198.19.250.0/24", "dev", tun_a])
+        .unwrap();
+    let _ = a
+        .netns()
+        .output("ping", &["-c", "3", "-i", "0.2", "-W", "1", "198.19.250.1"]);
+    // Not allowed: node b's own address as the inner source (not one of b's allowed IPs on
+    // a), sent into the tunnel from b's node namespace.
+    let spoofed = b.underlay(false).to_string();
+    let _ = b.netns().output(
+        "ping",
+        &[
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            &spoofed,
+            &a.pods()[0].ip(false).to_string(),
+        ],
+    );
+
+    let (_, end_a) = http_get(a.netns(), "/metrics");
+    assert!(
+        drops(&end_a, "no_route") >= drops(&start_a, "no_route") + 3,
+        "{end_a}"
+    );
+    assert!(
+        drops(&end_a, "not_allowed") >= drops(&start_a, "not_allowed") + 3,
+        "{end_a}"
+    );
+}
