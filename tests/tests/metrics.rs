@@ -187,3 +187,99 @@ fn drops_are_counted_under_their_reason() {
         "{end_a}"
     );
 }
+
+/// GET `/readyz` until its status is `code` (within `deadline`); returns the body.
+fn wait_ready(node: &Netns, code: u16, deadline: std::time::Duration) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let (got, body) = http_get(node, "/readyz");
+        if got == code {
+            return body;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "/readyz stayed {got} ({body}), wanted {code}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn readiness_follows_the_tailscale_source() {
+    use tailsk8s_e2e::{ConfigRouter, KeyPair};
+    use tailsk8s_tailnet_sim::{LocalApiServer, SimNode, Tailnet};
+
+    if !require_netns() {
+        return;
+    }
+    let binary = tailsk8s_binary().unwrap();
+    let topology = TopologyBuilder::new(1).build().unwrap();
+    let node = &topology.nodes()[0];
+    let sim = SimNode::numbered(node.index()).with_approved_routes(&node.pod_cidrs());
+    // The node's tailnet addresses on a tailscale0 (one end of a veth pair: dummy links need
+    // a module this machine may not have), for the announcement server.
+    let mut lines = vec![
+        "link add tailscale0 type veth peer name tsk-tail".to_string(),
+        "link set tsk-tail up".to_string(),
+        "link set tailscale0 mtu 1280 up".to_string(),
+    ];
+    for ip in &sim.tailnet_ips {
+        lines.push(match ip {
+            std::net::IpAddr::V4(_) => format!("addr add {ip}/10 dev tailscale0"),
+            std::net::IpAddr::V6(_) => format!("addr add {ip}/48 dev tailscale0 nodad"),
+        });
+    }
+    node.netns().ip_batch(&lines).unwrap();
+    let tailnet = Tailnet::new();
+    tailnet.add(sim.clone());
+
+    let mut router = ConfigRouter::new(node.netns()).unwrap();
+    router
+        .write_private_key(&KeyPair::generate(&binary).unwrap())
+        .unwrap();
+    let socket = router.dir().join("tailscaled.sock");
+    let mut localapi = LocalApiServer::start(&tailnet, &sim.stable_id, &socket).unwrap();
+    let pods: Vec<String> = node
+        .pod_cidrs()
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect();
+    router
+        .write_config_text(&format!(
+            "interface = \"{ifname}\"\n\
+             private_key_file = \"{key}\"\n\
+             pod_cidrs = [{pods}]\n\
+             cluster_cidrs = [\"198.19.0.0/16\", \"fd00:19::/32\"]\n\
+             \n\
+             [tailscale]\n\
+             socket = \"{socket}\"\n\
+             resync = \"1s\"\n\
+             \n\
+             [metrics]\n\
+             listen = \"{METRICS}\"\n",
+            ifname = router.ifname(),
+            key = router.key_path().display(),
+            pods = pods.join(", "),
+            socket = socket.display(),
+        ))
+        .unwrap();
+    router.start().unwrap();
+    let deadline = std::time::Duration::from_secs(15);
+    wait_ready(node.netns(), 200, deadline);
+
+    localapi.stop();
+    let why = wait_ready(node.netns(), 503, deadline);
+    assert!(why.contains("peer source stale"), "{why}");
+    assert_eq!(
+        http_get(node.netns(), "/healthz").0,
+        200,
+        "alive while not ready"
+    );
+    let (_, text) = http_get(node.netns(), "/metrics");
+    assert!(text.contains("tailsk8s_source_fresh 0"), "{text}");
+
+    let _localapi = LocalApiServer::start(&tailnet, &sim.stable_id, &socket).unwrap();
+    wait_ready(node.netns(), 200, deadline);
+    let (_, text) = http_get(node.netns(), "/metrics");
+    assert!(text.contains("tailsk8s_source_fresh 1"), "{text}");
+}
