@@ -206,3 +206,72 @@ pub fn write_table(status: &Status, now: SystemTime, out: &mut dyn Write) -> std
         writeln!(out, "drops     {}", dropped.join(", "))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::{DropCount, PeerStatus, SourceStatus};
+
+    #[test]
+    fn the_table_shows_peers_source_and_drops_and_json_round_trips() {
+        let status = Status {
+            interface: "tsk0".into(),
+            workers: 2,
+            offload: false,
+            key_loaded: true,
+            source: Some(SourceStatus {
+                state: "stale".into(),
+                reason: Some("connection refused".into()),
+                last_sync: Some(990.0),
+                sync_age_seconds: Some(10.0),
+                errors: 4,
+                reconcile_seconds: Some(0.01),
+            }),
+            peers: vec![PeerStatus {
+                public_key: "AAA=".into(),
+                node: "node-b".into(),
+                pod_cidrs: vec!["198.19.2.0/24".into(), "fd00:19:2::/64".into()],
+                endpoint: Some("198.18.0.2:51820".into()),
+                path: "tailnet".into(),
+                state: "connected".into(),
+                last_handshake: Some(995),
+                rx_bytes: 10,
+                tx_bytes: 20,
+                rx_packets: 1,
+                tx_packets: 2,
+                handshake_attempts: 1,
+            }],
+            drops: vec![
+                DropCount {
+                    reason: "no_route".into(),
+                    count: 3,
+                },
+                DropCount {
+                    reason: "replay".into(),
+                    count: 0,
+                },
+            ],
+        };
+        let mut out = Vec::new();
+        write_table(&status, UNIX_EPOCH + Duration::from_secs(1000), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("offload off"), "{text}");
+        assert!(
+            text.contains("tailscale stale  last sync 10s ago  errors 4  (connection refused)"),
+            "{text}"
+        );
+        let row = text.lines().find(|l| l.starts_with("node-b")).unwrap();
+        for cell in [
+            "198.19.2.0/24,fd00:19:2::/64",
+            "198.18.0.2:51820",
+            "tailnet",
+            "5s ago",
+            "AAA=",
+        ] {
+            assert!(row.contains(cell), "{cell} in {row}");
+        }
+        assert!(text.ends_with("drops     no_route 3\n"), "{text}");
+        let json = serde_json::to_string(&status).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+    }
+}
