@@ -56,6 +56,20 @@ pub enum Command {
     Withdraw(RouteArgs),
     /// Approve a device (this node by default) in a tailnet that requires device approval.
     Authorize(AuthorizeArgs),
+    /// Show the running router's peers (node, pod CIDRs, endpoint, path, handshake, traffic),
+    /// its peer source and its drops.
+    Status(StatusArgs),
+}
+
+/// `tailsk8s status [--json] [IFNAME]`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct StatusArgs {
+    /// Print the JSON document (see README) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The router's interface.
+    #[arg(default_value = DEFAULT_IFNAME)]
+    pub ifname: String,
 }
 
 /// `tailsk8s router [--config FILE] [IFNAME]`
@@ -192,6 +206,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Authorize(args) => {
             crate::tailnet_admin::run_authorize(&args, &mut std::io::stdout().lock())
         }
+        Command::Status(args) => crate::status::command(
+            std::path::Path::new(tailsk8s_dataplane::uapi::DEFAULT_SOCKET_DIR),
+            &args.ifname,
+            args.json,
+            &mut std::io::stdout().lock(),
+        ),
     }
 }
 

@@ -28,6 +28,9 @@
 //! tag = "tag:k8s-node"                                # optional; cluster nodes carry this tag
 //! announce_port = 51821                               # optional; TCP, tailnet addresses only
 //! resync = "30s"                                      # optional; re-read the LocalAPI this often
+//!
+//! [metrics]                                           # optional
+//! listen = "0.0.0.0:9586"                             # /metrics, /healthz, /readyz over HTTP
 //! ```
 //!
 //! Decisions, so the file means the same thing to every reader:
@@ -245,6 +248,8 @@ pub enum ConfigProblem {
     },
     #[error("{field} must not be 0")]
     PortZero { field: &'static str },
+    #[error("bad listen address `{value}`: expected IPv4:PORT or [IPv6]:PORT")]
+    BadListen { value: String },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -269,6 +274,7 @@ struct RawFile {
     #[serde(default)]
     endpoints: Vec<Spanned<String>>,
     tailscale: Option<Spanned<RawTailscale>>,
+    metrics: Option<RawMetrics>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -281,6 +287,13 @@ struct RawTailscale {
     tag: Option<Spanned<String>>,
     announce_port: Option<Spanned<u16>>,
     resync: Option<Spanned<String>>,
+}
+
+/// The `[metrics]` table: where the HTTP server for metrics and health checks listens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
 }
 
 /// One `[[peer]]` table.
@@ -332,6 +345,8 @@ pub struct RouterConfig {
     pub endpoints: Vec<SocketAddr>,
     /// Peers from Tailscale, when the file has a `[tailscale]` table.
     pub tailscale: Option<TailscaleConfig>,
+    /// `[metrics] listen`: where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The `[tailscale]` table, validated.
@@ -572,6 +587,10 @@ impl Context<'_> {
             Some(table) => Some(self.validate_tailscale(table.get_ref())?),
             None => None,
         };
+        let metrics_listen = match &raw.metrics {
+            Some(table) => Some(self.parse_listen(&table.listen)?),
+            None => None,
+        };
 
         let mut peers = Vec::with_capacity(raw.peers.len());
         let mut peer_lines: BTreeMap<Key, usize> = BTreeMap::new();
@@ -596,7 +615,29 @@ impl Context<'_> {
             cluster_cidrs,
             endpoints,
             tailscale,
+            metrics_listen,
         })
+    }
+
+    /// `[metrics] listen`: an IP:port (no hostnames, port not 0).
+    fn parse_listen(&self, value: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        let addr: SocketAddr = value.get_ref().trim().parse().map_err(|_| {
+            self.error(
+                value.span(),
+                ConfigProblem::BadListen {
+                    value: value.get_ref().clone(),
+                },
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(self.error(
+                value.span(),
+                ConfigProblem::PortZero {
+                    field: "[metrics] listen",
+                },
+            ));
+        }
+        Ok(addr)
     }
 
     /// A list of networks (`pod_cidrs`, `cluster_cidrs`): each a network without host bits,
@@ -1492,5 +1533,26 @@ allowed_ips = ["198.19.3.7", "198.19.4.9/24"]
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("1d"), None);
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_with_a_port() {
+        let base = "private_key_file = \"/k\"\n";
+        let ok = parse(&format!("{base}[metrics]\nlisten = \"0.0.0.0:9586\"\n")).unwrap();
+        assert_eq!(ok.metrics_listen, Some("0.0.0.0:9586".parse().unwrap()));
+        assert_eq!(parse(base).unwrap().metrics_listen, None);
+        assert_err_at(
+            &format!("{base}[metrics]\nlisten = \"localhost:9586\"\n"),
+            3,
+            |p| matches!(p, ConfigProblem::BadListen { .. }),
+        );
+        assert_err_at(
+            &format!("{base}[metrics]\nlisten = \"[::1]:0\"\n"),
+            3,
+            |p| matches!(p, ConfigProblem::PortZero { .. }),
+        );
+        assert_err_at(&format!("{base}[metrics]\nlisen = \"[::1]:1\"\n"), 3, |p| {
+            matches!(p, ConfigProblem::UnknownKey { .. })
+        });
     }
 }

@@ -1,5 +1,6 @@
-//! The Tailscale peer source: the control plane's async side. One tokio runtime (on its own
-//! thread, beside the data plane's threads) runs three tasks:
+//! The Tailscale peer source: the control plane's async side. It runs three tasks on the
+//! control plane's one tokio runtime (on its own thread, beside the data plane's threads and
+//! the router's status socket and metrics server; see [`crate::router`]):
 //!
 //! - the **sync loop**: reads LocalAPI `/status` at start, after a `watch-ipn-bus` message
 //!   (debounced), every `resync`, and when a failed announcement fetch is due again; turns the
@@ -106,6 +107,17 @@ impl Health {
     }
 }
 
+/// How the source's syncs went, for metrics and `tailsk8s status`.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStats {
+    /// When the last good sync (status read, announcements fetched, peers applied) ended.
+    pub synced_at: Option<std::time::SystemTime>,
+    /// Failed LocalAPI reads and failed applies since start.
+    pub errors: u64,
+    /// How long the last good sync took.
+    pub reconcile: Option<Duration>,
+}
+
 /// What the source remembers about one cluster node between syncs.
 #[derive(Debug, Clone)]
 struct Known {
@@ -133,6 +145,7 @@ pub struct PeerSource {
     self_ips: Vec<IpAddr>,
     /// Direct or tailnet path per Tailscale peer (see [`crate::path`]).
     paths: Arc<Mutex<PathMonitor>>,
+    stats: Arc<Mutex<SyncStats>>,
 }
 
 impl PeerSource {
@@ -160,7 +173,18 @@ impl PeerSource {
             served: None,
             self_ips: Vec::new(),
             paths: Arc::default(),
+            stats: Arc::default(),
         }
+    }
+
+    /// The path per peer, shared (for status reporting).
+    pub fn paths(&self) -> Arc<Mutex<PathMonitor>> {
+        self.paths.clone()
+    }
+
+    /// How the syncs went, shared (for status reporting).
+    pub fn sync_stats(&self) -> Arc<Mutex<SyncStats>> {
+        self.stats.clone()
     }
 
     /// The source's freshness, shared (for status reporting).
@@ -216,18 +240,28 @@ impl PeerSource {
                     backoff = FIRST_BACKOFF;
                     next_read = Instant::now() + resync;
                     let mut stop = shutdown.clone();
+                    let started = std::time::Instant::now();
                     tokio::select! {
                         () = self.sync(view) => {}
                         () = stopped(&mut stop) => break,
                     }
+                    let mut stats = self.stats.lock();
+                    if self.apply_failing {
+                        stats.errors += 1;
+                    } else {
+                        stats.synced_at = Some(std::time::SystemTime::now());
+                        stats.reconcile = Some(started.elapsed());
+                    }
                 }
                 Ok(view) => {
+                    self.stats.lock().errors += 1;
                     self.health
                         .stale(format!("tailscaled is {}, not Running", view.backend_state));
                     next_read = Instant::now() + backoff;
                     backoff = (backoff * 2).min(resync);
                 }
                 Err(e) => {
+                    self.stats.lock().errors += 1;
                     self.health.stale(e.to_string());
                     next_read = Instant::now() + backoff;
                     backoff = (backoff * 2).min(resync);

@@ -1,9 +1,10 @@
 //! `tailsk8s router`: the node agent's main loop. It validates everything it was given before
 //! touching the host, then binds the UAPI socket that `wg` talks to (first: a live one means
 //! another daemon owns the name), creates the device (TUN + listen sockets + engine threads),
-//! applies the config file (if any) and its kernel routes, starts the Tailscale peer source
-//! when the file has a `[tailscale]` table (one tokio runtime on its own thread: see
-//! [`crate::peer_source`]), serves the socket, and tears all of it down on SIGINT/SIGTERM,
+//! applies the config file (if any) and its kernel routes, starts the control plane's one
+//! tokio runtime on its own thread (the Tailscale peer source when the file has a
+//! `[tailscale]` table, see [`crate::peer_source`]; the status socket, see [`crate::status`];
+//! the metrics server with `[metrics]`, see [`crate::metrics`]), serves the socket, and tears all of it down on SIGINT/SIGTERM,
 //! when the TUN is deleted, or when its UAPI socket file is deleted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,9 +22,11 @@ use crate::announcement::Announcement;
 use crate::cli::RouterArgs;
 use crate::config::RouterConfig;
 use crate::key_file::load_or_create_private_key;
+use crate::observe::{RouterView, SourceHandles};
 use crate::peer_source::{PeerSource, SourceSettings};
 use crate::reconcile::{desired_peers, Applier};
 use crate::routes::{RouteManager, ROUTE_TABLE, RULE_PRIORITY};
+use crate::status::StatusSocket;
 
 /// How often the main loop looks at signals, the TUN and the socket file.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -102,7 +105,7 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     };
     let device = Device::start(&options)?;
     let mut applier: Option<Arc<Mutex<Applier>>> = None;
-    let mut source: Option<SourceThread> = None;
+    let mut source: Option<PeerSource> = None;
     if let Some((config, private_key, preshared)) = prepared {
         let manager =
             RouteManager::new(&ifname, ROUTE_TABLE, RULE_PRIORITY).with_fwmark(config.fwmark);
@@ -152,15 +155,39 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
                 endpoints = ?announcement.endpoints,
                 "peers from Tailscale"
             );
-            source = Some(SourceThread::start(PeerSource::new(
-                settings,
-                shared.clone(),
-                &announcement,
-            ))?);
+            source = Some(PeerSource::new(settings, shared.clone(), &announcement));
         }
         applier = Some(shared);
     }
     let watch = uapi.watch();
+    // The status socket and the metrics server (when configured) beside the peer source,
+    // all on the control plane's one runtime. Bound here so a taken port fails the start.
+    let view = RouterView {
+        interface: ifname.clone(),
+        device: device.control(),
+        health: device.health(),
+        applier: applier.clone(),
+        source: source.as_ref().map(|s| SourceHandles {
+            freshness: s.freshness(),
+            stats: s.sync_stats(),
+            paths: s.paths(),
+        }),
+    };
+    let status_socket = StatusSocket::bind(crate::status::socket_path(
+        watch.path().parent().unwrap_or(std::path::Path::new(".")),
+        &ifname,
+    ))?;
+    let metrics = match config.as_ref().and_then(|c| c.metrics_listen) {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding [metrics] listen = {addr}"))?;
+            listener.set_nonblocking(true)?;
+            info!(listen = %addr, "serving /metrics, /healthz, /readyz");
+            Some(listener)
+        }
+        None => None,
+    };
+    let source = Some(ControlThread::start(source, view, status_socket, metrics)?);
     let server = uapi.serve(device.control(), stop.clone())?;
     info!(
         interface = %ifname,
@@ -210,14 +237,20 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     }
 }
 
-/// The control plane's tokio runtime on its own thread, running the peer source.
-struct SourceThread {
+/// The control plane's one tokio runtime on its own thread: the peer source (with a
+/// `[tailscale]` table), the status socket, and the metrics server (with `[metrics]`).
+struct ControlThread {
     stop: tokio::sync::watch::Sender<bool>,
     thread: std::thread::JoinHandle<()>,
 }
 
-impl SourceThread {
-    fn start(source: PeerSource) -> anyhow::Result<SourceThread> {
+impl ControlThread {
+    fn start(
+        source: Option<PeerSource>,
+        view: RouterView,
+        status: StatusSocket,
+        metrics: Option<std::net::TcpListener>,
+    ) -> anyhow::Result<ControlThread> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("tailsk8s-control")
@@ -228,17 +261,44 @@ impl SourceThread {
         let thread = std::thread::Builder::new()
             .name("tailsk8s-source".into())
             .spawn(move || {
-                runtime.block_on(source.run(stopped));
+                runtime.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    if let Some(source) = source {
+                        tasks.spawn(source.run(stopped.clone()));
+                    }
+                    tasks.spawn(status.serve(view.clone(), stopped.clone()));
+                    if let Some(listener) = metrics {
+                        let mut stop = stopped.clone();
+                        tasks.spawn(async move {
+                            let listener = match tokio::net::TcpListener::from_std(listener) {
+                                Ok(l) => l,
+                                Err(e) => {
+                                    warn!("metrics server: {e}");
+                                    return;
+                                }
+                            };
+                            let served = axum::serve(listener, crate::metrics::router(view))
+                                .with_graceful_shutdown(async move {
+                                    let _ = stop.wait_for(|s| *s).await;
+                                })
+                                .await;
+                            if let Err(e) = served {
+                                warn!("metrics server stopped: {e}");
+                            }
+                        });
+                    }
+                    while tasks.join_next().await.is_some() {}
+                });
                 runtime.shutdown_timeout(Duration::from_secs(2));
             })
-            .context("starting the peer source thread")?;
-        Ok(SourceThread { stop, thread })
+            .context("starting the control plane thread")?;
+        Ok(ControlThread { stop, thread })
     }
 
     fn stop(self) {
         let _ = self.stop.send(true);
         if self.thread.join().is_err() {
-            warn!("the peer source thread panicked");
+            warn!("the control plane thread panicked");
         }
     }
 }

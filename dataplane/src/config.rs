@@ -89,6 +89,11 @@ pub struct PeerSnapshot {
     /// Wire bytes of WireGuard messages received from / sent to this peer.
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Authenticated WireGuard messages received from / sent to this peer (not in UAPI).
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Handshake initiations sent to this peer, retries included (not in UAPI).
+    pub handshake_initiations: u64,
     /// Seconds; 0 when disabled.
     pub persistent_keepalive: u16,
     /// Sorted (IPv4 before IPv6, then by address, then by prefix length: `IpNet`'s order),
@@ -145,6 +150,9 @@ impl PeerSnapshot {
             last_handshake: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            rx_packets: 0,
+            tx_packets: 0,
+            handshake_initiations: 0,
             persistent_keepalive: 0,
             allowed_ips: Vec::new(),
         }

@@ -49,9 +49,8 @@ pub(crate) struct PeerState {
     pub keepalive_due: bool,
     /// Engine time (ms) of the last completed handshake; `wg show` turns it into a date.
     pub last_handshake_ms: Option<u64>,
-    /// Wire bytes of WireGuard messages, as `wg show` reports them.
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
+    /// What went over the wire to and from this peer.
+    pub traffic: Traffic,
     pub low_order: bool,
 }
 
@@ -68,11 +67,33 @@ impl Peer {
                 last_sent_ms: 0,
                 keepalive_due: false,
                 last_handshake_ms: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
+                traffic: Traffic::default(),
                 low_order: public_key.is_low_order_public(),
             }),
         }
+    }
+}
+
+/// A peer's wire counters, kept under its lock (plain integers: the engine holds the lock
+/// whenever it counts).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Traffic {
+    /// Wire bytes of WireGuard messages, as `wg show` reports them.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Authenticated WireGuard messages received / messages sent.
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Handshake initiations sent (first tries and retries).
+    pub handshake_initiations: u64,
+}
+
+impl Traffic {
+    /// One authenticated message of `len` wire bytes received.
+    #[inline]
+    pub fn received(&mut self, len: usize) {
+        self.rx_bytes += len as u64;
+        self.rx_packets += 1;
     }
 }
 

@@ -25,6 +25,8 @@ pub struct MeshOptions {
     pub endpoints: EndpointFamily,
     pub persistent_keepalive: Option<u16>,
     pub mtu: u32,
+    /// Each router serves `[metrics]` on this address (in its node's namespace).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for MeshOptions {
@@ -34,6 +36,7 @@ impl Default for MeshOptions {
             endpoints: EndpointFamily::V4,
             persistent_keepalive: None,
             mtu: 1420,
+            metrics_listen: None,
         }
     }
 }
@@ -70,6 +73,7 @@ impl<'a> ConfigMesh<'a> {
             let mut config = router.config();
             config.listen_port = Some(options.listen_port);
             config.mtu = Some(options.mtu);
+            config.metrics_listen = options.metrics_listen;
             for (remote, remote_router) in nodes.iter().zip(&routers) {
                 if remote.index() == node.index() {
                     continue;

@@ -127,6 +127,8 @@ pub struct ConfigFile {
     pub fwmark: Option<u32>,
     pub workers: Option<usize>,
     pub offload: Option<bool>,
+    /// `[metrics] listen`.
+    pub metrics_listen: Option<SocketAddr>,
     pub peers: Vec<PeerSpec>,
 }
 
@@ -141,6 +143,7 @@ impl ConfigFile {
             fwmark: None,
             workers: None,
             offload: None,
+            metrics_listen: None,
             peers: Vec::new(),
         }
     }
@@ -167,6 +170,10 @@ impl ConfigFile {
         }
         if let Some(offload) = self.offload {
             let _ = writeln!(out, "offload = {offload}");
+        }
+        if let Some(listen) = self.metrics_listen {
+            let _ = writeln!(out, "\n[metrics]");
+            let _ = writeln!(out, "listen = {}", toml_string(&listen.to_string()));
         }
         for peer in &self.peers {
             let _ = writeln!(out, "\n[[peer]]");

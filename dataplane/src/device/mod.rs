@@ -177,6 +177,57 @@ impl Device {
     pub fn stop(&self) {
         self.shared.finish(ExitReason::Stopped);
     }
+
+    /// A handle for health checks and metrics that outlives borrows of the device.
+    pub fn health(&self) -> DeviceHealth {
+        DeviceHealth {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// What a health check or a metrics scrape reads of a running device: its threads' liveness,
+/// whether it still runs, its worker count and offload state.
+#[derive(Clone)]
+pub struct DeviceHealth {
+    shared: Arc<Shared>,
+}
+
+impl DeviceHealth {
+    /// The device's threads that have not gone round their loop for longer than `max`.
+    /// Threads wake at least every 100 ms, so a second or more means one is stuck.
+    pub fn stalled_threads(&self, max: std::time::Duration) -> Vec<String> {
+        self.shared.stalled(max)
+    }
+
+    /// `None` while the device runs; why it stopped otherwise.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.shared.exit_reason()
+    }
+
+    /// Whether the TUN interface still exists.
+    pub fn tun_exists(&self) -> bool {
+        self.shared.tun.exists()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.shared.workers()
+    }
+
+    /// Whether the TUN runs with offloads (TSO/USO reads, GRO writes).
+    pub fn offload(&self) -> bool {
+        self.shared.tun.offload()
+    }
+
+    /// Whether UDP sends may carry several datagrams (GSO).
+    pub fn udp_gso(&self) -> bool {
+        self.shared.udp_gso
+    }
+
+    /// The engine's device-wide counters (drops by reason and totals).
+    pub fn stats(&self) -> &crate::stats::Stats {
+        self.shared.engine.stats()
+    }
 }
 
 impl Drop for Device {

@@ -21,6 +21,37 @@ use crate::outbox::Outbox;
 use crate::tun::Tun;
 use crate::udp::UdpSockets;
 
+/// One heartbeat per thread: a TUN and a UDP thread per worker, then the timer thread.
+fn heartbeat_slots(workers: usize) -> usize {
+    2 * workers + 1
+}
+
+/// Which heartbeat a thread bumps.
+pub(crate) enum HeartbeatOf {
+    Tun(usize),
+    Udp(usize),
+    Timers,
+}
+
+pub(crate) fn heartbeat_slot(of: HeartbeatOf, workers: usize) -> usize {
+    match of {
+        HeartbeatOf::Tun(w) => 2 * w,
+        HeartbeatOf::Udp(w) => 2 * w + 1,
+        HeartbeatOf::Timers => 2 * workers,
+    }
+}
+
+/// The thread name of a heartbeat slot (as the device names its threads).
+fn heartbeat_name(slot: usize, workers: usize) -> String {
+    if slot == 2 * workers {
+        "tsk-timers".to_string()
+    } else if slot.is_multiple_of(2) {
+        format!("tsk-tun{}", slot / 2)
+    } else {
+        format!("tsk-udp{}", slot / 2)
+    }
+}
+
 /// Why a device stopped on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -49,6 +80,9 @@ pub(crate) struct Shared {
     pub(crate) udp_gso: bool,
     /// Where workers run, unless they are never pinned.
     placement: Option<Placement>,
+    /// Each thread's last loop, in milliseconds since `started` (see [`Shared::beat`]).
+    heartbeats: Box<[AtomicU64]>,
+    started: Instant,
 }
 
 impl Shared {
@@ -72,7 +106,36 @@ impl Shared {
             exit: Mutex::new(None),
             workers,
             placement,
+            heartbeats: (0..heartbeat_slots(workers))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            started: Instant::now(),
         }
+    }
+
+    /// Marks thread `slot` alive (see [`heartbeat_slot`]); every device thread calls it each
+    /// time round its loop, which it goes through at least every poll interval.
+    pub(crate) fn beat(&self, slot: usize) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(beat) = self.heartbeats.get(slot) {
+            beat.store(ms, Relaxed);
+        }
+    }
+
+    /// The threads whose last beat is older than `max`, by name.
+    pub(crate) fn stalled(&self, max: std::time::Duration) -> Vec<String> {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let max = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        self.heartbeats
+            .iter()
+            .enumerate()
+            .filter(|(_, beat)| now.saturating_sub(beat.load(Relaxed)) > max)
+            .map(|(slot, _)| heartbeat_name(slot, self.workers))
+            .collect()
+    }
+
+    pub(crate) fn workers(&self) -> usize {
+        self.workers
     }
 
     pub(crate) fn sockets(&self) -> Arc<UdpSockets> {

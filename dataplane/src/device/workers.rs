@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use quinn_udp::RecvMeta;
 
 use super::handshakes;
-use super::shared::{ExitReason, Shared};
+use super::shared::{heartbeat_slot, ExitReason, HeartbeatOf, Shared};
 use super::tun_batch::{TunBatch, TUN_BATCH};
 use crate::engine::new_scratch;
 use crate::stats::DropReason;
@@ -115,7 +115,9 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         flushed.is_ok()
     };
     let fd = queue.as_raw_fd();
+    let heartbeat = heartbeat_slot(HeartbeatOf::Tun(worker), shared.workers());
     while !shared.stop.load(Relaxed) {
+        shared.beat(heartbeat);
         if !poll_fds(&[fd], libc::POLLIN, POLL_INTERVAL) {
             continue;
         }
@@ -153,7 +155,9 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
     let mut scratch = new_scratch();
     let mut outbox = shared.outbox();
     let mut view = SocketView::new(&shared);
+    let heartbeat = heartbeat_slot(HeartbeatOf::Udp(worker), shared.workers());
     while !shared.stop.load(Relaxed) {
+        shared.beat(heartbeat);
         view.refresh(&shared);
         let sockets = view.sockets.clone();
         let pair = sockets.worker(worker);
@@ -248,7 +252,9 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut scratch = new_scratch();
     let mut outbox = shared.outbox();
     let mut last_mtu_check = Instant::now();
+    let heartbeat = heartbeat_slot(HeartbeatOf::Timers, shared.workers());
     while !shared.stop.load(Relaxed) {
+        shared.beat(heartbeat);
         std::thread::sleep(POLL_INTERVAL);
         shared.tick(&mut outbox, &mut scratch);
         shared.follow_load();

@@ -43,7 +43,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use crate::allowed_ips::AllowedIps;
 use crate::config::{AllowedIpChange, DeviceUpdate, PeerSnapshot, PeerUpdate, SetError};
 use crate::key::Key;
-use crate::peer::{Endpoint, Peer};
+use crate::peer::{Endpoint, Peer, Traffic};
 use crate::stats::{DropReason, Stats};
 use source_limit::SourceLimit;
 
@@ -197,8 +197,11 @@ impl Engine {
                         let age = Duration::from_millis(now_ms.saturating_sub(at));
                         now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
                     }),
-                    rx_bytes: state.rx_bytes,
-                    tx_bytes: state.tx_bytes,
+                    rx_bytes: state.traffic.rx_bytes,
+                    tx_bytes: state.traffic.tx_bytes,
+                    rx_packets: state.traffic.rx_packets,
+                    tx_packets: state.traffic.tx_packets,
+                    handshake_initiations: state.traffic.handshake_initiations,
                     persistent_keepalive: state.persistent_keepalive,
                     allowed_ips: config.allowed_ips.prefixes_of(peer.slot),
                 }
@@ -380,13 +383,17 @@ fn new_cookie_checker(public: &Key) -> RateLimiter {
 /// datagram the engine sends goes through here.
 fn send_counted(
     stats: &Stats,
-    peer_tx_bytes: Option<&mut u64>,
+    peer: Option<&mut Traffic>,
     tx: &mut impl Transmit,
     to: &Endpoint,
     datagram: &[u8],
 ) {
-    if let Some(tx_bytes) = peer_tx_bytes {
-        *tx_bytes += datagram.len() as u64;
+    if let Some(traffic) = peer {
+        traffic.tx_bytes += datagram.len() as u64;
+        traffic.tx_packets += 1;
+        if datagram.first() == Some(&messages::MESSAGE_INITIATION) {
+            traffic.handshake_initiations += 1;
+        }
     }
     Stats::add(&stats.datagrams_out, 1);
     tx.send(to, datagram);

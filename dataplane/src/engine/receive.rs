@@ -107,7 +107,7 @@ impl Batch<'_> {
                 TunnResult::WriteToNetwork(reply) => {
                     // A handshake message that completed: a response to send, or our keepalive
                     // that confirms the session we initiated.
-                    state.rx_bytes += datagram.len() as u64;
+                    state.traffic.received(datagram.len());
                     state.endpoint = Some(source);
                     state.last_handshake_ms = Some(self.now_ms);
                     state.last_sent_ms = self.now_ms;
@@ -120,7 +120,7 @@ impl Batch<'_> {
                     if keepalive {
                         held.copy_from_slice(reply);
                     } else {
-                        send_counted(stats, Some(&mut state.tx_bytes), tx, &source, reply);
+                        send_counted(stats, Some(&mut state.traffic), tx, &source, reply);
                     }
                     // Packets queued while the handshake ran go out now.
                     let mut flushed = false;
@@ -129,10 +129,10 @@ impl Batch<'_> {
                     {
                         flushed = true;
                         Stats::add(&stats.tun_packets_in, 1);
-                        send_counted(stats, Some(&mut state.tx_bytes), tx, &source, queued);
+                        send_counted(stats, Some(&mut state.traffic), tx, &source, queued);
                     }
                     if keepalive && !flushed {
-                        send_counted(stats, Some(&mut state.tx_bytes), tx, &source, &held);
+                        send_counted(stats, Some(&mut state.traffic), tx, &source, &held);
                     }
                     return;
                 }
@@ -141,7 +141,7 @@ impl Batch<'_> {
                 TunnResult::Done => {
                     // A keepalive or a cookie reply: authentic, nothing to deliver. A cookie
                     // reply is not authenticated by the peer's key, so it does not roam.
-                    state.rx_bytes += datagram.len() as u64;
+                    state.traffic.received(datagram.len());
                     if message_type != MESSAGE_COOKIE_REPLY {
                         state.endpoint = Some(source);
                     }
@@ -294,7 +294,7 @@ fn deliver(
     tx: &mut impl Transmit,
 ) {
     // Authentic: count it and roam, even if the checks below drop it.
-    state.rx_bytes += wire_len as u64;
+    state.traffic.received(wire_len);
     state.endpoint = Some(source);
     // boringtun trims to the length the header claims without checking that a whole
     // header remains: a peer could otherwise put a header-less stub on the TUN.

@@ -84,7 +84,7 @@ impl Batch<'_> {
                 // A data message, or the initiation of the handshake it waits for.
                 Stats::add(&stats.tun_packets_in, 1);
                 state.last_sent_ms = self.now_ms;
-                send_counted(stats, Some(&mut state.tx_bytes), tx, &endpoint, datagram);
+                send_counted(stats, Some(&mut state.traffic), tx, &endpoint, datagram);
             }
             // Queued inside boringtun until the handshake completes.
             TunnResult::Done => {}

@@ -84,6 +84,12 @@ fn transfer_counters_are_wire_exact() {
     let seen_by_b = b.peer(&a.public);
     assert_eq!(seen_by_b.rx_bytes, 1428);
     assert_eq!(seen_by_b.tx_bytes, 1372);
+    // Messages: a sent one initiation and 10 requests, and received one response and 10
+    // replies; b the mirror image, and b never initiated.
+    assert_eq!((seen_by_a.tx_packets, seen_by_a.rx_packets), (11, 11));
+    assert_eq!((seen_by_b.tx_packets, seen_by_b.rx_packets), (11, 11));
+    assert_eq!(seen_by_a.handshake_initiations, 1);
+    assert_eq!(seen_by_b.handshake_initiations, 0);
 }
 
 #[test]

@@ -595,6 +595,8 @@ pub fn generate(c: &mut Choices<'_>) -> (String, RouterConfig) {
         cluster_cidrs: tailscale.cluster_cidrs,
         endpoints: tailscale.endpoints,
         tailscale: tailscale.tailscale,
+        // The generator writes no `[metrics]` table.
+        metrics_listen: None,
     };
     (text, expected)
 }

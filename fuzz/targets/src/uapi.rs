@@ -196,6 +196,9 @@ impl Model {
                 last_handshake: None,
                 rx_bytes: 0,
                 tx_bytes: 0,
+                rx_packets: 0,
+                tx_packets: 0,
+                handshake_initiations: 0,
                 persistent_keepalive: p.persistent_keepalive,
                 // BTreeMap order is IpNet's order, which is the engine's documented order.
                 allowed_ips: self
