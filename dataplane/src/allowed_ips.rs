@@ -15,6 +15,14 @@
 //! that allocates nothing. Removed nodes go to a free list for reuse; the memory itself is
 //! returned only by [`AllowedIps::clear`] or dropping the table.
 //!
+//! # Per-value lists
+//! The control path asks "which prefixes does this peer own" (`wg show`) and "drop all of
+//! them" (`replace_allowed_ips`, peer removal) once per peer; a whole-trie walk for each made
+//! those quadratic in the peer count. So every node holding a value is also on a
+//! doubly-linked list of that value's nodes (as Linux and wireguard-go keep a per-peer list),
+//! and those questions cost only the value's own prefixes. The links live in a vector
+//! parallel to the nodes, not in them, so the lookup's nodes stay as small as before.
+//!
 //! Why not the alternatives:
 //! - per-prefix-length hash maps probed longest first cost one hash per distinct length that
 //!   exists; with mixed lengths that is up to 33 (IPv4) or 129 (IPv6) probes per lookup;
@@ -30,6 +38,8 @@
 //! IPv4 and IPv6 are separate: an IPv4-mapped IPv6 address is looked up in the IPv6 trie,
 //! as WireGuard does.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -99,10 +109,42 @@ enum Slot {
     Child(u32, usize),
 }
 
+/// A node's neighbours on its value's list: `[previous, next]`, [`NIL`] at the ends (and
+/// both [`NIL`] for a node without a value).
+type Link = [u32; 2];
+
+/// Counts trie nodes the control-path operations touch, so tests can show that their cost
+/// follows what they touch rather than the table's size. Nothing in other builds.
+#[cfg(test)]
+mod visits {
+    use std::cell::Cell;
+
+    thread_local!(static VISITS: Cell<usize> = const { Cell::new(0) });
+
+    pub(super) fn count() {
+        VISITS.with(|v| v.set(v.get() + 1));
+    }
+
+    /// Nodes visited on this thread so far.
+    pub(super) fn total() -> usize {
+        VISITS.with(Cell::get)
+    }
+}
+
+#[cfg(not(test))]
+mod visits {
+    #[inline(always)]
+    pub(super) fn count() {}
+}
+
 /// A path-compressed binary trie for one address family.
 #[derive(Clone, Debug)]
 struct Trie<K, T> {
     nodes: Vec<Node<K, T>>,
+    /// Per-value list links, indexed like `nodes` (see the module doc).
+    links: Vec<Link>,
+    /// The first node of each value's list; a value without prefixes has no entry.
+    heads: HashMap<T, u32>,
     /// Indices of unused entries in `nodes`, reused before the vector grows.
     free: Vec<u32>,
     root: u32,
@@ -110,10 +152,12 @@ struct Trie<K, T> {
     len: usize,
 }
 
-impl<K: Key, T: Copy + Eq> Trie<K, T> {
+impl<K: Key, T: Copy + Eq + Hash> Trie<K, T> {
     fn new() -> Self {
         Self {
             nodes: Vec::new(),
+            links: Vec::new(),
+            heads: HashMap::new(),
             free: Vec::new(),
             root: NIL,
             len: 0,
@@ -122,9 +166,62 @@ impl<K: Key, T: Copy + Eq> Trie<K, T> {
 
     fn clear(&mut self) {
         self.nodes.clear();
+        self.links.clear();
+        self.heads.clear();
         self.free.clear();
         self.root = NIL;
         self.len = 0;
+    }
+
+    /// Puts node `i`, which now holds `value`, at the front of `value`'s list.
+    fn link(&mut self, i: u32, value: T) {
+        let next = self.heads.insert(value, i).unwrap_or(NIL);
+        if let Some(l) = self.links.get_mut(next as usize) {
+            l[0] = i;
+        }
+        self.links[i as usize] = [NIL, next];
+    }
+
+    /// Takes node `i` off `value`'s list (it no longer holds `value`).
+    fn unlink(&mut self, i: u32, value: T) {
+        let [prev, next] = std::mem::replace(&mut self.links[i as usize], [NIL, NIL]);
+        match self.links.get_mut(prev as usize) {
+            Some(l) => l[1] = next,
+            None if next == NIL => {
+                self.heads.remove(&value);
+            }
+            None => {
+                self.heads.insert(value, next);
+            }
+        }
+        if let Some(l) = self.links.get_mut(next as usize) {
+            l[0] = prev;
+        }
+    }
+
+    /// The prefixes holding `value`, in no particular order; visits only those nodes.
+    fn prefixes_of(&self, value: T) -> impl Iterator<Item = (K, u8)> + '_ {
+        let mut i = self.heads.get(&value).copied().unwrap_or(NIL);
+        std::iter::from_fn(move || {
+            let n = self.nodes.get(i as usize)?;
+            visits::count();
+            i = self.links[i as usize][1];
+            Some((n.key, n.len))
+        })
+    }
+
+    /// Removes every prefix holding `value`; returns how many. Costs the depth of each.
+    fn remove_value(&mut self, value: T) -> usize {
+        let mut removed = 0;
+        while let Some(&i) = self.heads.get(&value) {
+            let n = &self.nodes[i as usize];
+            let (key, len) = (n.key, n.len);
+            // The head is always removed, so the loop ends; `remove` unlinks it.
+            let old = self.remove(key, len);
+            debug_assert!(old == Some(value), "list out of step with the trie");
+            removed += 1;
+        }
+        removed
     }
 
     #[inline]
@@ -160,15 +257,22 @@ impl<K: Key, T: Copy + Eq> Trie<K, T> {
         }
     }
 
+    /// Stores `node` in a free entry; a value it holds goes on that value's list.
     fn alloc(&mut self, node: Node<K, T>) -> u32 {
-        if let Some(i) = self.free.pop() {
+        let value = node.value;
+        let i = if let Some(i) = self.free.pop() {
             self.nodes[i as usize] = node;
             i
         } else {
             // More than 4 billion nodes cannot fit in memory long before this wraps.
             self.nodes.push(node);
+            self.links.push([NIL, NIL]);
             (self.nodes.len() - 1) as u32
+        };
+        if let Some(v) = value {
+            self.link(i, v);
         }
+        i
     }
 
     fn release(&mut self, i: u32) {
@@ -202,9 +306,12 @@ impl<K: Key, T: Copy + Eq> Trie<K, T> {
             if common == n.len {
                 if n.len == len {
                     let old = self.nodes[cur as usize].value.replace(value);
-                    if old.is_none() {
-                        self.len += 1;
+                    match old {
+                        None => self.len += 1,
+                        Some(o) if o != value => self.unlink(cur, o),
+                        Some(_) => return old,
                     }
+                    self.link(cur, value);
                     return old;
                 }
                 // `n` is a strict prefix of the new one: descend on the next bit.
@@ -243,6 +350,7 @@ impl<K: Key, T: Copy + Eq> Trie<K, T> {
         let mut cur = self.root;
         loop {
             let n = self.nodes.get(cur as usize)?;
+            visits::count();
             if n.len > len || key.masked(n.len) != n.key {
                 return None;
             }
@@ -254,6 +362,7 @@ impl<K: Key, T: Copy + Eq> Trie<K, T> {
             cur = n.child[key.bit(n.len)];
         }
         let old = self.nodes[cur as usize].value.take()?;
+        self.unlink(cur, old);
         self.len -= 1;
         match self.nodes[cur as usize].child {
             [NIL, NIL] => {
@@ -330,6 +439,23 @@ impl<K: Key, T: Copy + Eq> Trie<K, T> {
             self.live_nodes(),
             "leaked nodes"
         );
+        assert_eq!(self.links.len(), self.nodes.len(), "links out of step");
+        let mut listed = 0;
+        for (&value, &head) in &self.heads {
+            let mut prev = NIL;
+            let mut i = head;
+            assert_ne!(i, NIL, "empty list kept");
+            while i != NIL {
+                let n = &self.nodes[i as usize];
+                assert!(n.value == Some(value), "node on the wrong value's list");
+                assert_eq!(self.links[i as usize][0], prev, "broken back link");
+                listed += 1;
+                assert!(listed <= self.len, "list cycle");
+                prev = i;
+                i = self.links[i as usize][1];
+            }
+        }
+        assert_eq!(listed, self.len, "prefixes missing from their lists");
     }
 
     #[cfg(test)]
@@ -358,6 +484,7 @@ impl<K: Key, T: Copy> Iterator for TrieIter<'_, K, T> {
             let Some(n) = self.trie.nodes.get(i as usize) else {
                 continue;
             };
+            visits::count();
             // Push 1 first so the 0-branch is visited first.
             for c in [n.child[1], n.child[0]] {
                 if c != NIL {
@@ -381,13 +508,13 @@ pub struct AllowedIps<T> {
     v6: Trie<u128, T>,
 }
 
-impl<T: Copy + Eq> Default for AllowedIps<T> {
+impl<T: Copy + Eq + Hash> Default for AllowedIps<T> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<T: Copy + Eq> AllowedIps<T> {
+impl<T: Copy + Eq + Hash> AllowedIps<T> {
     /// An empty table.
     pub fn new() -> Self {
         Self {
@@ -415,19 +542,9 @@ impl<T: Copy + Eq> AllowedIps<T> {
     }
 
     /// Removes every prefix mapped to `value` (all allowed IPs of one peer); returns how many.
+    /// Costs those prefixes only, not the table's size.
     pub fn remove_value(&mut self, value: T) -> usize {
-        fn drop_all<K: Key, T: Copy + Eq>(trie: &mut Trie<K, T>, value: T) -> usize {
-            let doomed: Vec<(K, u8)> = trie
-                .iter()
-                .filter(|&(_, _, v)| v == value)
-                .map(|(k, l, _)| (k, l))
-                .collect();
-            for &(k, l) in &doomed {
-                trie.remove(k, l);
-            }
-            doomed.len()
-        }
-        drop_all(&mut self.v4, value) + drop_all(&mut self.v6, value)
+        self.v4.remove_value(value) + self.v6.remove_value(value)
     }
 
     /// The value of the longest prefix containing `addr`.
@@ -452,12 +569,25 @@ impl<T: Copy + Eq> AllowedIps<T> {
     }
 
     /// All prefixes mapped to `value`: IPv4 before IPv6, each ascending by address and then
-    /// by prefix length (the same order as `IpNet`'s `Ord`).
+    /// by prefix length (the same order as `IpNet`'s `Ord`). Costs those prefixes only (and
+    /// sorting them), not the table's size.
     pub fn prefixes_of(&self, value: T) -> Vec<IpNet> {
-        self.iter()
-            .filter(|&(_, v)| v == value)
-            .map(|(net, _)| net)
-            .collect()
+        let mut v4: Vec<(u32, u8)> = self.v4.prefixes_of(value).collect();
+        let mut v6: Vec<(u128, u8)> = self.v6.prefixes_of(value).collect();
+        // Keys are distinct (one node per prefix), so an unstable sort is deterministic.
+        v4.sort_unstable();
+        v6.sort_unstable();
+        let mut out = Vec::with_capacity(v4.len() + v6.len());
+        // `new` only fails for lengths above 32/128, which the tries never hold.
+        out.extend(
+            v4.into_iter()
+                .filter_map(|(k, l)| Ipv4Net::new(Ipv4Addr::from(k), l).ok().map(IpNet::V4)),
+        );
+        out.extend(
+            v6.into_iter()
+                .filter_map(|(k, l)| Ipv6Net::new(Ipv6Addr::from(k), l).ok().map(IpNet::V6)),
+        );
+        out
     }
 
     /// Every prefix with its value, in the order [`prefixes_of`](Self::prefixes_of) documents.
@@ -580,7 +710,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn check<T: Copy + Eq>(t: &AllowedIps<T>) {
+    fn check<T: Copy + Eq + Hash>(t: &AllowedIps<T>) {
         t.v4.check();
         t.v6.check();
     }
@@ -726,6 +856,79 @@ mod tests {
         assert_eq!(t.lookup(ip("198.18.2.1")), None);
         assert_eq!(t.lookup(ip("fd00::1")), Some(2));
         assert_eq!(t.len(), 2);
+        check(&t);
+    }
+
+    /// A table of `peers` values with one host route each, plus value `u32::MAX` holding
+    /// three prefixes (two IPv4, one IPv6) among them.
+    fn many_peers(peers: u32) -> AllowedIps<u32> {
+        let mut t = AllowedIps::new();
+        for p in 0..peers {
+            let n = Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + p), 32).unwrap();
+            t.insert(IpNet::V4(n), p);
+        }
+        for n in ["100.64.0.7/32", "198.19.0.0/16", "fd00::/64"] {
+            t.insert(net(n), u32::MAX);
+        }
+        t
+    }
+
+    /// Trie nodes `f` visits (on this thread).
+    fn visited<R>(f: impl FnOnce() -> R) -> (usize, R) {
+        let before = visits::total();
+        let r = f();
+        (visits::total() - before, r)
+    }
+
+    #[test]
+    fn one_values_prefixes_cost_only_those_prefixes() {
+        // What `wg show` and `replace_allowed_ips` ask once per peer: with a whole-table walk
+        // each, a device with n peers costs n^2.
+        for peers in [10, 10_000] {
+            let mut t = many_peers(peers);
+            let (n, got) = visited(|| t.prefixes_of(u32::MAX));
+            assert_eq!(got.len(), 3);
+            assert_eq!(
+                n, 3,
+                "prefixes_of visits the value's own nodes ({peers} peers)"
+            );
+            let (n, removed) = visited(|| t.remove_value(u32::MAX));
+            assert_eq!(removed, 3);
+            // Each removal walks one path from the root: at most 33 nodes in IPv4 (the
+            // trie over 10,000 consecutive host routes is about 15 deep) and 129 in IPv6.
+            assert!(
+                n <= 2 * 33 + 129,
+                "remove_value visited {n} nodes ({peers} peers)"
+            );
+            check(&t);
+            let (n, removed) = visited(|| t.remove_value(8));
+            assert_eq!(removed, 1);
+            assert!(n <= 33, "remove_value visited {n} nodes ({peers} peers)");
+            let (n, _) = visited(|| t.remove_value(u32::MAX - 1));
+            assert_eq!(n, 0, "a value without prefixes costs nothing");
+        }
+    }
+
+    #[test]
+    fn moving_a_prefix_moves_it_between_lists() {
+        let mut t = many_peers(100);
+        // 100.64.0.7/32 belonged to 7, then u32::MAX took it.
+        assert_eq!(t.prefixes_of(7), Vec::<IpNet>::new());
+        assert_eq!(t.insert(net("100.64.0.7/32"), 7), Some(u32::MAX));
+        assert_eq!(
+            t.insert(net("100.64.0.7/32"), 7),
+            Some(7),
+            "same value again"
+        );
+        assert_eq!(t.prefixes_of(7), vec![net("100.64.0.7/32")]);
+        assert_eq!(
+            t.prefixes_of(u32::MAX),
+            vec![net("198.19.0.0/16"), net("fd00::/64")]
+        );
+        check(&t);
+        assert_eq!(t.remove_value(u32::MAX), 2);
+        assert_eq!(t.remove_value(7), 1);
+        assert_eq!(t.len(), 99);
         check(&t);
     }
 

@@ -76,10 +76,15 @@ struct Hex<'a>(&'a Key);
 
 impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 .0 {
-            write!(f, "{b:02x}")?;
+        // One write of 64 digits: a `write!` per byte was a visible share of a large get.
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 64];
+        for (pair, b) in text.chunks_exact_mut(2).zip(self.0 .0) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0x0f)];
         }
-        Ok(())
+        // Hex digits are ASCII, so this never fails.
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 
