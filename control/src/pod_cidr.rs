@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use thiserror::Error;
 
-use crate::cni;
+use crate::cni::network as cni;
 
 /// How long the Node object may take to arrive before the start fails.
 const NODE_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,16 +10,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Context};
+use clap::Args;
 use parking_lot::Mutex;
+use tailsk8s_dataplane::affinity::WorkerAffinity;
 use tailsk8s_dataplane::config::DeviceUpdate;
 use tailsk8s_dataplane::device::{Device, DeviceOptions, ExitReason};
 use tailsk8s_dataplane::uapi::server::UapiServer;
+use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::announcement::Announcement;
-use crate::cli::RouterArgs;
-use crate::config::RouterConfig;
+use crate::config::{check_ifname, RouterConfig};
 use crate::key_file::load_or_create_private_key;
 use crate::peer_source::{PeerSource, SourceSettings};
 use crate::reconcile::{desired_peers, Applier};
@@ -31,6 +35,76 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// MTU of a device driven by `wg` alone (wg-quick sets its own afterwards): the engine's
 /// default, as the TUN's integer type.
 const UAPI_ONLY_MTU: u16 = tailsk8s_dataplane::engine::DEFAULT_MTU as u16;
+
+/// The interface name when neither the command line nor the config file gives one.
+pub const DEFAULT_IFNAME: &str = "tsk0";
+
+/// `tailsk8s router [--config FILE] [IFNAME]`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct RouterArgs {
+    /// The router's TOML config file (keys, port, static peers).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Name of the TUN interface [default: tsk0, or `interface` from the config file].
+    /// (Checked by the router, so a bad name is one error line like every other start error.)
+    #[arg(value_name = "IFNAME")]
+    pub ifname: Option<String>,
+    /// Packet workers, each with one TUN queue and one UDP socket pair [default: one per
+    /// core, or `workers` from the config file].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Run without TUN offloads and UDP GSO/GRO (for kernels or drivers where they
+    /// misbehave); overrides `offload` in the config file.
+    #[arg(long)]
+    pub no_offload: bool,
+    /// Worker placement: `pinned` = each worker on its own CPU, serving the packets of that
+    /// CPU (lowest latency; a busy flow shares its CPU with the application), `off` = the
+    /// kernel's flow hash, `adaptive` = pinned while quiet, spread while busy [default:
+    /// adaptive, or `worker_affinity` from the config file].
+    #[arg(long, value_name = "MODE")]
+    pub worker_affinity: Option<WorkerAffinity>,
+}
+
+/// The router's command line disagreeing with itself or its config file (usage errors are
+/// clap's).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ArgsError {
+    #[error("bad interface name `{name}`: {reason}")]
+    BadInterface { name: String, reason: &'static str },
+    #[error(
+        "interface `{cli}` on the command line disagrees with interface = \"{file}\" in {}",
+        path.display()
+    )]
+    InterfaceMismatch {
+        cli: String,
+        file: String,
+        path: PathBuf,
+    },
+}
+
+impl RouterArgs {
+    /// The interface to use: the command line's, else the config file's, else [`DEFAULT_IFNAME`].
+    /// When both name one, they must agree (a mismatch is likely the wrong file).
+    pub fn interface(&self, config: Option<&RouterConfig>) -> Result<String, ArgsError> {
+        let from_file = config.and_then(|c| c.interface.as_deref().map(|i| (i, &c.path)));
+        match (self.ifname.as_deref(), from_file) {
+            (Some(cli), Some((file, path))) if cli != file => Err(ArgsError::InterfaceMismatch {
+                cli: cli.to_string(),
+                file: file.to_string(),
+                path: path.clone(),
+            }),
+            (Some(cli), _) => {
+                check_ifname(cli).map_err(|reason| ArgsError::BadInterface {
+                    name: cli.to_string(),
+                    reason,
+                })?;
+                Ok(cli.to_string())
+            }
+            (None, Some((file, _))) => Ok(file.to_string()),
+            (None, None) => Ok(DEFAULT_IFNAME.to_string()),
+        }
+    }
+}
 
 /// Why the router stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +313,119 @@ impl SourceThread {
         let _ = self.stop.send(true);
         if self.thread.join().is_err() {
             warn!("the peer source thread panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::path::Path;
+
+    /// The router's arguments under a root of their own, as `tailsk8s router` parses them.
+    #[derive(Debug, Parser)]
+    struct Root {
+        #[command(flatten)]
+        args: RouterArgs,
+    }
+
+    fn router_args(args: &[&str]) -> RouterArgs {
+        parse(args).unwrap()
+    }
+
+    fn parse(args: &[&str]) -> Result<RouterArgs, clap::Error> {
+        Root::try_parse_from(std::iter::once("router").chain(args.iter().copied())).map(|r| r.args)
+    }
+
+    #[test]
+    fn router_arguments_parse() {
+        assert_eq!(
+            router_args(&[]),
+            RouterArgs {
+                config: None,
+                ifname: None,
+                workers: None,
+                no_offload: false,
+                worker_affinity: None,
+            }
+        );
+        assert_eq!(
+            router_args(&["--config", "/etc/r.toml", "tsk1"]),
+            RouterArgs {
+                config: Some("/etc/r.toml".into()),
+                ifname: Some("tsk1".into()),
+                workers: None,
+                no_offload: false,
+                worker_affinity: None,
+            }
+        );
+        let fast = router_args(&[
+            "--workers",
+            "4",
+            "--no-offload",
+            "--worker-affinity",
+            "pinned",
+        ]);
+        assert_eq!(
+            (fast.workers, fast.no_offload, fast.worker_affinity),
+            (Some(4), true, Some(WorkerAffinity::Pinned))
+        );
+        assert!(parse(&["--worker-affinity", "always"]).is_err());
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused() {
+        assert!(parse(&["tsk0", "tsk1"]).is_err());
+        assert!(parse(&["--config"]).is_err());
+        assert!(parse(&["--workers", "0"]).is_err());
+        assert!(parse(&["--workers", "257"]).is_err());
+    }
+
+    fn config_with_interface(interface: Option<&str>) -> RouterConfig {
+        let mut text = String::from("private_key_file = \"/k\"\n");
+        if let Some(i) = interface {
+            text.push_str(&format!("interface = \"{i}\"\n"));
+        }
+        RouterConfig::parse(Path::new("/etc/r.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn interface_comes_from_cli_file_or_default() {
+        let none = RouterArgs {
+            config: None,
+            ifname: None,
+            workers: None,
+            no_offload: false,
+            worker_affinity: None,
+        };
+        let tsk1 = RouterArgs {
+            ifname: Some("tsk1".into()),
+            ..none.clone()
+        };
+        let file_tsk1 = config_with_interface(Some("tsk1"));
+        let file_none = config_with_interface(None);
+        assert_eq!(none.interface(None).unwrap(), DEFAULT_IFNAME);
+        assert_eq!(none.interface(Some(&file_none)).unwrap(), DEFAULT_IFNAME);
+        assert_eq!(none.interface(Some(&file_tsk1)).unwrap(), "tsk1");
+        assert_eq!(tsk1.interface(None).unwrap(), "tsk1");
+        assert_eq!(tsk1.interface(Some(&file_none)).unwrap(), "tsk1");
+        assert_eq!(tsk1.interface(Some(&file_tsk1)).unwrap(), "tsk1");
+        let file_tsk9 = config_with_interface(Some("tsk9"));
+        let err = tsk1.interface(Some(&file_tsk9)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "interface `tsk1` on the command line disagrees with interface = \"tsk9\" in /etc/r.toml"
+        );
+        for bad in ["a/b", "much-too-long-name", ""] {
+            let args = RouterArgs {
+                ifname: Some(bad.into()),
+                ..none.clone()
+            };
+            assert!(matches!(
+                args.interface(None),
+                Err(ArgsError::BadInterface { .. })
+            ));
         }
     }
 }
