@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use ipnet::IpNet;
 use parking_lot::Mutex;
 use tailsk8s_dataplane::affinity::WorkerAffinity;
 use tailsk8s_dataplane::config::DeviceUpdate;
@@ -63,6 +64,18 @@ pub struct RouterArgs {
     /// adaptive, or `worker_affinity` from the config file].
     #[arg(long, value_name = "MODE")]
     pub worker_affinity: Option<WorkerAffinity>,
+    /// This node's pod CIDR (repeat for dual stack), when the config file's `pod_cidrs` names
+    /// none.
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The Kubernetes Node whose `spec.podCIDRs` are this node's pod CIDRs when neither the
+    /// config file nor --pod-cidr names one (read with the in-cluster service account; else
+    /// the existing CNI configuration in --cni-dir is read). Without it, neither is consulted.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Where the container runtime reads CNI configurations (the last pod CIDR source).
+    #[arg(long, value_name = "DIR", default_value = crate::cni::DEFAULT_CNI_DIR)]
+    pub cni_dir: PathBuf,
 }
 
 /// The router's command line disagreeing with itself or its config file (usage errors are
@@ -132,6 +145,10 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
         None => None,
     };
     let ifname = args.interface(config.as_ref())?;
+    let pod_cidrs = match &config {
+        Some(config) => pod_cidrs(args, config)?,
+        None => Vec::new(),
+    };
 
     // Everything that can fail on bad input fails here, before the host is touched (the
     // private key file is created on first start by design).
@@ -189,7 +206,7 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             fwmark: Some(config.fwmark),
             ..DeviceUpdate::default()
         };
-        let statics = desired_peers(&config.peers, &preshared, &[], &config.pod_cidrs);
+        let statics = desired_peers(&config.peers, &preshared, &[], &pod_cidrs);
         let started = Applier::start(device.control(), Some(manager), base, statics)
             .with_context(|| format!("applying {} and its routes", config.path.display()))?;
         info!(
@@ -211,12 +228,12 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
                 public_key: private_key.public_key(),
                 listen_port,
                 endpoints,
-                pod_cidrs: config.pod_cidrs.clone(),
+                pod_cidrs: pod_cidrs.clone(),
             };
             let settings = SourceSettings {
                 tailscale: tailscale.clone(),
                 cluster_cidrs: config.cluster_cidrs.clone(),
-                own_pod_cidrs: config.pod_cidrs.clone(),
+                own_pod_cidrs: pod_cidrs.clone(),
                 statics: config.peers.clone(),
                 preshared,
             };
@@ -284,6 +301,37 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     }
 }
 
+/// This node's pod CIDRs: the config file's, else `--pod-cidr`, else (with a node name) the
+/// Node object's or the existing CNI configuration's (see [`crate::pod_cidr`]); none when
+/// nothing names them (a router without pods of its own). Logged with their source.
+pub fn pod_cidrs(args: &RouterArgs, config: &RouterConfig) -> anyhow::Result<Vec<IpNet>> {
+    if config.pod_cidrs.is_empty() && args.pod_cidrs.is_empty() && args.node_name.is_none() {
+        return Ok(Vec::new());
+    }
+    let (cidrs, source) = crate::pod_cidr::resolve_blocking(
+        &config.pod_cidrs,
+        &args.pod_cidrs,
+        args.node_name.as_deref(),
+        &args.cni_dir,
+    )?;
+    let cidrs: Vec<IpNet> = cidrs.into_iter().map(|c| c.trunc()).collect();
+    // The file's own are checked by its parser; the others must sit in the cluster too, or
+    // their routes would never be announced to the other nodes.
+    if let Some(outside) = cidrs.iter().find(|c| {
+        !config
+            .cluster_cidrs
+            .iter()
+            .any(|cluster| cluster.contains(*c))
+    }) {
+        bail!(
+            "pod CIDR {outside} (from {source}) is not inside cluster_cidrs of {}",
+            config.path.display()
+        );
+    }
+    info!(pod_cidrs = ?cidrs, from = %source, "this node's pod CIDRs");
+    Ok(cidrs)
+}
+
 /// The control plane's tokio runtime on its own thread, running the peer source.
 struct SourceThread {
     stop: tokio::sync::watch::Sender<bool>,
@@ -348,6 +396,9 @@ mod tests {
                 workers: None,
                 no_offload: false,
                 worker_affinity: None,
+                pod_cidrs: vec![],
+                node_name: None,
+                cni_dir: crate::cni::DEFAULT_CNI_DIR.into(),
             }
         );
         assert_eq!(
@@ -358,6 +409,9 @@ mod tests {
                 workers: None,
                 no_offload: false,
                 worker_affinity: None,
+                pod_cidrs: vec![],
+                node_name: None,
+                cni_dir: crate::cni::DEFAULT_CNI_DIR.into(),
             }
         );
         let fast = router_args(&[
@@ -398,6 +452,9 @@ mod tests {
             workers: None,
             no_offload: false,
             worker_affinity: None,
+            pod_cidrs: vec![],
+            node_name: None,
+            cni_dir: crate::cni::DEFAULT_CNI_DIR.into(),
         };
         let tsk1 = RouterArgs {
             ifname: Some("tsk1".into()),
@@ -427,5 +484,73 @@ mod tests {
                 Err(ArgsError::BadInterface { .. })
             ));
         }
+    }
+
+    fn cluster_config(pod_cidrs: &str) -> RouterConfig {
+        let text = format!(
+            "private_key_file = \"/k\"\ncluster_cidrs = [\"198.19.0.0/16\", \"fd00:19::/48\"]\n\
+             pod_cidrs = [{pod_cidrs}]\n"
+        );
+        RouterConfig::parse(Path::new("/etc/r.toml"), &text).unwrap()
+    }
+
+    fn args_with(extra: &[&str], cni_dir: &Path) -> RouterArgs {
+        let mut all = vec!["--cni-dir", cni_dir.to_str().unwrap()];
+        all.extend_from_slice(extra);
+        parse(&all).unwrap()
+    }
+
+    #[test]
+    fn pod_cidrs_from_the_file_then_the_flag_then_the_cni_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let network = crate::cni::PodNetwork {
+            bridge: "cnio0".into(),
+            pod_cidrs: vec![net("198.19.7.0/24")],
+            mtu: 1420,
+        };
+        network.write_unless_exists(dir.path()).unwrap();
+
+        let file = cluster_config("\"198.19.1.0/24\"");
+        let flag = args_with(&["--pod-cidr", "198.19.2.0/24"], dir.path());
+        assert_eq!(pod_cidrs(&flag, &file).unwrap(), [net("198.19.1.0/24")]);
+
+        let empty_file = cluster_config("");
+        let both = args_with(
+            &[
+                "--pod-cidr",
+                "198.19.2.0/24",
+                "--pod-cidr",
+                "fd00:19:0:2::/64",
+            ],
+            dir.path(),
+        );
+        assert_eq!(
+            pod_cidrs(&both, &empty_file).unwrap(),
+            [net("198.19.2.0/24"), net("fd00:19:0:2::/64")]
+        );
+
+        // Without a node name the host's CNI directory is none of the router's business.
+        let neither = args_with(&[], dir.path());
+        assert_eq!(pod_cidrs(&neither, &empty_file).unwrap(), []);
+        // With one (and no cluster credentials here) the existing CNI configuration speaks.
+        let in_node = args_with(&["--node-name", "node-a"], dir.path());
+        assert_eq!(
+            pod_cidrs(&in_node, &empty_file).unwrap(),
+            [net("198.19.7.0/24")]
+        );
+
+        let outside = args_with(&["--pod-cidr", "198.51.100.0/24"], dir.path());
+        let err = pod_cidrs(&outside, &empty_file).unwrap_err();
+        assert!(
+            err.to_string().contains("not inside cluster_cidrs"),
+            "{err}"
+        );
+        // Host bits are dropped, as the config file's parser would refuse them.
+        let host_bits = args_with(&["--pod-cidr", "198.19.2.1/24"], dir.path());
+        assert_eq!(
+            pod_cidrs(&host_bits, &empty_file).unwrap(),
+            [net("198.19.2.0/24")]
+        );
     }
 }

@@ -78,6 +78,9 @@ pub fn main() -> ExitCode {
         workers: None,
         no_offload: false,
         worker_affinity: None,
+        pod_cidrs: Vec::new(),
+        node_name: None,
+        cni_dir: crate::cni::DEFAULT_CNI_DIR.into(),
     };
     if invocation.foreground {
         let result =

@@ -36,7 +36,6 @@ pub struct CniConfigArgs {
 /// `tailsk8s cni-config`: resolve the node's pod CIDRs (see [`crate::pod_cidr`]) and the
 /// tunnel MTU, and write the configuration unless one exists.
 pub fn command(args: &CniConfigArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     let config = args
         .config
         .as_deref()
@@ -46,21 +45,14 @@ pub fn command(args: &CniConfigArgs) -> anyhow::Result<()> {
         tracing::info!(path = %existing.display(), "a CNI configuration exists; keeping it");
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = match args.node_name {
-        Some(_) => crate::pod_cidr::in_cluster_client()?,
-        None => None,
-    };
-    let (pod_cidrs, source) =
-        runtime.block_on(crate::pod_cidr::resolve(crate::pod_cidr::Sources {
-            config_file: &[],
-            command_line: &args.pod_cidrs,
-            node: args.node_name.as_deref().zip(client),
-            cni_dir: &args.cni_dir,
-        }))?;
+    // The config file's pod_cidrs come first, as for the router.
+    let from_file = config.as_ref().map_or(&[][..], |c| &c.pod_cidrs[..]);
+    let (pod_cidrs, source) = crate::pod_cidr::resolve_blocking(
+        from_file,
+        &args.pod_cidrs,
+        args.node_name.as_deref(),
+        &args.cni_dir,
+    )?;
     let network = PodNetwork {
         bridge: args.bridge.clone(),
         pod_cidrs,
@@ -81,4 +73,40 @@ pub fn command(args: &CniConfigArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_files_pod_cidrs_come_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("router.toml");
+        std::fs::write(
+            &config,
+            "private_key_file = \"/k\"\nmtu = 1380\ncluster_cidrs = [\"198.19.0.0/16\"]\n\
+             pod_cidrs = [\"198.19.4.0/24\"]\n",
+        )
+        .unwrap();
+        let cni_dir = dir.path().join("net.d");
+        let args = CniConfigArgs {
+            config: Some(config),
+            pod_cidrs: vec!["198.19.9.0/24".parse().unwrap()],
+            node_name: None,
+            cni_dir: cni_dir.clone(),
+            bridge: DEFAULT_BRIDGE.into(),
+        };
+        command(&args).unwrap();
+        let written = cni_dir.join(CONFLIST_FILE);
+        assert_eq!(
+            pod_cidrs_of(&written).unwrap(),
+            ["198.19.4.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        let text = std::fs::read_to_string(&written).unwrap();
+        assert!(
+            text.contains("\"mtu\": 1380") || text.contains("\"mtu\":1380"),
+            "{text}"
+        );
+    }
 }
