@@ -20,7 +20,7 @@ fn router_log(flags: &[&str]) -> Vec<u8> {
     cmd.env_remove("NO_COLOR").env_remove("RUST_LOG");
     let mut daemon = Daemon::spawn(&format!("tailsk8s router {ifname}"), cmd).unwrap();
     wait_until_serving(&mut daemon, &ifname).unwrap();
-    send_signal(&mut daemon, libc::SIGTERM).unwrap();
+    send_signal(&daemon, libc::SIGTERM).unwrap();
     let status = wait_for_exit(&mut daemon, EXIT_TIMEOUT).unwrap();
     assert!(status.success(), "router exited with {status}");
     fs::read(daemon.log_path()).unwrap()
