@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod key_commands;
 pub mod key_file;
 pub mod logging;
+pub mod masquerade;
 pub mod path;
 pub mod peer_source;
 pub mod pod_cidr;

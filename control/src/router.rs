@@ -194,6 +194,7 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     let device = Device::start(&options)?;
     let mut applier: Option<Arc<Mutex<Applier>>> = None;
     let mut source: Option<SourceThread> = None;
+    let mut masquerading = false;
     if let Some((config, private_key, preshared)) = prepared {
         let manager =
             RouteManager::new(&ifname, ROUTE_TABLE, RULE_PRIORITY).with_fwmark(config.fwmark);
@@ -209,6 +210,15 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
         let statics = desired_peers(&config.peers, &preshared, &[], &pod_cidrs);
         let started = Applier::start(device.control(), Some(manager), base, statics)
             .with_context(|| format!("applying {} and its routes", config.path.display()))?;
+        if crate::masquerade::install(&pod_cidrs, &config.cluster_cidrs)
+            .context("installing the masquerade rule")?
+        {
+            masquerading = true;
+            info!(
+                table = crate::masquerade::TABLE,
+                "masquerading pod traffic that leaves cluster_cidrs"
+            );
+        }
         info!(
             peers = config.peers.len(),
             table = ROUTE_TABLE,
@@ -286,6 +296,11 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             if let Err(e) = manager.cleanup() {
                 warn!("removing routes: {e}");
             }
+        }
+    }
+    if masquerading {
+        if let Err(e) = crate::masquerade::remove() {
+            warn!("removing the masquerade table: {e:#}");
         }
     }
     drop(device);
