@@ -20,6 +20,7 @@ pub mod path;
 pub mod peer_source;
 pub mod pod_cidr;
 pub mod reconcile;
+pub mod reload;
 pub mod router;
 pub mod routes;
 pub mod tailnet_admin;
