@@ -15,13 +15,19 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub fn check_reloadable(current: &RouterConfig, new: &RouterConfig) -> Result<(), &'static str> {
     let fixed: [(&'static str, bool); 12] = [
         ("interface", current.interface == new.interface),
-        ("private_key_file", current.private_key_file == new.private_key_file),
+        (
+            "private_key_file",
+            current.private_key_file == new.private_key_file,
+        ),
         ("listen_port", current.listen_port == new.listen_port),
         ("mtu", current.mtu == new.mtu),
         ("fwmark", current.fwmark == new.fwmark),
         ("workers", current.workers == new.workers),
         ("offload", current.offload == new.offload),
-        ("worker_affinity", current.worker_affinity == new.worker_affinity),
+        (
+            "worker_affinity",
+            current.worker_affinity == new.worker_affinity,
+        ),
         ("pod_cidrs", current.pod_cidrs == new.pod_cidrs),
         ("cluster_cidrs", current.cluster_cidrs == new.cluster_cidrs),
         ("endpoints", current.endpoints == new.endpoints),
@@ -88,7 +94,10 @@ mod tests {
     fn peers_may_change_fixed_settings_may_not() {
         let current = config("");
         assert_eq!(check_reloadable(&current, &config("")), Ok(()));
-        assert_eq!(check_reloadable(&current, &config("mtu = 1300")), Err("mtu"));
+        assert_eq!(
+            check_reloadable(&current, &config("mtu = 1300")),
+            Err("mtu")
+        );
         assert_eq!(
             check_reloadable(&current, &config("interface = \"tsk9\"")),
             Err("interface")

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
@@ -28,6 +28,7 @@ use crate::config::{check_ifname, RouterConfig};
 use crate::key_file::load_or_create_private_key;
 use crate::peer_source::{PeerSource, SourceSettings};
 use crate::reconcile::{desired_peers, Applier};
+use crate::reload::{check_reloadable, FileWatch};
 use crate::routes::{RouteManager, ROUTE_TABLE, RULE_PRIORITY};
 
 /// How often the main loop looks at signals, the TUN and the socket file.
@@ -169,6 +170,9 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("installing signal handlers")?;
 
     // The socket first: a live one means another daemon owns this name, and nothing may be
     // created. If the device then fails, dropping the server removes the socket again.
@@ -271,10 +275,21 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     );
     ready();
 
+    let mut current = config.clone();
+    let mut file_watch = current.as_ref().map(|c| FileWatch::new(&c.path));
     let shutdown = loop {
         std::thread::sleep(WATCH_INTERVAL);
         if stop.load(Ordering::Relaxed) {
             break Ok(Shutdown::Signal);
+        }
+        let hangup = hup.swap(false, Ordering::Relaxed);
+        let edited = file_watch
+            .as_mut()
+            .is_some_and(|w| w.changed(Instant::now()));
+        if hangup || edited {
+            if let (Some(current), Some(applier)) = (current.as_mut(), &applier) {
+                reload(current, &pod_cidrs, applier);
+            }
         }
         match device.exit_reason() {
             Some(ExitReason::TunGone) => break Ok(Shutdown::TunDeleted),
@@ -313,6 +328,36 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             Ok(())
         }
         Err(why) => bail!("{why}"),
+    }
+}
+
+/// Re-reads the config file and applies its static peers, per peer (unchanged peers keep
+/// their sessions). A file that does not parse, or changes what only a restart applies, is
+/// refused with one log line and changes nothing.
+fn reload(current: &mut RouterConfig, pod_cidrs: &[IpNet], applier: &Mutex<Applier>) {
+    let path = current.path.clone();
+    let result = (|| -> anyhow::Result<Option<usize>> {
+        let new = RouterConfig::load(&path)?;
+        check_reloadable(current, &new)
+            .map_err(|key| anyhow::anyhow!("it changes {key}, which needs a restart"))?;
+        let preshared = new.load_preshared_keys().context("preshared_key_file")?;
+        // With [tailscale] the source owns the peer set (and the statics are unchanged).
+        let changed = if new.tailscale.is_none() {
+            let desired = desired_peers(&new.peers, &preshared, &[], pod_cidrs);
+            Some(applier.lock().apply(desired)?.peer_blocks)
+        } else {
+            None
+        };
+        *current = new;
+        Ok(changed)
+    })();
+    match result {
+        Ok(changed) => info!(changed_peers = ?changed, "reloaded {}", path.display()),
+        Err(e) => warn!(
+            "refused the new {}: {}; nothing changed",
+            path.display(),
+            crate::logging::one_line(&e)
+        ),
     }
 }
 
