@@ -60,6 +60,12 @@ impl FileWatch {
         }
     }
 
+    /// Takes the file as it is now as seen (after a reload for SIGHUP, so that writing the
+    /// earlier content back is a change).
+    pub fn resync(&mut self) {
+        self.seen = std::fs::read(&self.path).ok();
+    }
+
     /// Whether the content differs from the last seen, checked at most every
     /// [`POLL_INTERVAL`]; an unreadable file is no change (a swap in progress).
     pub fn changed(&mut self, now: Instant) -> bool {

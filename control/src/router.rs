@@ -287,6 +287,10 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             .as_mut()
             .is_some_and(|w| w.changed(Instant::now()));
         if hangup || edited {
+            // Before reading the file: a write racing the reload is then seen as a change.
+            if let Some(watch) = file_watch.as_mut().filter(|_| hangup) {
+                watch.resync();
+            }
             if let (Some(current), Some(applier)) = (current.as_mut(), &applier) {
                 reload(current, &pod_cidrs, applier);
             }
