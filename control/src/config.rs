@@ -316,7 +316,7 @@ struct RawPeer {
 pub struct RouterConfig {
     /// The file this came from (for messages).
     pub path: PathBuf,
-    /// The interface named in the file, if any (see [`crate::cli::RouterArgs::interface`]).
+    /// The interface named in the file, if any (see [`crate::router::RouterArgs::interface`]).
     pub interface: Option<String>,
     /// Resolved against the config file's directory.
     pub private_key_file: PathBuf,

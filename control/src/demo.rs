@@ -16,7 +16,9 @@ use tailsk8s_dataplane::uapi::client;
 use tailsk8s_lab::topology::Pod;
 use tailsk8s_lab::{ping, tools, wait, ConfigMesh, MeshOptions, TopologyBuilder};
 
-use crate::cli::DemoArgs;
+/// `tailsk8s demo`
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct DemoArgs {}
 
 /// Prints a line, ignoring a closed stdout (`tailsk8s demo | head`): the demo must still
 /// reach its cleanup rather than panic.

@@ -5,17 +5,19 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tailsk8s::cli::{self, Cli};
+use tailsk8s::logging;
 
 fn main() -> ExitCode {
     if tailsk8s::userspace::invoked_as_userspace_implementation() {
         return tailsk8s::userspace::main();
     }
     let cli = Cli::parse();
-    let result = cli::init_tracing(cli.log_level.as_deref()).and_then(|()| cli::run(cli));
+    let result =
+        logging::init(cli.log_level.as_deref(), cli.log_format).and_then(|()| cli::run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("tailsk8s: error: {}", cli::one_line(&err));
+            eprintln!("tailsk8s: error: {}", logging::one_line(&err));
             ExitCode::FAILURE
         }
     }

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use thiserror::Error;
 
-use crate::cni;
+use crate::cni::network as cni;
 
 /// How long the Node object may take to arrive before the start fails.
 const NODE_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +45,8 @@ pub enum PodCidrError {
     BadNodeCidr { node: String, cidr: String },
     #[error(transparent)]
     Cni(#[from] cni::CniError),
+    #[error("starting the runtime that reads the Kubernetes Node: {0}")]
+    Runtime(std::io::Error),
     #[error(
         "no pod CIDR for this node: set pod_cidrs in the config file or --pod-cidr, run in a \
          cluster whose Node object has spec.podCIDRs (with NODE_NAME set), or provide a CNI \
@@ -88,6 +90,31 @@ pub async fn resolve(sources: Sources<'_>) -> Result<(Vec<IpNet>, Source), PodCi
     Err(PodCidrError::None {
         cni_dir: sources.cni_dir.display().to_string(),
     })
+}
+
+/// [`resolve`] for the synchronous commands (`router`, `cni-config`): the Node `node_name` is
+/// asked only in a cluster (in-cluster credentials present), on a runtime of its own that is
+/// started only when the earlier sources name nothing.
+pub fn resolve_blocking(
+    config_file: &[IpNet],
+    command_line: &[IpNet],
+    node_name: Option<&str>,
+    cni_dir: &Path,
+) -> Result<(Vec<IpNet>, Source), PodCidrError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(PodCidrError::Runtime)?;
+    let client = match (config_file.is_empty() && command_line.is_empty(), node_name) {
+        (true, Some(_)) => runtime.block_on(async { in_cluster_client() })?,
+        _ => None,
+    };
+    runtime.block_on(resolve(Sources {
+        config_file,
+        command_line,
+        node: node_name.zip(client),
+        cni_dir,
+    }))
 }
 
 /// `spec.podCIDRs` of the Node `name` (falling back to the single `spec.podCIDR` that

@@ -13,6 +13,28 @@ use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 
 use crate::observe::{RouterView, Status};
+use crate::router::DEFAULT_IFNAME;
+
+/// `tailsk8s status [--json] [IFNAME]`
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct StatusArgs {
+    /// Print the JSON document (see README) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The router's interface.
+    #[arg(default_value = DEFAULT_IFNAME)]
+    pub ifname: String,
+}
+
+/// Runs `tailsk8s status`: asks the router behind the standard socket directory.
+pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
+    command(
+        Path::new(tailsk8s_dataplane::uapi::DEFAULT_SOCKET_DIR),
+        &args.ifname,
+        args.json,
+        &mut std::io::stdout().lock(),
+    )
+}
 
 /// The status socket of interface `ifname` in the UAPI socket directory `dir`.
 pub fn socket_path(dir: &Path, ifname: &str) -> PathBuf {

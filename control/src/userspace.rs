@@ -14,7 +14,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{self, RouterArgs};
+use crate::logging::{self, LogFormat};
+use crate::router::RouterArgs;
 
 /// The program name that selects this entry point.
 pub const PROGRAM_NAME: &str = "tailsk8s-wg";
@@ -77,9 +78,13 @@ pub fn main() -> ExitCode {
         workers: None,
         no_offload: false,
         worker_affinity: None,
+        pod_cidrs: Vec::new(),
+        node_name: None,
+        cni_dir: crate::cni::DEFAULT_CNI_DIR.into(),
     };
     if invocation.foreground {
-        let result = cli::init_tracing(None).and_then(|()| crate::router::run(&router_args));
+        let result =
+            logging::init(None, LogFormat::Human).and_then(|()| crate::router::run(&router_args));
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -147,7 +152,7 @@ fn run_daemon(args: &RouterArgs, to_parent: File) -> ExitCode {
         }
     }
     let mut parent = Some(to_parent);
-    let result = cli::init_tracing(None).and_then(|()| {
+    let result = logging::init(None, LogFormat::Human).and_then(|()| {
         crate::router::run_with(args, || {
             // Dropping the write end after the word closes the pipe: the parent returns.
             if let Some(mut pipe) = parent.take() {
@@ -159,7 +164,7 @@ fn run_daemon(args: &RouterArgs, to_parent: File) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(mut pipe) = parent.take() {
-                let _ = writeln!(pipe, "{}", cli::one_line(&e));
+                let _ = writeln!(pipe, "{}", logging::one_line(&e));
             }
             ExitCode::FAILURE
         }
@@ -177,7 +182,7 @@ fn pipe() -> anyhow::Result<(File, OwnedFd)> {
 }
 
 fn fail(err: &anyhow::Error) -> ExitCode {
-    eprintln!("{PROGRAM_NAME}: error: {}", cli::one_line(err));
+    eprintln!("{PROGRAM_NAME}: error: {}", logging::one_line(err));
     ExitCode::FAILURE
 }
 

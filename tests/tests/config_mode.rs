@@ -21,6 +21,7 @@ use tailsk8s_e2e::config_router::{
     DEFAULT_FWMARK, EXIT_TIMEOUT, ROUTE_TABLE, TAILSCALE_RULE_PRIORITY,
 };
 use tailsk8s_e2e::gate::require_netns_with;
+use tailsk8s_e2e::wait;
 use tailsk8s_e2e::wg::UAPI_DIR;
 use tailsk8s_e2e::{
     ping, require_netns, tailsk8s_binary, tcp_transfer, ConfigMesh, ConfigRouter, Impl, KeyPair,
@@ -645,4 +646,103 @@ fn endpoints_render_as_the_router_reads_them_back() {
     router.write_config(&config).unwrap();
     router.start().unwrap();
     assert_eq!(router.dump().unwrap().peers[0].endpoint, Some(endpoint));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Node 1's router's latest handshake with `peer`.
+fn handshake_with(router: &ConfigRouter<'_>, peer: &str) -> Option<u64> {
+    router
+        .dump()
+        .unwrap()
+        .peer(peer)
+        .and_then(|p| p.latest_handshake)
+}
+
+#[test]
+fn a_config_reload_adds_a_peer_without_re_handshaking_the_others() {
+    if !require_netns() {
+        return;
+    }
+    let topo = TopologyBuilder::new(3).build().unwrap();
+    let mut mesh = ConfigMesh::start(&topo, &MeshOptions::default()).unwrap();
+    let [a, b, c] = topo.nodes() else {
+        panic!("three nodes")
+    };
+    let (key_b, key_c) = {
+        let routers = mesh.routers();
+        (
+            routers[1].public_key().unwrap().to_string(),
+            routers[2].public_key().unwrap().to_string(),
+        )
+    };
+    ping(a.pods()[0].netns(), b.pods()[0].ip(false), 2).unwrap();
+    ping(a.pods()[0].netns(), c.pods()[0].ip(false), 2).unwrap();
+
+    // Node 1's file without node 3, then with it again: the reload is what adds the peer.
+    let router = &mut mesh.routers_mut()[0];
+    let full = fs::read_to_string(router.config_path()).unwrap();
+    let blocks: Vec<&str> = full.split("\n[[peer]]").collect();
+    let without_c: String = blocks
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| !b.contains(&key_c))
+        .map(|(i, b)| {
+            if i == 0 {
+                b.to_string()
+            } else {
+                format!("\n[[peer]]{b}")
+            }
+        })
+        .collect();
+    assert_ne!(without_c, full, "node 3's peer not in\n{full}");
+    router.write_config_text(&without_c).unwrap();
+    router.signal(libc::SIGHUP).unwrap();
+    wait::until("node 3 removed by SIGHUP", Duration::from_secs(10), || {
+        Ok(router.dump()?.peer(&key_c).is_none().then_some(()))
+    })
+    .unwrap();
+
+    // The handshake times have a resolution of a second: let one pass so a new one shows.
+    let before = handshake_with(router, &key_b).expect("handshake with node 2");
+    wait::until("a second", Duration::from_secs(3), || {
+        Ok((unix_now() > before).then_some(()))
+    })
+    .unwrap();
+
+    // Added back by the file changing alone (no signal).
+    router.write_config_text(&full).unwrap();
+    wait::until(
+        "node 3 added by the file change",
+        Duration::from_secs(10),
+        || Ok(router.dump()?.peer(&key_c).is_some().then_some(())),
+    )
+    .unwrap();
+    ping(a.pods()[0].netns(), c.pods()[0].ip(false), 2).unwrap();
+    ping(a.pods()[0].netns(), b.pods()[0].ip(false), 2).unwrap();
+    assert_eq!(
+        handshake_with(router, &key_b),
+        Some(before),
+        "node 2's session was re-handshaken by the reload"
+    );
+
+    // A bad file is refused and changes nothing.
+    router.write_config_text("this is not toml").unwrap();
+    router.signal(libc::SIGHUP).unwrap();
+    wait::until("the refusal in the log", Duration::from_secs(10), || {
+        let log = router.daemon_mut().unwrap().log();
+        Ok(log.contains("refused the new").then_some(()))
+    })
+    .unwrap();
+    ping(a.pods()[0].netns(), c.pods()[0].ip(false), 1).unwrap();
+    assert!(router.dump().unwrap().peer(&key_b).is_some());
+    router.write_config_text(&full).unwrap();
 }

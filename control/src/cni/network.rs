@@ -35,56 +35,6 @@ pub const CNI_VERSION: &str = "1.0.0";
 /// An existing CNI configuration larger than this is not one we can have written.
 const MAX_CONFIG_LEN: u64 = 1 << 20;
 
-/// `tailsk8s cni-config`: resolve the node's pod CIDRs (see [`crate::pod_cidr`]) and the
-/// tunnel MTU, and write the configuration unless one exists.
-pub fn command(args: &crate::cli::CniConfigArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let config = args
-        .config
-        .as_deref()
-        .map(crate::config::RouterConfig::load)
-        .transpose()?;
-    if let Some(existing) = existing_config(&args.cni_dir)? {
-        tracing::info!(path = %existing.display(), "a CNI configuration exists; keeping it");
-        return Ok(());
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = match args.node_name {
-        Some(_) => crate::pod_cidr::in_cluster_client()?,
-        None => None,
-    };
-    let (pod_cidrs, source) =
-        runtime.block_on(crate::pod_cidr::resolve(crate::pod_cidr::Sources {
-            config_file: &[],
-            command_line: &args.pod_cidrs,
-            node: args.node_name.as_deref().zip(client),
-            cni_dir: &args.cni_dir,
-        }))?;
-    let network = PodNetwork {
-        bridge: args.bridge.clone(),
-        pod_cidrs,
-        mtu: config
-            .as_ref()
-            .map_or(crate::config::DEFAULT_MTU, |c| c.mtu),
-    };
-    match network.write_unless_exists(&args.cni_dir)? {
-        Written::Created(path) => tracing::info!(
-            path = %path.display(),
-            pod_cidrs = ?network.pod_cidrs,
-            from = %source,
-            mtu = network.mtu,
-            "wrote the CNI configuration"
-        ),
-        Written::Kept(path) => {
-            tracing::info!(path = %path.display(), "a CNI configuration exists; keeping it")
-        }
-    }
-    Ok(())
-}
-
 #[derive(Debug, Error)]
 pub enum CniError {
     #[error("no pod CIDR for the CNI configuration")]
