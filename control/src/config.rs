@@ -76,6 +76,8 @@ use toml::Spanned;
 use crate::key_file::{self, KeyFileError};
 use crate::routes::DEFAULT_FWMARK;
 
+/// The interface name when neither the command line nor the config file gives one.
+pub const DEFAULT_IFNAME: &str = "tsk0";
 /// WireGuard's customary UDP port.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 /// The tunnel MTU when the file names none: the engine's default (its one home), as this

@@ -41,8 +41,7 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// default, as the TUN's integer type.
 const UAPI_ONLY_MTU: u16 = tailsk8s_dataplane::engine::DEFAULT_MTU as u16;
 
-/// The interface name when neither the command line nor the config file gives one.
-pub const DEFAULT_IFNAME: &str = "tsk0";
+pub use crate::config::DEFAULT_IFNAME;
 
 /// `tailsk8s router [--config FILE] [IFNAME]`
 #[derive(Debug, Clone, PartialEq, Eq, Args)]

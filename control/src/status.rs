@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 
+use crate::config::DEFAULT_IFNAME;
 use crate::observe::{RouterView, Status};
-use crate::router::DEFAULT_IFNAME;
 
 /// `tailsk8s status [--json] [IFNAME]`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]

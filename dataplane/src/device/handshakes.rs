@@ -1,7 +1,7 @@
-//! The handshake queue and its thread, apart from data: the UDP threads copy handshake
+//! The handshake queue, apart from data: the UDP threads copy handshake
 //! messages (initiation, response, cookie reply) into a fixed number of slots and go on with
-//! data, so no data packet waits behind a handshake flood; one handshake thread, at a lower
-//! priority than the data threads, takes them out in batches. A message that finds every
+//! data, so no data packet waits behind a handshake flood; one handshake thread (in
+//! `workers`), at a lower priority than the data threads, takes them out in batches. A message that finds every
 //! slot taken is dropped and counted (`handshake_queue_full`): the queue, not the sender,
 //! bounds the handshake work. How full the queue is says whether the device is under load
 //! ([`LoadPolicy`]), which makes the engine answer with cookie replies instead of doing a
@@ -16,15 +16,11 @@
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::shared::Shared;
 use crate::engine::messages::{is_handshake, INITIATION_LEN};
-use crate::engine::new_scratch;
 
 /// Handshake messages that may wait (the kernel's `MAX_QUEUED_INCOMING_HANDSHAKES`).
 pub(crate) const CAPACITY: usize = 4096;
@@ -33,12 +29,12 @@ const LOADED_FROM: usize = CAPACITY / 8;
 /// How long the device stays under load after the queue was last that full.
 const LOAD_HOLD_MS: u64 = 1000;
 /// Messages the handshake thread takes per engine batch.
-const BATCH: usize = 64;
+pub(super) const BATCH: usize = 64;
 /// The handshake thread's nice value: data threads (nice 0) get ~10 times its CPU share
 /// when they compete, so a flood costs the data path little more than receiving it.
-const NICE: libc::c_int = 10;
+pub(super) const NICE: libc::c_int = 10;
 /// How often the thread wakes to notice a stop request.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Whether a datagram goes to the handshake queue: a handshake type, no longer than the
 /// largest handshake message (a longer one is malformed: the UDP thread drops it itself).
@@ -48,14 +44,14 @@ pub(crate) fn belongs_here(datagram: &[u8]) -> bool {
 
 /// One queued handshake message.
 pub(crate) struct Handshake {
-    from: SocketAddr,
-    local_ip: Option<IpAddr>,
+    pub(super) from: SocketAddr,
+    pub(super) local_ip: Option<IpAddr>,
     len: usize,
     bytes: [u8; INITIATION_LEN],
 }
 
 impl Handshake {
-    fn datagram(&self) -> &[u8] {
+    pub(super) fn datagram(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
 }
@@ -123,15 +119,15 @@ impl HandshakeQueue {
         self.queued_rx.len()
     }
 
-    fn recv_timeout(&self, timeout: Duration) -> Option<Box<Handshake>> {
+    pub(super) fn recv_timeout(&self, timeout: Duration) -> Option<Box<Handshake>> {
         self.queued_rx.recv_timeout(timeout).ok()
     }
 
-    fn try_recv(&self) -> Option<Box<Handshake>> {
+    pub(super) fn try_recv(&self) -> Option<Box<Handshake>> {
         self.queued_rx.try_recv().ok()
     }
 
-    fn recycle(&self, slot: Box<Handshake>) {
+    pub(super) fn recycle(&self, slot: Box<Handshake>) {
         let _ = self.free_tx.try_send(slot);
     }
 }
@@ -157,61 +153,6 @@ impl LoadPolicy {
                 self.loaded_at_ms = None;
                 false
             }
-        }
-    }
-}
-
-/// The handshake thread: see the module documentation.
-pub(crate) fn handshake_loop(shared: Arc<Shared>) {
-    if let Err(e) = crate::sys::set_current_thread_nice(NICE) {
-        tracing::debug!(error = %e, "cannot lower the handshake thread's priority");
-    }
-    let queue = &shared.handshakes;
-    let mut scratch = new_scratch();
-    let mut outbox = shared.outbox();
-    let mut policy = LoadPolicy::default();
-    let mut batch: Vec<Box<Handshake>> = Vec::with_capacity(BATCH);
-    while !shared.stop.load(Relaxed) {
-        let Some(first) = queue.recv_timeout(POLL_INTERVAL) else {
-            continue;
-        };
-        batch.push(first);
-        while batch.len() < BATCH {
-            match queue.try_recv() {
-                Some(slot) => batch.push(slot),
-                None => break,
-            }
-        }
-        // Like the kernel, the messages being handled count as queued.
-        let now_ms = shared.engine.now().as_millis() as u64;
-        let under_load = policy.under_load(queue.len() + batch.len(), now_ms);
-        {
-            let mut engine = shared.engine.batch();
-            for slot in &batch {
-                engine.handle_handshake(
-                    slot.from,
-                    slot.local_ip,
-                    slot.datagram(),
-                    under_load,
-                    &mut scratch,
-                    &mut outbox,
-                );
-            }
-        }
-        for slot in batch.drain(..) {
-            queue.recycle(slot);
-        }
-        if !outbox.is_empty() {
-            let sockets = shared.sockets();
-            // Handshake messages go to the network only, never to the TUN. A flood's cookie
-            // replies all go to the flooder at the same size: one GSO send per batch.
-            let segments = super::workers::max_segments(&shared, &sockets, 0);
-            let _ = outbox.flush(
-                shared.tun.queue(0),
-                sockets.worker(0),
-                segments,
-                shared.engine.stats(),
-            );
         }
     }
 }

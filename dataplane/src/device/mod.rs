@@ -134,7 +134,7 @@ impl Device {
         let s = shared.clone();
         spawn(
             "tsk-handshake".to_string(),
-            Box::new(move || handshakes::handshake_loop(s)),
+            Box::new(move || workers::handshake_loop(s)),
         )?;
         let s = shared.clone();
         spawn(

@@ -269,3 +269,58 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
         }
     }
 }
+
+/// The handshake thread: see [`handshakes`].
+pub(crate) fn handshake_loop(shared: Arc<Shared>) {
+    if let Err(e) = crate::sys::set_current_thread_nice(handshakes::NICE) {
+        tracing::debug!(error = %e, "cannot lower the handshake thread's priority");
+    }
+    let queue = &shared.handshakes;
+    let mut scratch = new_scratch();
+    let mut outbox = shared.outbox();
+    let mut policy = handshakes::LoadPolicy::default();
+    let mut batch: Vec<Box<handshakes::Handshake>> = Vec::with_capacity(handshakes::BATCH);
+    while !shared.stop.load(Relaxed) {
+        let Some(first) = queue.recv_timeout(handshakes::POLL_INTERVAL) else {
+            continue;
+        };
+        batch.push(first);
+        while batch.len() < handshakes::BATCH {
+            match queue.try_recv() {
+                Some(slot) => batch.push(slot),
+                None => break,
+            }
+        }
+        // Like the kernel, the messages being handled count as queued.
+        let now_ms = shared.engine.now().as_millis() as u64;
+        let under_load = policy.under_load(queue.len() + batch.len(), now_ms);
+        {
+            let mut engine = shared.engine.batch();
+            for slot in &batch {
+                engine.handle_handshake(
+                    slot.from,
+                    slot.local_ip,
+                    slot.datagram(),
+                    under_load,
+                    &mut scratch,
+                    &mut outbox,
+                );
+            }
+        }
+        for slot in batch.drain(..) {
+            queue.recycle(slot);
+        }
+        if !outbox.is_empty() {
+            let sockets = shared.sockets();
+            // Handshake messages go to the network only, never to the TUN. A flood's cookie
+            // replies all go to the flooder at the same size: one GSO send per batch.
+            let segments = max_segments(&shared, &sockets, 0);
+            let _ = outbox.flush(
+                shared.tun.queue(0),
+                sockets.worker(0),
+                segments,
+                shared.engine.stats(),
+            );
+        }
+    }
+}
