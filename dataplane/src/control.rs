@@ -24,7 +24,7 @@ pub(crate) trait ListenSockets {
 
 /// The device as a UAPI `get` reports it (handshakes dated by the wall clock now).
 pub(crate) fn get(engine: &Engine, sockets: &impl ListenSockets) -> DeviceSnapshot {
-    let (private_key, peers) = engine.peer_snapshots(SystemTime::now());
+    let (private_key, peers) = engine.peer_snapshots(SystemTime::now(), std::time::Instant::now());
     DeviceSnapshot {
         private_key,
         listen_port: sockets.port(),

@@ -182,7 +182,9 @@ impl Node {
     /// The peers as `wg show` reports them, dated from a fixed wall-clock start.
     pub fn peers(&self) -> Vec<PeerSnapshot> {
         let wall = SystemTime::UNIX_EPOCH + WALL_START + self.engine.now();
-        self.engine.peer_snapshots(wall).1
+        self.engine
+            .peer_snapshots(wall, self.start + self.engine.now())
+            .1
     }
 
     /// The peer with public key `key`.

@@ -177,12 +177,18 @@ impl Engine {
         Ok(send_now)
     }
 
-    /// The peers as `wg show` reports them, in slot order. `now` is the caller's wall clock:
-    /// the engine keeps a handshake's time as engine time and reports it as `now` minus the
-    /// handshake's age (so a wall clock stepped since then does not matter).
-    pub fn peer_snapshots(&self, now: SystemTime) -> (Option<Key>, Vec<PeerSnapshot>) {
+    /// The peers as `wg show` reports them, in slot order. `wall` and `now` are the caller's
+    /// wall clock and monotonic clock, read together: the engine keeps a handshake's time as
+    /// engine time and reports it as `wall` minus the handshake's age at `now` (so a wall
+    /// clock stepped since then does not matter). The age is taken at `now`, not at the last
+    /// tick: otherwise two reads within one tick would date the same handshake differently.
+    pub fn peer_snapshots(
+        &self,
+        wall: SystemTime,
+        now: Instant,
+    ) -> (Option<Key>, Vec<PeerSnapshot>) {
         let config = self.config.read();
-        let now_ms = self.now_ms.load(Relaxed);
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         let peers = config
             .peers
             .iter()
@@ -195,7 +201,7 @@ impl Engine {
                     endpoint: state.endpoint.map(|e| e.addr),
                     last_handshake: state.last_handshake_ms.map(|at| {
                         let age = Duration::from_millis(now_ms.saturating_sub(at));
-                        now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
+                        wall.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
                     }),
                     rx_bytes: state.traffic.rx_bytes,
                     tx_bytes: state.traffic.tx_bytes,

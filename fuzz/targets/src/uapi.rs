@@ -74,7 +74,9 @@ impl Device {
     }
 
     fn snapshot(&self) -> DeviceSnapshot {
-        let (private_key, peers) = self.engine.peer_snapshots(SystemTime::now());
+        let (private_key, peers) = self
+            .engine
+            .peer_snapshots(SystemTime::now(), std::time::Instant::now());
         DeviceSnapshot {
             private_key,
             listen_port: self.listen_port,
