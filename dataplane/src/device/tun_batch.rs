@@ -132,18 +132,21 @@ mod tests {
         out
     }
 
+    /// What one hand-over delivered: each packet's bytes.
+    fn copy_out(bufs: &[Vec<u8>], sizes: &[usize]) -> Vec<Vec<u8>> {
+        bufs.iter()
+            .zip(sizes)
+            .map(|(b, s)| b[..*s].to_vec())
+            .collect()
+    }
+
     #[test]
     fn a_superpacket_of_more_segments_than_the_batch_is_delivered_whole_in_turns() {
         // MSS 88: 740 segments in one 64 KB superpacket, almost six batches' worth.
         let mut batch = TunBatch::new(TUN_BATCH);
         let mut delivered: Vec<Vec<Vec<u8>>> = Vec::new();
         let mut deliver = |bufs: &mut [Vec<u8>], sizes: &[usize]| {
-            delivered.push(
-                bufs.iter()
-                    .zip(sizes)
-                    .map(|(b, s)| b[..*s].to_vec())
-                    .collect(),
-            );
+            delivered.push(copy_out(bufs, sizes));
             true
         };
         assert!(batch.wants_read());
@@ -170,12 +173,7 @@ mod tests {
         let mut batch = TunBatch::new(TUN_BATCH);
         let mut delivered: Vec<Vec<Vec<u8>>> = Vec::new();
         let mut deliver = |bufs: &mut [Vec<u8>], sizes: &[usize]| {
-            delivered.push(
-                bufs.iter()
-                    .zip(sizes)
-                    .map(|(b, s)| b[..*s].to_vec())
-                    .collect(),
-            );
+            delivered.push(copy_out(bufs, sizes));
             true
         };
         // 47 + 47 segments (64 KB at MSS 1380): both fit, then no room for a third.
