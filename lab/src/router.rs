@@ -195,25 +195,9 @@ impl ConfigFile {
     }
 }
 
-/// `s` as a TOML basic string: quoted, with `"`, `\` and control characters escaped.
+/// `s` as a TOML string, quoted and escaped by the `toml` crate (the parser's own rules).
 pub fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -525,10 +509,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn toml_strings_escape_quotes_backslashes_and_control_characters() {
-        assert_eq!(toml_string("plain/path"), "\"plain/path\"");
-        assert_eq!(toml_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
-        assert_eq!(toml_string("x\ny\u{1}"), "\"x\\ny\\u0001\"");
+    fn toml_strings_read_back_as_written() {
+        for s in ["plain/path", "a\"b\\c", "x\ny\u{1}", "it's", "'\"'"] {
+            let doc = format!("v = {}", toml_string(s));
+            let table: toml::Table = doc.parse().expect("valid TOML");
+            assert_eq!(table["v"].as_str(), Some(s), "{doc}");
+        }
     }
 
     #[test]

@@ -154,25 +154,9 @@ fn without_lines(mut cfg: RouterConfig) -> RouterConfig {
 /// The location [`without_lines`] puts everywhere.
 const NOWHERE: Location = Location { line: 0, column: 0 };
 
-/// A TOML basic string.
+/// A TOML string, quoted and escaped by the `toml` crate (the parser's own rules).
 fn quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 fn path_str(p: &Path) -> String {
