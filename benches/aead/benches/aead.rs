@@ -47,7 +47,10 @@ fn aead(c: &mut Criterion) {
             let mut buf = vec![0x11u8; size + TAG_LEN];
             let mut counter = 0u64;
             a.seal(0, &mut buf, size);
-            assert!(a.open(0, &mut buf, size), "{name}: open failed in the setup");
+            assert!(
+                a.open(0, &mut buf, size),
+                "{name}: open failed in the setup"
+            );
             group.bench_function(BenchmarkId::new(name, size), |b| {
                 b.iter(|| {
                     counter += 1;

@@ -154,6 +154,135 @@ impl TransportAead for OpenSsl {
     }
 }
 
+/// OpenSSL through its C functions alone, one context per direction keyed once: per packet
+/// `EVP_CipherInit_ex` (nonce only), one update, final, and the tag control — the least the
+/// EVP interface allows, without the safe wrapper's length queries.
+#[cfg(feature = "openssl")]
+pub struct OpenSslFfi {
+    seal: *mut openssl_sys::EVP_CIPHER_CTX,
+    open: *mut openssl_sys::EVP_CIPHER_CTX,
+}
+
+#[cfg(feature = "openssl")]
+impl OpenSslFfi {
+    pub fn new(key: &[u8; 32]) -> Self {
+        openssl_sys::init();
+        // SAFETY: contexts are created, checked for null, keyed with a 32-byte key for the
+        // ChaCha20-Poly1305 cipher (which takes exactly that), and freed in Drop.
+        unsafe {
+            let cipher = openssl_sys::EVP_chacha20_poly1305();
+            let seal = openssl_sys::EVP_CIPHER_CTX_new();
+            let open = openssl_sys::EVP_CIPHER_CTX_new();
+            assert!(!seal.is_null() && !open.is_null(), "EVP contexts");
+            let null = std::ptr::null();
+            assert_eq!(
+                openssl_sys::EVP_EncryptInit_ex(
+                    seal,
+                    cipher,
+                    std::ptr::null_mut(),
+                    key.as_ptr(),
+                    null
+                ),
+                1
+            );
+            assert_eq!(
+                openssl_sys::EVP_DecryptInit_ex(
+                    open,
+                    cipher,
+                    std::ptr::null_mut(),
+                    key.as_ptr(),
+                    null
+                ),
+                1
+            );
+            OpenSslFfi { seal, open }
+        }
+    }
+}
+
+#[cfg(feature = "openssl")]
+impl Drop for OpenSslFfi {
+    fn drop(&mut self) {
+        // SAFETY: both were made by EVP_CIPHER_CTX_new and are freed once.
+        unsafe {
+            openssl_sys::EVP_CIPHER_CTX_free(self.seal);
+            openssl_sys::EVP_CIPHER_CTX_free(self.open);
+        }
+    }
+}
+
+#[cfg(feature = "openssl")]
+impl TransportAead for OpenSslFfi {
+    fn seal(&mut self, counter: u64, buf: &mut [u8], len: usize) {
+        assert!(buf.len() >= len + TAG_LEN && len <= i32::MAX as usize);
+        let n = nonce(counter);
+        let mut outl = 0;
+        // SAFETY: the context is keyed (new); the nonce is 12 bytes, the cipher's IV length;
+        // update writes len bytes in place (a stream cipher), final writes none, the tag
+        // control writes 16 bytes into the buffer's tail, which the assert above guarantees.
+        // (OpenSSL's EVP_CTRL_AEAD_{GET,SET}_TAG are the GCM controls' values, 0x10 and 0x11.)
+        unsafe {
+            let ok = openssl_sys::EVP_EncryptInit_ex(
+                self.seal,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                n.as_ptr(),
+            ) == 1
+                && openssl_sys::EVP_EncryptUpdate(
+                    self.seal,
+                    buf.as_mut_ptr(),
+                    &mut outl,
+                    buf.as_ptr(),
+                    len as i32,
+                ) == 1
+                && openssl_sys::EVP_EncryptFinal_ex(
+                    self.seal,
+                    buf.as_mut_ptr().add(len),
+                    &mut outl,
+                ) == 1
+                && openssl_sys::EVP_CIPHER_CTX_ctrl(
+                    self.seal,
+                    openssl_sys::EVP_CTRL_GCM_GET_TAG,
+                    TAG_LEN as i32,
+                    buf.as_mut_ptr().add(len).cast(),
+                ) == 1;
+            assert!(ok, "sealing");
+        }
+    }
+
+    fn open(&mut self, counter: u64, buf: &mut [u8], len: usize) -> bool {
+        assert!(buf.len() >= len + TAG_LEN && len <= i32::MAX as usize);
+        let n = nonce(counter);
+        let mut outl = 0;
+        // SAFETY: as in seal; the tag control reads the 16 bytes after the ciphertext.
+        unsafe {
+            openssl_sys::EVP_DecryptInit_ex(
+                self.open,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                n.as_ptr(),
+            ) == 1
+                && openssl_sys::EVP_CIPHER_CTX_ctrl(
+                    self.open,
+                    openssl_sys::EVP_CTRL_GCM_SET_TAG,
+                    TAG_LEN as i32,
+                    buf.as_mut_ptr().add(len).cast(),
+                ) == 1
+                && openssl_sys::EVP_DecryptUpdate(
+                    self.open,
+                    buf.as_mut_ptr(),
+                    &mut outl,
+                    buf.as_ptr(),
+                    len as i32,
+                ) == 1
+                && openssl_sys::EVP_DecryptFinal_ex(self.open, buf.as_mut_ptr().add(len), &mut outl)
+                    == 1
+        }
+    }
+}
+
 /// Every implementation built into this bench, by name, keyed with `key`.
 pub fn all(key: &[u8; 32]) -> Vec<(&'static str, Box<dyn TransportAead>)> {
     let mut v: Vec<(&'static str, Box<dyn TransportAead>)> = vec![
@@ -164,6 +293,8 @@ pub fn all(key: &[u8; 32]) -> Vec<(&'static str, Box<dyn TransportAead>)> {
     v.push(("aws-lc-rs", Box::new(AwsLc::new(key))));
     #[cfg(feature = "openssl")]
     v.push(("openssl", Box::new(OpenSsl::new(key))));
+    #[cfg(feature = "openssl")]
+    v.push(("openssl-ffi", Box::new(OpenSslFfi::new(key))));
     v
 }
 
@@ -254,15 +385,21 @@ mod tests {
             }
             let mut forged = buf.clone();
             forged[3] ^= 1;
-            assert!(!aead.open(42, &mut forged, plain.len()), "{name} opened a forgery");
-            assert!(!aead.open(43, &mut buf.clone(), plain.len()), "{name}: wrong nonce");
+            assert!(
+                !aead.open(42, &mut forged, plain.len()),
+                "{name} opened a forgery"
+            );
+            assert!(
+                !aead.open(43, &mut buf.clone(), plain.len()),
+                "{name}: wrong nonce"
+            );
             assert!(aead.open(42, &mut buf, plain.len()), "{name} did not open");
             assert_eq!(&buf[..plain.len()], &plain[..], "{name} opened wrongly");
         }
     }
 
     #[test]
-    fn a_prototype_data_message_is_what_boringtun_sends() {
+    fn a_prototype_data_message_has_the_wire_layout_and_opens() {
         // Same key and counter as boringtun's first data message cannot be arranged from
         // outside (its keys are private), so check the layout and that it opens.
         let key = [9u8; 32];
