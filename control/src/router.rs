@@ -29,7 +29,7 @@ use crate::config::{check_ifname, RouterConfig};
 use crate::key_file::load_or_create_private_key;
 use crate::observe::{RouterView, SourceHandles};
 use crate::peer_source::{PeerSource, SourceSettings};
-use crate::reconcile::{desired_peers, Applier};
+use crate::reconcile::{Applier, StaticPeers};
 use crate::reload::{check_reloadable, FileWatch};
 use crate::routes::{RouteManager, ROUTE_TABLE, RULE_PRIORITY};
 use crate::status::StatusSocket;
@@ -213,7 +213,11 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             fwmark: Some(config.fwmark),
             ..DeviceUpdate::default()
         };
-        let statics = desired_peers(&config.peers, &preshared, &[], &pod_cidrs);
+        let statics = StaticPeers {
+            peers: config.peers.clone(),
+            preshared,
+            own_pod_cidrs: pod_cidrs.clone(),
+        };
         let started = Applier::start(device.control(), Some(manager), base, statics)
             .with_context(|| format!("applying {} and its routes", config.path.display()))?;
         if crate::masquerade::install(&pod_cidrs, &config.cluster_cidrs)
@@ -249,9 +253,6 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             let settings = SourceSettings {
                 tailscale: tailscale.clone(),
                 cluster_cidrs: config.cluster_cidrs.clone(),
-                own_pod_cidrs: pod_cidrs.clone(),
-                statics: config.peers.clone(),
-                preshared,
             };
             info!(
                 socket = %tailscale.socket.display(),
@@ -361,28 +362,28 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     }
 }
 
-/// Re-reads the config file and applies its static peers, per peer (unchanged peers keep
-/// their sessions). A file that does not parse, or changes what only a restart applies, is
-/// refused with one log line and changes nothing.
+/// Re-reads the config file and applies its static peers, per peer, beside the Tailscale
+/// peers the source last found (unchanged peers of either kind keep their sessions; the
+/// Tailscale peers change only as the conflict rule says). A file that does not parse, or
+/// changes what only a restart applies, is refused with one log line and changes nothing.
 fn reload(current: &mut RouterConfig, pod_cidrs: &[IpNet], applier: &Mutex<Applier>) {
     let path = current.path.clone();
-    let result = (|| -> anyhow::Result<Option<usize>> {
+    let result = (|| -> anyhow::Result<usize> {
         let new = RouterConfig::load(&path)?;
         check_reloadable(current, &new)
             .map_err(|key| anyhow::anyhow!("it changes {key}, which needs a restart"))?;
         let preshared = new.load_preshared_keys().context("preshared_key_file")?;
-        // With [tailscale] the source owns the peer set (and the statics are unchanged).
-        let changed = if new.tailscale.is_none() {
-            let desired = desired_peers(&new.peers, &preshared, &[], pod_cidrs);
-            Some(applier.lock().apply(desired)?.peer_blocks)
-        } else {
-            None
+        let statics = StaticPeers {
+            peers: new.peers.clone(),
+            preshared,
+            own_pod_cidrs: pod_cidrs.to_vec(),
         };
+        let changed = applier.lock().set_statics(statics)?.peer_blocks;
         *current = new;
         Ok(changed)
     })();
     match result {
-        Ok(changed) => info!(changed_peers = ?changed, "reloaded {}", path.display()),
+        Ok(changed) => info!(changed_peers = changed, "reloaded {}", path.display()),
         Err(e) => warn!(
             "refused the new {}: {}; nothing changed",
             path.display(),
@@ -420,6 +421,15 @@ pub fn pod_cidrs(args: &RouterArgs, config: &RouterConfig) -> anyhow::Result<Vec
     }
     info!(pod_cidrs = ?cidrs, from = %source, "this node's pod CIDRs");
     Ok(cidrs)
+}
+
+/// How long the control plane's tasks get to finish after the stop, of the 2 s a stop may
+/// take (the routes, rules and the TUN are removed after it).
+const CONTROL_STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// Waits for every task of `tasks` to end.
+async fn drain(tasks: &mut tokio::task::JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
 }
 
 /// The control plane's one tokio runtime on its own thread: the peer source (with a
@@ -472,9 +482,22 @@ impl ControlThread {
                             }
                         });
                     }
-                    while tasks.join_next().await.is_some() {}
+                    let mut told = stopped.clone();
+                    let ended_alone = tokio::select! {
+                        () = drain(&mut tasks) => true,
+                        () = async { let _ = told.wait_for(|s| *s).await; } => false,
+                    };
+                    if !ended_alone {
+                        // Each task stops at once on its own; one that does not (a server
+                        // waiting for a client to hang up) is cut off, and so is anything
+                        // still spawned (a LocalAPI call tailscaled never answers), when the
+                        // set and the runtime are dropped.
+                        let _ = tokio::time::timeout(CONTROL_STOP_GRACE, drain(&mut tasks)).await;
+                    }
                 });
-                runtime.shutdown_timeout(Duration::from_secs(2));
+                // Not waiting for blocking tasks: one still applying holds the applier's
+                // lock, which the main thread takes next for the cleanup anyway.
+                runtime.shutdown_background();
             })
             .context("starting the control plane thread")?;
         Ok(ControlThread { stop, thread })
