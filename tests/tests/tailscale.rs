@@ -238,6 +238,17 @@ struct TailnetCluster {
 }
 
 impl TailnetCluster {
+    /// The cluster of a test, or `None` when this machine cannot build namespaces (the test
+    /// skips, see [`require_netns`]).
+    fn for_test(nodes: u8) -> Option<TailnetCluster> {
+        require_netns().then(|| TailnetCluster::new(nodes))
+    }
+
+    /// The topology, the simulated nodes, the tailnet and the keys.
+    fn parts(&self) -> (&Topology, &[SimNode], &Tailnet, &[KeyPair]) {
+        (&self.topology, &self.sims, &self.tailnet, &self.keys)
+    }
+
     fn new(nodes: u8) -> TailnetCluster {
         let binary = tailsk8s_binary().unwrap();
         let topology = TopologyBuilder::new(nodes).build().unwrap();
@@ -338,16 +349,10 @@ const PATH_PROBE: Duration = Duration::from_secs(20);
 
 #[test]
 fn a_silent_underlay_partition_moves_the_pair_to_the_tailnet_path_and_back() {
-    if !require_netns() {
+    let Some(cluster) = TailnetCluster::for_test(3) else {
         return;
-    }
-    let cluster = TailnetCluster::new(3);
-    let TailnetCluster {
-        topology,
-        sims,
-        keys,
-        ..
-    } = &cluster;
+    };
+    let (topology, sims, _, keys) = cluster.parts();
     let (routers, _localapis) = cluster.start_routers();
     let all = [0, 1, 2];
     wait_for_peers(&routers, topology, keys, &all, &all, DISCOVERY);
@@ -394,17 +399,10 @@ fn a_silent_underlay_partition_moves_the_pair_to_the_tailnet_path_and_back() {
 
 #[test]
 fn peers_come_and_go_with_tailscale_membership_and_approval() {
-    if !require_netns() {
+    let Some(cluster) = TailnetCluster::for_test(3) else {
         return;
-    }
-    let cluster = TailnetCluster::new(3);
-    let TailnetCluster {
-        topology,
-        sims,
-        tailnet,
-        keys,
-        ..
-    } = &cluster;
+    };
+    let (topology, sims, tailnet, keys) = cluster.parts();
     let (mut routers, mut localapis) = cluster.start_routers();
 
     // Discovery: every router has the two others, with exactly their approved pod CIDRs.
@@ -553,17 +551,10 @@ fn status_reads(localapi: &LocalApiServer) -> usize {
 
 #[test]
 fn a_reload_beside_a_tailscale_source_changes_the_static_peers_only() {
-    if !require_netns() {
+    let Some(cluster) = TailnetCluster::for_test(3) else {
         return;
-    }
-    let cluster = TailnetCluster::new(3);
-    let TailnetCluster {
-        topology,
-        sims,
-        tailnet,
-        keys,
-        ..
-    } = &cluster;
+    };
+    let (topology, sims, tailnet, keys) = cluster.parts();
     // Node 3 is no tailnet node: it can only be a static peer of node 1.
     assert!(tailnet.remove(&sims[2].stable_id));
     // A static peer that goes with the reload (nothing answers for it).
@@ -704,11 +695,10 @@ const METRICS_PORT: u16 = 9586;
 
 #[test]
 fn sigterm_with_a_tailscale_source_exits_in_time_even_while_tailscaled_hangs() {
-    if !require_netns() {
+    let Some(cluster) = TailnetCluster::for_test(2) else {
         return;
-    }
-    let cluster = TailnetCluster::new(2);
-    let TailnetCluster { topology, keys, .. } = &cluster;
+    };
+    let (topology, _, _, keys) = cluster.parts();
     let (router1, _localapi1) = cluster.tailscale_router(0, &[]);
     let (router2, mut localapi) = cluster.tailscale_router(1, &[]);
     // Router 2 also serves /metrics, to a client that never finishes its request.

@@ -20,6 +20,16 @@ fn view_of(doc: &Value) -> TailnetView {
     parse_status(&serde_json::to_vec(doc).unwrap()).unwrap()
 }
 
+/// The first peer of a status document (k8s-node-1 in the fixture), to edit.
+fn first_peer(doc: &mut Value) -> &mut Value {
+    doc["Peer"]
+        .as_object_mut()
+        .unwrap()
+        .values_mut()
+        .next()
+        .unwrap()
+}
+
 /// Applies `edit` to Self and every peer of the fixture.
 fn edit_nodes(doc: &mut Value, edit: impl Fn(&mut serde_json::Map<String, Value>)) {
     edit(doc["Self"].as_object_mut().unwrap());
@@ -135,12 +145,7 @@ fn old_daemon_fields_are_understood_or_ignored() {
         n.remove("TailscaleIPs");
         n.insert("KeepAlive".into(), json!(true));
     });
-    let peer = doc["Peer"]
-        .as_object_mut()
-        .unwrap()
-        .values_mut()
-        .next()
-        .unwrap();
+    let peer = first_peer(&mut doc);
     peer["TailAddr"] = json!("100.101.1.11");
     let view = view_of(&doc);
     assert_eq!(view.peers[0].tailnet_ips, [ip("100.101.1.11")]);
@@ -208,12 +213,7 @@ fn peers_without_routes_and_ipv6_routes() {
 #[test]
 fn unreadable_entries_are_left_out_not_fatal() {
     let mut doc = fixture();
-    let peer = doc["Peer"]
-        .as_object_mut()
-        .unwrap()
-        .values_mut()
-        .next()
-        .unwrap();
+    let peer = first_peer(&mut doc);
     peer["PrimaryRoutes"] = json!([
         "10.100.1.0/24",
         "banana",
