@@ -432,6 +432,24 @@ async fn drain(tasks: &mut tokio::task::JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
 
+/// Runs `tasks` until they all end or `stop` turns true; then gives them `grace` to end on
+/// their own and aborts the rest. Each task stops at once when told; one that does not (a
+/// server waiting for a client to hang up) must not hold the router's exit.
+async fn run_until_stopped(
+    mut tasks: tokio::task::JoinSet<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let ended_alone = tokio::select! {
+        () = drain(&mut tasks) => true,
+        () = async { let _ = stop.wait_for(|s| *s).await; } => false,
+    };
+    if !ended_alone {
+        let _ = tokio::time::timeout(grace, drain(&mut tasks)).await;
+    }
+    // Dropping the set aborts what is left.
+}
+
 /// The control plane's one tokio runtime on its own thread: the peer source (with a
 /// `[tailscale]` table), the status socket, and the metrics server (with `[metrics]`).
 struct ControlThread {
@@ -482,18 +500,7 @@ impl ControlThread {
                             }
                         });
                     }
-                    let mut told = stopped.clone();
-                    let ended_alone = tokio::select! {
-                        () = drain(&mut tasks) => true,
-                        () = async { let _ = told.wait_for(|s| *s).await; } => false,
-                    };
-                    if !ended_alone {
-                        // Each task stops at once on its own; one that does not (a server
-                        // waiting for a client to hang up) is cut off, and so is anything
-                        // still spawned (a LocalAPI call tailscaled never answers), when the
-                        // set and the runtime are dropped.
-                        let _ = tokio::time::timeout(CONTROL_STOP_GRACE, drain(&mut tasks)).await;
-                    }
+                    run_until_stopped(tasks, stopped, CONTROL_STOP_GRACE).await;
                 });
                 // Not waiting for blocking tasks: one still applying holds the applier's
                 // lock, which the main thread takes next for the cleanup anyway.
@@ -530,6 +537,47 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<RouterArgs, clap::Error> {
         Root::try_parse_from(std::iter::once("router").chain(args.iter().copied())).map(|r| r.args)
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ignores_the_stop_is_cut_off_after_the_grace() {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        // A well-behaved task, and one that never ends (a client that never hangs up).
+        let mut told = stopped.clone();
+        tasks.spawn(async move {
+            let _ = told.wait_for(|s| *s).await;
+        });
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn(async move {
+            let _dropped_when_aborted = dropped_tx;
+            std::future::pending::<()>().await;
+        });
+        let grace = Duration::from_millis(100);
+        let running = tokio::spawn(run_until_stopped(tasks, stopped, grace));
+        let _ = stop.send(true);
+        let stopped_at = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("stops despite the hanging task")
+            .unwrap();
+        assert!(stopped_at.elapsed() >= grace, "{:?}", stopped_at.elapsed());
+        // The hanging task was aborted (its end of the channel dropped), not left running.
+        let aborted = tokio::time::timeout(Duration::from_secs(5), dropped_rx).await;
+        assert!(matches!(aborted, Ok(Err(_))), "the hanging task still runs");
+    }
+
+    #[tokio::test]
+    async fn tasks_that_end_alone_need_no_stop() {
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async {});
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            run_until_stopped(tasks, stopped, Duration::from_secs(60)),
+        )
+        .await
+        .expect("returns when every task ended");
     }
 
     #[test]
