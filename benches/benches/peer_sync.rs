@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 use tailsk8s::announcement::Announcement;
 use tailsk8s::config::TailscaleConfig;
 use tailsk8s::peer_source::{cluster_nodes_with_pods, desired_from_nodes, SourceSettings};
-use tailsk8s::reconcile::diff;
+use tailsk8s::reconcile::{diff, StaticPeers};
 use tailsk8s::tailscale::documents::parse_status;
 use tailsk8s_dataplane::key::Key;
 
@@ -92,9 +92,14 @@ fn settings() -> SourceSettings {
             "198.19.0.0/16".parse().unwrap(),
             "fd00:19::/32".parse().unwrap(),
         ],
+    }
+}
+
+/// This node's own pod CIDRs and no static peer.
+fn statics() -> StaticPeers {
+    StaticPeers {
         own_pod_cidrs: vec![pod_v4(0), pod_v6(0)],
-        statics: Vec::new(),
-        preshared: BTreeMap::new(),
+        ..StaticPeers::default()
     }
 }
 
@@ -120,13 +125,14 @@ fn announcements(peers: usize) -> BTreeMap<String, Announcement> {
 
 fn resync(c: &mut Criterion) {
     let settings = settings();
+    let statics = statics();
     let announcements = announcements(PEERS + 1);
     let before = status(PEERS);
     let after = status(PEERS + 1);
     let plan = |bytes: &[u8]| {
         let view = parse_status(bytes).unwrap();
         let nodes = cluster_nodes_with_pods(&view, &settings);
-        desired_from_nodes(&nodes, &settings, |id| announcements.get(id))
+        desired_from_nodes(&nodes, &statics, |id| announcements.get(id))
     };
     let applied = plan(&before).peers;
     assert_eq!(applied.len(), PEERS);

@@ -5,8 +5,10 @@
 //! - the **sync loop**: reads LocalAPI `/status` at start, after a `watch-ipn-bus` message
 //!   (debounced), every `resync`, and when a failed announcement fetch is due again; turns the
 //!   view into cluster nodes (tag, approved pod CIDRs inside the cluster CIDRs), fetches the
-//!   announcements of new or changed nodes only (bounded concurrency), and hands the desired
-//!   peer set to the [`Applier`] — the one door into the data plane stays `DeviceUpdate`;
+//!   announcements of new or changed nodes only (bounded concurrency), and hands the
+//!   Tailscale peers to the [`Applier`], which joins them with the config file's static peers
+//!   (its own, so a reload changes them without the source) — the one door into the data
+//!   plane stays `DeviceUpdate`;
 //! - the **watch** task: follows `watch-ipn-bus` as a change signal only, reconnecting with
 //!   backoff;
 //! - the **announcement server**, bound to this node's tailnet addresses (rebound when they
@@ -31,9 +33,9 @@ use tokio::time::Instant;
 use crate::announcement::fetch::{fetch_many, Target, MAX_CONCURRENT_FETCHES};
 use crate::announcement::server::{self, Caller, Whois};
 use crate::announcement::{accept, Announcement};
-use crate::config::{PeerConfig, TailscaleConfig};
+use crate::config::TailscaleConfig;
 use crate::path::{Endpoints, Observed, PathMonitor};
-use crate::reconcile::{desired_peers, Applier, Desired, Origin, TailscalePeer};
+use crate::reconcile::{Applier, Desired, Origin, StaticPeers, TailscalePeer};
 use crate::tailscale::{cluster_nodes, ClusterNode, LocalApi, TailnetView};
 
 /// After a watch message, wait this long for more before re-reading the status.
@@ -46,14 +48,12 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// a per-node spread so a large cluster does not re-fetch all at once.
 pub const MIN_ANNOUNCEMENT_REFRESH: Duration = Duration::from_secs(300);
 
-/// Everything the source needs from the config file.
+/// Everything the source needs from the config file (all of it fixed until a restart; the
+/// static peers, which a reload may change, are the [`Applier`]'s).
 #[derive(Debug, Clone)]
 pub struct SourceSettings {
     pub tailscale: TailscaleConfig,
     pub cluster_cidrs: Vec<IpNet>,
-    pub own_pod_cidrs: Vec<IpNet>,
-    pub statics: Vec<PeerConfig>,
-    pub preshared: BTreeMap<Key, Key>,
 }
 
 /// The LocalAPI as the announcement server's [`Whois`].
@@ -195,10 +195,7 @@ impl PeerSource {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let (signal_tx, mut signal_rx) = mpsc::channel::<()>(1);
-        let path_watch = tokio::spawn(watch_paths(
-            self.paths.clone(),
-            self.applier.lock().device(),
-        ));
+        let path_watch = tokio::spawn(watch_paths(self.paths.clone(), self.applier.clone()));
         let watcher = tokio::spawn(follow_watch(
             self.localapi.clone(),
             signal_tx,
@@ -378,34 +375,29 @@ impl PeerSource {
             }
         }
 
-        let desired = desired_from_nodes(&nodes, &self.settings, |id| {
-            self.known.get(id)?.announcement.as_ref()
-        });
-        let paths: Vec<(Key, Endpoints)> = desired
-            .peers
-            .values()
-            .filter_map(|peer| {
-                let Origin::Tailscale { stable_id, .. } = &peer.origin else {
-                    return None;
-                };
-                let known = self.known.get(stable_id)?;
-                let port = known.announcement.as_ref()?.listen_port;
-                let mut ips = known.tailnet_ips.clone();
-                ips.sort_by_key(|ip| ip.is_ipv6());
-                Some((
-                    peer.public_key,
-                    Endpoints {
-                        direct: peer.endpoint?,
-                        tailnet: std::net::SocketAddr::new(*ips.first()?, port),
-                    },
-                ))
-            })
-            .collect();
-        self.paths
-            .lock()
-            .set_peers(paths, std::time::Instant::now());
+        let peers = tailscale_peers(&nodes, |id| self.known.get(id)?.announcement.as_ref());
         let applier = self.applier.clone();
-        let applied = tokio::task::spawn_blocking(move || applier.lock().apply(desired)).await;
+        let applied = tokio::task::spawn_blocking(move || {
+            let mut applier = applier.lock();
+            let done = applier.set_tailscale(peers);
+            // What the conflict rule left of the Tailscale peers, as applied.
+            let tailscale: Vec<(Key, String, Option<std::net::SocketAddr>)> = applier
+                .applied()
+                .values()
+                .filter_map(|peer| match &peer.origin {
+                    Origin::Tailscale { stable_id, .. } => {
+                        Some((peer.public_key, stable_id.clone(), peer.endpoint))
+                    }
+                    Origin::Static { .. } => None,
+                })
+                .collect();
+            (done, tailscale)
+        })
+        .await
+        .map(|(done, tailscale)| {
+            self.set_paths(&tailscale);
+            done
+        });
         match applied {
             Ok(Ok(done)) => {
                 if self.apply_failing {
@@ -430,6 +422,30 @@ impl PeerSource {
             }
             Err(e) => tracing::warn!("peer apply task failed: {e}"),
         }
+    }
+
+    /// Hands the path monitor the applied Tailscale peers, each with its direct endpoint and
+    /// its WireGuard port on its first tailnet address (IPv4 first).
+    fn set_paths(&self, tailscale: &[(Key, String, Option<std::net::SocketAddr>)]) {
+        let paths: Vec<(Key, Endpoints)> = tailscale
+            .iter()
+            .filter_map(|(key, stable_id, direct)| {
+                let known = self.known.get(stable_id)?;
+                let port = known.announcement.as_ref()?.listen_port;
+                let mut ips = known.tailnet_ips.clone();
+                ips.sort_by_key(|ip| ip.is_ipv6());
+                Some((
+                    *key,
+                    Endpoints {
+                        direct: (*direct)?,
+                        tailnet: std::net::SocketAddr::new(*ips.first()?, port),
+                    },
+                ))
+            })
+            .collect();
+        self.paths
+            .lock()
+            .set_peers(paths, std::time::Instant::now());
     }
 
     /// Where to fetch a node's announcement: its tailnet addresses (IPv4 first), each from our
@@ -494,14 +510,13 @@ pub fn cluster_nodes_with_pods(view: &TailnetView, settings: &SourceSettings) ->
         .collect()
 }
 
-/// The desired peer set from cluster nodes and their (cached) announcements: static peers,
-/// plus every node whose announcement is known, with its pod CIDRs cut down to the approved.
-pub fn desired_from_nodes<'a>(
+/// The Tailscale peers from cluster nodes and their (cached) announcements: every node whose
+/// announcement is known, with its pod CIDRs cut down to the approved.
+pub fn tailscale_peers<'a>(
     nodes: &[ClusterNode],
-    settings: &SourceSettings,
     announcement_of: impl Fn(&str) -> Option<&'a Announcement>,
-) -> Desired {
-    let peers: Vec<TailscalePeer> = nodes
+) -> Vec<TailscalePeer> {
+    nodes
         .iter()
         .filter_map(|n| {
             let a = announcement_of(&n.node.stable_id)?;
@@ -511,35 +526,51 @@ pub fn desired_from_nodes<'a>(
                 accepted: accept(a, &n.pod_cidrs),
             })
         })
-        .collect();
-    desired_peers(
-        &settings.statics,
-        &settings.preshared,
-        &peers,
-        &settings.own_pod_cidrs,
-    )
+        .collect()
+}
+
+/// The desired peer set of one resync: `statics` plus [`tailscale_peers`].
+pub fn desired_from_nodes<'a>(
+    nodes: &[ClusterNode],
+    statics: &StaticPeers,
+    announcement_of: impl Fn(&str) -> Option<&'a Announcement>,
+) -> Desired {
+    statics.desired(&tailscale_peers(nodes, announcement_of))
 }
 
 /// How often the data plane's counters are read for the path choice.
 pub const PATH_TICK: Duration = Duration::from_secs(1);
 
 /// Reads the data plane every [`PATH_TICK`] and moves peers between their direct and tailnet
-/// endpoints as [`PathMonitor`] decides (`update_only` endpoint changes, nothing else).
-async fn watch_paths(
-    paths: Arc<Mutex<PathMonitor>>,
-    device: Arc<dyn tailsk8s_dataplane::config::DeviceControl>,
-) {
+/// endpoints as [`PathMonitor`] decides (`update_only` endpoint changes, nothing else). Only
+/// peers applied as Tailscale peers are looked at: a reload may have given a key to a static
+/// peer since the last sync told the monitor its peers.
+async fn watch_paths(paths: Arc<Mutex<PathMonitor>>, applier: Arc<Mutex<Applier>>) {
+    let device = applier.lock().device();
     let mut tick = tokio::time::interval(PATH_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let device_now = device.clone();
-        let Ok(snapshot) = tokio::task::spawn_blocking(move || device_now.get()).await else {
+        let applier_now = applier.clone();
+        let Ok((snapshot, tailscale)) = tokio::task::spawn_blocking(move || {
+            let tailscale: std::collections::BTreeSet<Key> = applier_now
+                .lock()
+                .applied()
+                .values()
+                .filter(|p| matches!(p.origin, Origin::Tailscale { .. }))
+                .map(|p| p.public_key)
+                .collect();
+            (device_now.get(), tailscale)
+        })
+        .await
+        else {
             continue;
         };
         let observed: Vec<Observed> = snapshot
             .peers
             .iter()
+            .filter(|p| tailscale.contains(&p.public_key))
             .map(|p| Observed {
                 public_key: p.public_key,
                 endpoint: p.endpoint,
@@ -714,9 +745,6 @@ mod tests {
                 resync: Duration::from_secs(1),
             },
             cluster_cidrs: vec![net("198.19.0.0/16"), net("fd00:19::/32")],
-            own_pod_cidrs: vec![net("198.19.1.0/24")],
-            statics: Vec::new(),
-            preshared: BTreeMap::new(),
         };
         let mine = Announcement {
             public_key: Key::generate_private().public_key(),
@@ -834,9 +862,6 @@ mod tests {
                 resync: Duration::from_secs(60),
             },
             cluster_cidrs: Vec::new(),
-            own_pod_cidrs: Vec::new(),
-            statics: Vec::new(),
-            preshared: BTreeMap::new(),
         };
         let mine = Announcement {
             public_key: Key::generate_private().public_key(),

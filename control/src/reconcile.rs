@@ -17,10 +17,13 @@
 //! conflict is logged once when it appears and once when it is gone. A Tailscale node left
 //! with no pod CIDR (none approved, or all withheld) is not a peer.
 //!
-//! [`Applier`] is the thin IO shell: it sends the diff through the one door into the data
-//! plane ([`DeviceControl::set`]), remembers what was applied only when that succeeded, and
-//! then brings the kernel routes to the new set (the [`RouteManager`] adds and removes only
-//! the routes that changed).
+//! [`Applier`] is the thin IO shell: it holds the two inputs of the desired set — the config
+//! file's [`StaticPeers`] (replaced by a reload) and the last Tailscale peers (replaced by
+//! each sync of the peer source) — and rebuilds the set whenever either changes, under its
+//! one lock, so a reload and a sync never undo each other. It sends the diff through the one
+//! door into the data plane ([`DeviceControl::set`]), remembers what was applied only when
+//! that succeeded, and then brings the kernel routes to the new set (the [`RouteManager`]
+//! adds and removes only the routes that changed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -237,6 +240,22 @@ pub fn desired_peers(
     desired
 }
 
+/// What the config file contributes to the desired peer set: its static `[[peer]]`s, their
+/// preshared keys (by public key), and this node's own pod CIDRs (never routed to a peer).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StaticPeers {
+    pub peers: Vec<PeerConfig>,
+    pub preshared: BTreeMap<Key, Key>,
+    pub own_pod_cidrs: Vec<IpNet>,
+}
+
+impl StaticPeers {
+    /// The desired set: these static peers plus `tailscale`, under the one conflict rule.
+    pub fn desired(&self, tailscale: &[TailscalePeer]) -> Desired {
+        desired_peers(&self.peers, &self.preshared, tailscale, &self.own_pod_cidrs)
+    }
+}
+
 /// The per-peer changes that turn `current` into `desired`: removals first, then additions
 /// and in-place changes. Empty when nothing changed.
 pub fn diff(
@@ -342,13 +361,17 @@ impl ConflictLog {
 pub struct Applier {
     device: Arc<dyn DeviceControl>,
     routes: Option<RouteManager>,
+    /// The config file's part of the desired set.
+    statics: StaticPeers,
+    /// The peer source's part, as of its last sync (none without a source).
+    tailscale: Vec<TailscalePeer>,
     applied: BTreeMap<Key, DesiredPeer>,
     conflicts: ConflictLog,
     /// The routes lag the applied peers (a route command failed): retried on every apply.
     routes_stale: bool,
 }
 
-/// What one [`Applier::apply`] changed.
+/// What one change of the [`Applier`]'s inputs changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
     /// Peer blocks sent to the data plane (0: it was not called).
@@ -358,15 +381,16 @@ pub struct Applied {
 }
 
 impl Applier {
-    /// Makes the device exactly `desired` with one update that also sets the device's own
-    /// settings (`base`: private key, port, fwmark), replacing whatever peers it had, and
+    /// Makes the device exactly the static peers with one update that also sets the device's
+    /// own settings (`base`: private key, port, fwmark), replacing whatever peers it had, and
     /// routes the allowed IPs. `routes` is `None` when the kernel is not to be touched.
     pub fn start(
         device: Arc<dyn DeviceControl>,
         mut routes: Option<RouteManager>,
         base: DeviceUpdate,
-        desired: Desired,
+        statics: StaticPeers,
     ) -> anyhow::Result<Applier> {
+        let desired = statics.desired(&[]);
         let empty = BTreeMap::new();
         let update = DeviceUpdate {
             replace_peers: true,
@@ -382,16 +406,40 @@ impl Applier {
         Ok(Applier {
             device,
             routes,
+            statics,
+            tailscale: Vec::new(),
             applied: desired.peers,
             conflicts,
             routes_stale: false,
         })
     }
 
+    /// A reload: the config file's new static peers, with the last Tailscale peers as they
+    /// are. Unchanged peers (static or Tailscale) get no update. When the data plane refuses
+    /// the change, the previous static peers stay in force (and are what later syncs use).
+    pub fn set_statics(&mut self, statics: StaticPeers) -> anyhow::Result<Applied> {
+        let previous = std::mem::replace(&mut self.statics, statics);
+        let desired = self.statics.desired(&self.tailscale);
+        let wanted = desired.peers.clone();
+        let result = self.apply(desired);
+        if result.is_err() && self.applied != wanted {
+            self.statics = previous;
+        }
+        result
+    }
+
+    /// A sync of the peer source: its new Tailscale peers, with the static peers as they are.
+    /// Kept even when applying fails, so the next change (or retry) starts from them.
+    pub fn set_tailscale(&mut self, peers: Vec<TailscalePeer>) -> anyhow::Result<Applied> {
+        self.tailscale = peers;
+        let desired = self.statics.desired(&self.tailscale);
+        self.apply(desired)
+    }
+
     /// Brings the data plane and the routes from the last applied set to `desired`, touching
     /// only the peers that differ. On failure nothing is recorded as applied: the next call
     /// retries the same diff.
-    pub fn apply(&mut self, desired: Desired) -> anyhow::Result<Applied> {
+    fn apply(&mut self, desired: Desired) -> anyhow::Result<Applied> {
         self.conflicts.update(&desired.conflicts);
         let updates = diff(&self.applied, &desired.peers);
         let peer_blocks = updates.len();
@@ -400,9 +448,11 @@ impl Applier {
                 peers: updates,
                 ..DeviceUpdate::default()
             })?;
-            self.applied = desired.peers;
             self.routes_stale = true;
         }
+        // Also without a data plane change: a peer's origin may have moved (a static peer
+        // taking over a tailnet node's key with the same settings).
+        self.applied = desired.peers;
         if self.routes_stale {
             let wanted = self.applied_routes();
             if let Some(manager) = &mut self.routes {
@@ -659,10 +709,12 @@ mod tests {
         assert!(updates[0].remove);
     }
 
-    /// Records every update (the data plane's door, without a device behind it).
+    /// Records every update (the data plane's door, without a device behind it); refuses
+    /// them while `refuse` is set.
     #[derive(Default)]
     struct Recorder {
         updates: parking_lot::Mutex<Vec<DeviceUpdate>>,
+        refuse: std::sync::atomic::AtomicBool,
     }
 
     impl DeviceControl for Recorder {
@@ -670,8 +722,20 @@ mod tests {
             Default::default()
         }
         fn set(&self, update: DeviceUpdate) -> Result<(), tailsk8s_dataplane::config::SetError> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(tailsk8s_dataplane::config::SetError::Invalid(
+                    "refused by the test".into(),
+                ));
+            }
             self.updates.lock().push(update);
             Ok(())
+        }
+    }
+
+    fn own_pods_only() -> StaticPeers {
+        StaticPeers {
+            own_pod_cidrs: vec![net("198.19.250.0/24")],
+            ..StaticPeers::default()
         }
     }
 
@@ -683,14 +747,22 @@ mod tests {
             listen_port: Some(51820),
             ..DeviceUpdate::default()
         };
-        let mut applier = Applier::start(recorder.clone(), None, base, build(&nodes[..2])).unwrap();
+        let mut applier = Applier::start(recorder.clone(), None, base, own_pods_only()).unwrap();
         {
             let updates = recorder.updates.lock();
             assert_eq!(updates.len(), 1);
             assert!(updates[0].replace_peers && updates[0].listen_port == Some(51820));
-            assert_eq!(updates[0].peers.len(), 2);
+            assert!(updates[0].peers.is_empty());
         }
-        let same = applier.apply(build(&nodes[..2])).unwrap();
+        let first = applier.set_tailscale(nodes[..2].to_vec()).unwrap();
+        assert_eq!(
+            first,
+            Applied {
+                peer_blocks: 2,
+                peers: 2
+            }
+        );
+        let same = applier.set_tailscale(nodes[..2].to_vec()).unwrap();
         assert_eq!(
             same,
             Applied {
@@ -700,10 +772,10 @@ mod tests {
         );
         assert_eq!(
             recorder.updates.lock().len(),
-            1,
+            2,
             "an unchanged resync calls nothing"
         );
-        let more = applier.apply(build(&nodes)).unwrap();
+        let more = applier.set_tailscale(nodes.clone()).unwrap();
         assert_eq!(
             more,
             Applied {
@@ -712,7 +784,116 @@ mod tests {
             }
         );
         let updates = recorder.updates.lock();
-        assert!(!updates[1].replace_peers && updates[1].private_key.is_none());
-        assert_eq!(updates[1].peers[0].public_key, nodes[2].accepted.public_key);
+        assert!(!updates[2].replace_peers && updates[2].private_key.is_none());
+        assert_eq!(updates[2].peers[0].public_key, nodes[2].accepted.public_key);
+    }
+
+    #[test]
+    fn a_reload_beside_tailscale_peers_changes_only_the_static_peers() {
+        let recorder = Arc::new(Recorder::default());
+        let nodes = cluster(2);
+        let (old_key, new_key) = (key(200), key(210));
+        let mut statics = own_pods_only();
+        statics.peers = vec![static_peer(old_key, &["198.19.100.0/24"])];
+        let mut applier =
+            Applier::start(recorder.clone(), None, DeviceUpdate::default(), statics).unwrap();
+        applier.set_tailscale(nodes.clone()).unwrap();
+        assert_eq!(applier.applied().len(), 3);
+        let before = recorder.updates.lock().len();
+
+        // The reload: one static peer goes, another comes; the Tailscale peers get nothing.
+        let mut reloaded = own_pods_only();
+        reloaded.peers = vec![static_peer(new_key, &["198.19.200.0/24"])];
+        let done = applier.set_statics(reloaded.clone()).unwrap();
+        assert_eq!(
+            done,
+            Applied {
+                peer_blocks: 2,
+                peers: 3
+            }
+        );
+        {
+            let updates = recorder.updates.lock();
+            assert_eq!(updates.len(), before + 1);
+            let blocks = &updates[before].peers;
+            assert_eq!(
+                blocks[0],
+                PeerUpdate {
+                    remove: true,
+                    ..PeerUpdate::new(old_key)
+                }
+            );
+            assert_eq!(blocks[1].public_key, new_key);
+            assert!(!blocks[1].update_only && !blocks[1].remove);
+            assert_eq!(
+                blocks[1].allowed_ips,
+                vec![AllowedIpChange::Add(net("198.19.200.0/24"))]
+            );
+        }
+        let mut keys: Vec<Key> = applier.applied().keys().copied().collect();
+        let mut expected = vec![
+            new_key,
+            nodes[0].accepted.public_key,
+            nodes[1].accepted.public_key,
+        ];
+        keys.sort();
+        expected.sort();
+        assert_eq!(keys, expected);
+
+        // The next sync with the same tailnet keeps the reloaded static peers: nothing to do.
+        let synced = applier.set_tailscale(nodes.clone()).unwrap();
+        assert_eq!(synced.peer_blocks, 0);
+        // Nor does the same file again.
+        assert_eq!(applier.set_statics(reloaded).unwrap().peer_blocks, 0);
+        assert_eq!(recorder.updates.lock().len(), before + 1);
+
+        // A static peer claiming a node's pod CIDR takes it from the node in place (the
+        // config file wins); the node keeps its session and its other prefix.
+        let claimed = nodes[0].accepted.pod_cidrs[0];
+        let mut claiming = own_pods_only();
+        let claimed_text = claimed.to_string();
+        claiming.peers = vec![static_peer(new_key, &["198.19.200.0/24", &claimed_text])];
+        applier.set_statics(claiming).unwrap();
+        {
+            let updates = recorder.updates.lock();
+            let blocks = &updates[before + 1].peers;
+            assert_eq!(blocks.len(), 2, "{blocks:#?}");
+            assert_eq!(
+                blocks[0],
+                PeerUpdate {
+                    update_only: true,
+                    allowed_ips: vec![AllowedIpChange::Remove(claimed)],
+                    ..PeerUpdate::new(nodes[0].accepted.public_key)
+                }
+            );
+            assert_eq!(blocks[1].public_key, new_key);
+            assert!(blocks[1].update_only);
+        }
+    }
+
+    #[test]
+    fn a_reload_the_data_plane_refuses_leaves_the_previous_static_peers_in_force() {
+        let recorder = Arc::new(Recorder::default());
+        let nodes = cluster(1);
+        let mut statics = own_pods_only();
+        statics.peers = vec![static_peer(key(200), &["198.19.100.0/24"])];
+        let mut applier =
+            Applier::start(recorder.clone(), None, DeviceUpdate::default(), statics).unwrap();
+        applier.set_tailscale(nodes.clone()).unwrap();
+        let before = applier.applied().clone();
+
+        recorder
+            .refuse
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut reloaded = own_pods_only();
+        reloaded.peers = vec![static_peer(key(210), &["198.19.200.0/24"])];
+        assert!(applier.set_statics(reloaded).is_err());
+        assert_eq!(applier.applied(), &before);
+        recorder
+            .refuse
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        // The next sync does not sneak the refused file in.
+        assert_eq!(applier.set_tailscale(nodes).unwrap().peer_blocks, 0);
+        assert_eq!(applier.applied(), &before);
     }
 }

@@ -1,5 +1,7 @@
 //! Reloading the config file while the router runs (SIGHUP, or the file's content changing):
-//! what may change without a restart (the static peers), and noticing a change. The file is
+//! what may change without a restart (the static peers, with or without `[tailscale]`: the
+//! [`crate::reconcile::Applier`] joins them with the Tailscale peers it last had), and
+//! noticing a change. The file is
 //! polled by content through its path, so a Kubernetes ConfigMap's symlink swap counts like
 //! an edit in place, and a file briefly missing mid-swap is simply read again next time.
 
@@ -13,7 +15,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why a new config is refused: the first setting it changes that only a restart applies.
 pub fn check_reloadable(current: &RouterConfig, new: &RouterConfig) -> Result<(), &'static str> {
-    let fixed: [(&'static str, bool); 12] = [
+    let fixed: [(&'static str, bool); 13] = [
         ("interface", current.interface == new.interface),
         (
             "private_key_file",
@@ -32,15 +34,15 @@ pub fn check_reloadable(current: &RouterConfig, new: &RouterConfig) -> Result<()
         ("cluster_cidrs", current.cluster_cidrs == new.cluster_cidrs),
         ("endpoints", current.endpoints == new.endpoints),
         ("[tailscale]", current.tailscale == new.tailscale),
+        (
+            "[metrics] listen",
+            current.metrics_listen == new.metrics_listen,
+        ),
     ];
-    if let Some((key, _)) = fixed.iter().find(|(_, same)| !same) {
-        return Err(key);
+    match fixed.iter().find(|(_, same)| !same) {
+        Some((key, _)) => Err(key),
+        None => Ok(()),
     }
-    // The Tailscale source holds its own copy of the static peers.
-    if current.tailscale.is_some() && current.peers != new.peers {
-        return Err("[[peer]] (with [tailscale])");
-    }
-    Ok(())
 }
 
 /// Watches the config file's content.
@@ -88,12 +90,46 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> RouterConfig {
+        config_with_tables(extra, "")
+    }
+
+    /// A config with `extra` top-level keys, a fresh static peer, and `tables` after it.
+    fn config_with_tables(extra: &str, tables: &str) -> RouterConfig {
         let text = format!(
             "private_key_file = \"/k\"\nlisten_port = 51820\n{extra}\n\
-             [[peer]]\npublic_key = \"{}\"\nallowed_ips = [\"198.19.2.0/24\"]\n",
+             [[peer]]\npublic_key = \"{}\"\nallowed_ips = [\"198.19.2.0/24\"]\n{tables}",
             tailsk8s_dataplane::key::Key::generate_private().public_key()
         );
         RouterConfig::parse(Path::new("/etc/r.toml"), &text).unwrap()
+    }
+
+    const TAILSCALE: &str = "cluster_cidrs = [\"198.19.0.0/16\"]";
+    const TAILSCALE_TABLE: &str = "[tailscale]\nsocket = \"/run/ts.sock\"\n";
+
+    #[test]
+    fn with_tailscale_the_static_peers_may_change_too() {
+        let current = config_with_tables(TAILSCALE, TAILSCALE_TABLE);
+        let other_peer = config_with_tables(TAILSCALE, TAILSCALE_TABLE);
+        assert_ne!(current.peers, other_peer.peers);
+        assert_eq!(check_reloadable(&current, &other_peer), Ok(()));
+        let other_socket =
+            config_with_tables(TAILSCALE, "[tailscale]\nsocket = \"/run/other.sock\"\n");
+        assert_eq!(
+            check_reloadable(&current, &other_socket),
+            Err("[tailscale]")
+        );
+        let without = config_with_tables(TAILSCALE, "");
+        assert_eq!(check_reloadable(&current, &without), Err("[tailscale]"));
+    }
+
+    #[test]
+    fn the_metrics_listener_needs_a_restart() {
+        let current = config("");
+        let metrics = config_with_tables("", "[metrics]\nlisten = \"127.0.0.1:9586\"\n");
+        assert_eq!(
+            check_reloadable(&current, &metrics),
+            Err("[metrics] listen")
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::config::{check_ifname, RouterConfig};
 use crate::key_file::load_or_create_private_key;
 use crate::observe::{RouterView, SourceHandles};
 use crate::peer_source::{PeerSource, SourceSettings};
-use crate::reconcile::{desired_peers, Applier};
+use crate::reconcile::{Applier, StaticPeers};
 use crate::reload::{check_reloadable, FileWatch};
 use crate::routes::{RouteManager, ROUTE_TABLE, RULE_PRIORITY};
 use crate::status::StatusSocket;
@@ -213,7 +213,11 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             fwmark: Some(config.fwmark),
             ..DeviceUpdate::default()
         };
-        let statics = desired_peers(&config.peers, &preshared, &[], &pod_cidrs);
+        let statics = StaticPeers {
+            peers: config.peers.clone(),
+            preshared,
+            own_pod_cidrs: pod_cidrs.clone(),
+        };
         let started = Applier::start(device.control(), Some(manager), base, statics)
             .with_context(|| format!("applying {} and its routes", config.path.display()))?;
         if crate::masquerade::install(&pod_cidrs, &config.cluster_cidrs)
@@ -249,9 +253,6 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             let settings = SourceSettings {
                 tailscale: tailscale.clone(),
                 cluster_cidrs: config.cluster_cidrs.clone(),
-                own_pod_cidrs: pod_cidrs.clone(),
-                statics: config.peers.clone(),
-                preshared,
             };
             info!(
                 socket = %tailscale.socket.display(),
@@ -361,28 +362,28 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
     }
 }
 
-/// Re-reads the config file and applies its static peers, per peer (unchanged peers keep
-/// their sessions). A file that does not parse, or changes what only a restart applies, is
-/// refused with one log line and changes nothing.
+/// Re-reads the config file and applies its static peers, per peer, beside the Tailscale
+/// peers the source last found (unchanged peers of either kind keep their sessions; the
+/// Tailscale peers change only as the conflict rule says). A file that does not parse, or
+/// changes what only a restart applies, is refused with one log line and changes nothing.
 fn reload(current: &mut RouterConfig, pod_cidrs: &[IpNet], applier: &Mutex<Applier>) {
     let path = current.path.clone();
-    let result = (|| -> anyhow::Result<Option<usize>> {
+    let result = (|| -> anyhow::Result<usize> {
         let new = RouterConfig::load(&path)?;
         check_reloadable(current, &new)
             .map_err(|key| anyhow::anyhow!("it changes {key}, which needs a restart"))?;
         let preshared = new.load_preshared_keys().context("preshared_key_file")?;
-        // With [tailscale] the source owns the peer set (and the statics are unchanged).
-        let changed = if new.tailscale.is_none() {
-            let desired = desired_peers(&new.peers, &preshared, &[], pod_cidrs);
-            Some(applier.lock().apply(desired)?.peer_blocks)
-        } else {
-            None
+        let statics = StaticPeers {
+            peers: new.peers.clone(),
+            preshared,
+            own_pod_cidrs: pod_cidrs.to_vec(),
         };
+        let changed = applier.lock().set_statics(statics)?.peer_blocks;
         *current = new;
         Ok(changed)
     })();
     match result {
-        Ok(changed) => info!(changed_peers = ?changed, "reloaded {}", path.display()),
+        Ok(changed) => info!(changed_peers = changed, "reloaded {}", path.display()),
         Err(e) => warn!(
             "refused the new {}: {}; nothing changed",
             path.display(),
@@ -420,6 +421,33 @@ pub fn pod_cidrs(args: &RouterArgs, config: &RouterConfig) -> anyhow::Result<Vec
     }
     info!(pod_cidrs = ?cidrs, from = %source, "this node's pod CIDRs");
     Ok(cidrs)
+}
+
+/// How long the control plane's tasks get to finish after the stop, of the 2 s a stop may
+/// take (the routes, rules and the TUN are removed after it).
+const CONTROL_STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// Waits for every task of `tasks` to end.
+async fn drain(tasks: &mut tokio::task::JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Runs `tasks` until they all end or `stop` turns true; then gives them `grace` to end on
+/// their own and aborts the rest. Each task stops at once when told; one that does not (a
+/// server waiting for a client to hang up) must not hold the router's exit.
+async fn run_until_stopped(
+    mut tasks: tokio::task::JoinSet<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let ended_alone = tokio::select! {
+        () = drain(&mut tasks) => true,
+        () = async { let _ = stop.wait_for(|s| *s).await; } => false,
+    };
+    if !ended_alone {
+        let _ = tokio::time::timeout(grace, drain(&mut tasks)).await;
+    }
+    // Dropping the set aborts what is left.
 }
 
 /// The control plane's one tokio runtime on its own thread: the peer source (with a
@@ -472,9 +500,11 @@ impl ControlThread {
                             }
                         });
                     }
-                    while tasks.join_next().await.is_some() {}
+                    run_until_stopped(tasks, stopped, CONTROL_STOP_GRACE).await;
                 });
-                runtime.shutdown_timeout(Duration::from_secs(2));
+                // Not waiting for blocking tasks: one still applying holds the applier's
+                // lock, which the main thread takes next for the cleanup anyway.
+                runtime.shutdown_background();
             })
             .context("starting the control plane thread")?;
         Ok(ControlThread { stop, thread })
@@ -507,6 +537,47 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<RouterArgs, clap::Error> {
         Root::try_parse_from(std::iter::once("router").chain(args.iter().copied())).map(|r| r.args)
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ignores_the_stop_is_cut_off_after_the_grace() {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        // A well-behaved task, and one that never ends (a client that never hangs up).
+        let mut told = stopped.clone();
+        tasks.spawn(async move {
+            let _ = told.wait_for(|s| *s).await;
+        });
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn(async move {
+            let _dropped_when_aborted = dropped_tx;
+            std::future::pending::<()>().await;
+        });
+        let grace = Duration::from_millis(100);
+        let running = tokio::spawn(run_until_stopped(tasks, stopped, grace));
+        let _ = stop.send(true);
+        let stopped_at = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("stops despite the hanging task")
+            .unwrap();
+        assert!(stopped_at.elapsed() >= grace, "{:?}", stopped_at.elapsed());
+        // The hanging task was aborted (its end of the channel dropped), not left running.
+        let aborted = tokio::time::timeout(Duration::from_secs(5), dropped_rx).await;
+        assert!(matches!(aborted, Ok(Err(_))), "the hanging task still runs");
+    }
+
+    #[tokio::test]
+    async fn tasks_that_end_alone_need_no_stop() {
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async {});
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            run_until_stopped(tasks, stopped, Duration::from_secs(60)),
+        )
+        .await
+        .expect("returns when every task ended");
     }
 
     #[test]

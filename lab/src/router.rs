@@ -176,20 +176,28 @@ impl ConfigFile {
             let _ = writeln!(out, "listen = {}", toml_string(&listen.to_string()));
         }
         for peer in &self.peers {
-            let _ = writeln!(out, "\n[[peer]]");
-            let _ = writeln!(out, "public_key = {}", toml_string(&peer.public_key));
-            if let Some(endpoint) = peer.endpoint {
-                let _ = writeln!(out, "endpoint = {}", toml_string(&endpoint.to_string()));
-            }
-            let allowed: Vec<String> = peer
-                .allowed_ips
-                .iter()
-                .map(|ip| toml_string(&ip.to_string()))
-                .collect();
-            let _ = writeln!(out, "allowed_ips = [{}]", allowed.join(", "));
-            if let Some(seconds) = peer.persistent_keepalive {
-                let _ = writeln!(out, "persistent_keepalive = {seconds}");
-            }
+            out.push_str(&peer.to_toml());
+        }
+        out
+    }
+}
+
+impl PeerSpec {
+    /// The peer as a `[[peer]]` table, after a blank line (for the end of a config file).
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("\n[[peer]]\n");
+        let _ = writeln!(out, "public_key = {}", toml_string(&self.public_key));
+        if let Some(endpoint) = self.endpoint {
+            let _ = writeln!(out, "endpoint = {}", toml_string(&endpoint.to_string()));
+        }
+        let allowed: Vec<String> = self
+            .allowed_ips
+            .iter()
+            .map(|ip| toml_string(&ip.to_string()))
+            .collect();
+        let _ = writeln!(out, "allowed_ips = [{}]", allowed.join(", "));
+        if let Some(seconds) = self.persistent_keepalive {
+            let _ = writeln!(out, "persistent_keepalive = {seconds}");
         }
         out
     }

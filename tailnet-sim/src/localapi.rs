@@ -435,7 +435,9 @@ fn node_json(node: &SimNode, primary: &[IpNet]) -> Value {
     })
 }
 
-fn whois_reply(node: &SimNode, primary: &[IpNet]) -> Value {
+/// A `whois` reply for `node` with its `primary` routes, as tailscaled sends it for a peer
+/// (also for parser tests that need the document itself).
+pub fn whois_reply(node: &SimNode, primary: &[IpNet]) -> Value {
     json!({
         "Node": node_json(node, primary),
         "UserProfile": {
@@ -448,8 +450,9 @@ fn whois_reply(node: &SimNode, primary: &[IpNet]) -> Value {
     })
 }
 
-/// `ipn.Prefs` as the LocalAPI returns it (keys stripped).
-fn prefs(node: &SimNode) -> Value {
+/// `ipn.Prefs` of `node` as the LocalAPI returns it (keys stripped; also for parser tests
+/// that need the document itself).
+pub fn prefs(node: &SimNode) -> Value {
     json!({
         "ControlURL": "https://controlplane.tailscale.com",
         "RouteAll": node.route_all,

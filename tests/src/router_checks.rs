@@ -100,6 +100,31 @@ pub fn rules_for_table(ns: &Netns, table: u32) -> anyhow::Result<Vec<PolicyRule>
     Ok(rules)
 }
 
+/// The name of the router's masquerade table (`table inet tailsk8s`, see
+/// control/src/masquerade.rs).
+pub const NAT_TABLE: &str = "tailsk8s";
+
+/// `nft list table inet tailsk8s` in `ns`, or `None` when there is no such table.
+pub fn nat_table(ns: &Netns) -> anyhow::Result<Option<String>> {
+    let output = ns
+        .command("nft")?
+        .args(["list", "table", "inet", NAT_TABLE])
+        .output()
+        .context("running nft")?;
+    Ok(output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned()))
+}
+
+/// Whether `ns` has a link named `ifname`.
+pub fn link_exists(ns: &Netns, ifname: &str) -> anyhow::Result<bool> {
+    let text = ns.ip(&["-o", "link", "show"])?;
+    Ok(text
+        .lines()
+        .any(|line| line.split(':').nth(1).map(str::trim) == Some(ifname)))
+}
+
 const ROUTE_TYPES: &[&str] = &[
     "unicast",
     "local",

@@ -19,16 +19,7 @@ const EXIT_BUDGET: Duration = Duration::from_secs(2);
 
 /// `nft list table inet tailsk8s` in `ns`, or `None` when there is no such table.
 fn nat_table(ns: &Netns) -> Option<String> {
-    let output = ns
-        .command("nft")
-        .unwrap()
-        .args(["list", "table", "inet", "tailsk8s"])
-        .output()
-        .unwrap();
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    tailsk8s_e2e::config_router::nat_table(ns).unwrap()
 }
 
 #[test]

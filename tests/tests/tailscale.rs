@@ -9,7 +9,10 @@
 //! Checked: discovery → every pod pings every other pod across nodes (IPv4 and IPv6);
 //! withdrawing one node's route makes its pods unreachable within `resync` + 5 s while the
 //! other nodes keep their session (no new handshake); approving it again restores it;
-//! removing the tag removes the peer; stopping a LocalAPI server leaves traffic flowing.
+//! removing the tag removes the peer; stopping a LocalAPI server leaves traffic flowing; a
+//! config reload beside a running source adds and removes static peers without a new
+//! handshake of the Tailscale peers; SIGTERM, with the LocalAPI answering or hung mid-request,
+//! exits within 2 s and leaves no route, rule, NAT table or TUN behind.
 //!
 //! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
 
@@ -18,12 +21,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use tailsk8s_e2e::config_router::{rules_for_table, table_routes, ROUTE_TABLE};
+use tailsk8s_e2e::config_router::{
+    link_exists, nat_table, rules_for_table, table_routes, PeerSpec, ROUTE_TABLE,
+};
+use tailsk8s_e2e::process::Daemon;
 use tailsk8s_e2e::{
     ping, ping_with_deadline, require_netns, tailsk8s_binary, tcp_transfer, ConfigRouter, KeyPair,
     Netns, ShowDump, Topology, TopologyBuilder, WgDump,
 };
-use tailsk8s_tailnet_sim::{LocalApiServer, SimNode, Tailnet};
+use tailsk8s_tailnet_sim::{Behaviour, LocalApiServer, SimNode, Tailnet};
 
 /// The routers re-read the LocalAPI this often.
 const RESYNC: Duration = Duration::from_secs(2);
@@ -32,6 +38,8 @@ const DISCOVERY: Duration = Duration::from_secs(30);
 /// The emulated tailscale0 in every node.
 const TAILNET_IF: &str = "tailscale0";
 const TAG: &str = "tag:k8s-node";
+/// What the issue allows a router told to stop.
+const EXIT_BUDGET: Duration = Duration::from_secs(2);
 
 /// Node `i`'s simulated tailnet identity (addresses 100.101.i.(10+i), fd7a:115c:a1e0::6f01:i).
 fn sim_node(topology: &Topology, i: usize) -> SimNode {
@@ -70,7 +78,15 @@ fn build_tailnet_link(topology: &Topology, sims: &[SimNode]) -> anyhow::Result<N
     Ok(switch)
 }
 
-fn config_text(router: &ConfigRouter<'_>, topology: &Topology, i: usize, socket: &Path) -> String {
+/// Router `i`'s config file: its pod CIDRs, the cluster, `[tailscale]` on `socket`, and then
+/// `statics` as `[[peer]]`s.
+fn config_text(
+    router: &ConfigRouter<'_>,
+    topology: &Topology,
+    i: usize,
+    socket: &Path,
+    statics: &[PeerSpec],
+) -> String {
     let pods: Vec<String> = topology.nodes()[i]
         .pod_cidrs()
         .iter()
@@ -87,12 +103,14 @@ fn config_text(router: &ConfigRouter<'_>, topology: &Topology, i: usize, socket:
          socket = \"{socket}\"\n\
          tag = \"{TAG}\"\n\
          announce_port = 51821\n\
-         resync = \"{resync}s\"\n",
+         resync = \"{resync}s\"\n\
+         {statics}",
         ifname = router.ifname(),
         key = router.key_path().display(),
         pods = pods.join(", "),
         socket = socket.display(),
         resync = RESYNC.as_secs(),
+        statics = statics.iter().map(PeerSpec::to_toml).collect::<String>(),
     )
 }
 
@@ -208,29 +226,92 @@ fn handshake_of(router: &ConfigRouter<'_>, key: &str) -> Option<u64> {
     router.dump().ok()?.peer(key)?.latest_handshake
 }
 
-/// A router per node, each with its LocalAPI stand-in, started in order.
-fn start_routers<'a>(
-    topology: &'a Topology,
-    sims: &[SimNode],
-    tailnet: &Tailnet,
-    keys: &[KeyPair],
-) -> (Vec<ConfigRouter<'a>>, Vec<LocalApiServer>) {
-    let mut routers = Vec::new();
-    let mut localapis = Vec::new();
-    for (i, node) in topology.nodes().iter().enumerate() {
-        let mut router = ConfigRouter::new(node.netns()).unwrap();
-        router.write_private_key(&keys[i]).unwrap();
+/// A cluster on the emulated tailnet: the topology, its tailnet link, the simulated tailnet
+/// with every node a member (tagged, its pod CIDRs approved), and a key per node.
+struct TailnetCluster {
+    /// First, so it goes before the nodes (fields drop in order).
+    _link: Netns,
+    topology: Topology,
+    sims: Vec<SimNode>,
+    tailnet: Tailnet,
+    keys: Vec<KeyPair>,
+}
+
+impl TailnetCluster {
+    /// The cluster of a test, or `None` when this machine cannot build namespaces (the test
+    /// skips, see [`require_netns`]).
+    fn for_test(nodes: u8) -> Option<TailnetCluster> {
+        require_netns().then(|| TailnetCluster::new(nodes))
+    }
+
+    /// The topology, the simulated nodes, the tailnet and the keys.
+    fn parts(&self) -> (&Topology, &[SimNode], &Tailnet, &[KeyPair]) {
+        (&self.topology, &self.sims, &self.tailnet, &self.keys)
+    }
+
+    fn new(nodes: u8) -> TailnetCluster {
+        let binary = tailsk8s_binary().unwrap();
+        let topology = TopologyBuilder::new(nodes).build().unwrap();
+        let sims: Vec<SimNode> = (0..topology.nodes().len())
+            .map(|i| sim_node(&topology, i))
+            .collect();
+        let link = build_tailnet_link(&topology, &sims).unwrap();
+        let tailnet = Tailnet::new();
+        for sim in &sims {
+            tailnet.add(sim.clone());
+        }
+        let keys = (0..nodes)
+            .map(|_| KeyPair::generate(&binary).unwrap())
+            .collect();
+        TailnetCluster {
+            _link: link,
+            topology,
+            sims,
+            tailnet,
+            keys,
+        }
+    }
+
+    /// Node `i`'s router (not started) with its key and its config file (`[tailscale]` and
+    /// `statics`), and its LocalAPI stand-in, serving.
+    fn tailscale_router(
+        &self,
+        i: usize,
+        statics: &[PeerSpec],
+    ) -> (ConfigRouter<'_>, LocalApiServer) {
+        let mut router = ConfigRouter::new(self.topology.nodes()[i].netns()).unwrap();
+        router.write_private_key(&self.keys[i]).unwrap();
         let socket = router.dir().join("tailscaled.sock");
-        localapis.push(LocalApiServer::start(tailnet, &sims[i].stable_id, &socket).unwrap());
+        let localapi =
+            LocalApiServer::start(&self.tailnet, &self.sims[i].stable_id, &socket).unwrap();
         router
-            .write_config_text(&config_text(&router, topology, i, &socket))
+            .write_config_text(&config_text(&router, &self.topology, i, &socket, statics))
             .unwrap();
-        routers.push(router);
+        (router, localapi)
     }
-    for router in &mut routers {
-        router.start().unwrap();
+
+    /// A router per node, each with its LocalAPI stand-in and no static peer, started in
+    /// order.
+    fn start_routers(&self) -> (Vec<ConfigRouter<'_>>, Vec<LocalApiServer>) {
+        let (mut routers, localapis): (Vec<_>, Vec<_>) = (0..self.topology.nodes().len())
+            .map(|i| self.tailscale_router(i, &[]))
+            .unzip();
+        for router in &mut routers {
+            router.start().unwrap();
+        }
+        (routers, localapis)
     }
-    (routers, localapis)
+
+    /// Node `i` as a static peer: its key, its underlay endpoint, its pod CIDRs.
+    fn static_peer(&self, i: usize) -> PeerSpec {
+        let node = &self.topology.nodes()[i];
+        PeerSpec {
+            public_key: self.keys[i].public().to_string(),
+            endpoint: Some(SocketAddr::new(node.underlay_v4().into(), 51820)),
+            allowed_ips: node.pod_cidrs(),
+            persistent_keepalive: None,
+        }
+    }
 }
 
 /// Drops everything between underlay ports `a` and `b` in the underlay switch, silently
@@ -268,24 +349,14 @@ const PATH_PROBE: Duration = Duration::from_secs(20);
 
 #[test]
 fn a_silent_underlay_partition_moves_the_pair_to_the_tailnet_path_and_back() {
-    if !require_netns() {
+    let Some(cluster) = TailnetCluster::for_test(3) else {
         return;
-    }
-    let binary = tailsk8s_binary().unwrap();
-    let topology = TopologyBuilder::new(3).build().unwrap();
-    let sims: Vec<SimNode> = (0..3).map(|i| sim_node(&topology, i)).collect();
-    let _tailnet_link = build_tailnet_link(&topology, &sims).unwrap();
-    let tailnet = Tailnet::new();
-    for sim in &sims {
-        tailnet.add(sim.clone());
-    }
-    let keys: Vec<KeyPair> = (0..3)
-        .map(|_| KeyPair::generate(&binary).unwrap())
-        .collect();
-    let (routers, _localapis) = start_routers(&topology, &sims, &tailnet, &keys);
+    };
+    let (topology, sims, _, keys) = cluster.parts();
+    let (routers, _localapis) = cluster.start_routers();
     let all = [0, 1, 2];
-    wait_for_peers(&routers, &topology, &keys, &all, &all, DISCOVERY);
-    all_pods_ping(&topology, &[0], &[1, 2]);
+    wait_for_peers(&routers, topology, keys, &all, &all, DISCOVERY);
+    all_pods_ping(topology, &[0], &[1, 2]);
     let direct2 = SocketAddr::new(topology.nodes()[1].underlay_v4().into(), 51820);
     let tailnet2 = SocketAddr::new(sims[1].tailnet_ips[0], 51820);
     let tailnet1 = SocketAddr::new(sims[0].tailnet_ips[0], 51820);
@@ -293,7 +364,7 @@ fn a_silent_underlay_partition_moves_the_pair_to_the_tailnet_path_and_back() {
 
     // Cut the underlay between nodes 1 and 2: both move to the tailnet path within 15 s.
     let cut = Instant::now();
-    partition(&topology, 1, 2);
+    partition(topology, 1, 2);
     let pod1 = &topology.nodes()[0].pods()[0];
     let pod2 = &topology.nodes()[1].pods()[0];
     wait_for(
@@ -306,7 +377,7 @@ fn a_silent_underlay_partition_moves_the_pair_to_the_tailnet_path_and_back() {
     assert_eq!(endpoint_of(&routers[0], keys[1].public()), Some(tailnet2));
     assert_eq!(endpoint_of(&routers[1], keys[0].public()), Some(tailnet1));
     assert!(moved <= Duration::from_secs(15), "the move took {moved:?}");
-    all_pods_ping(&topology, &[0, 1], &[0, 1]);
+    all_pods_ping(topology, &[0, 1], &[0, 1]);
     // Full-size packets over tailscale0's 1280-byte MTU: outer datagrams are fragmented.
     let report = tcp_transfer(pod1.netns(), pod2.netns(), pod2.ip(false), 4 << 20).unwrap();
     report.verify(pod1.ip(false)).unwrap();
@@ -317,41 +388,30 @@ fn a_silent_underlay_partition_moves_the_pair_to_the_tailnet_path_and_back() {
     assert_eq!(endpoint_of(&routers[0], keys[2].public()), Some(direct3));
 
     // Heal: back on the direct path at the next probe.
-    heal(&topology);
+    heal(topology);
     wait_for(
         "node 1 to use node 2's direct endpoint again",
         PATH_PROBE + Duration::from_secs(10),
         || (endpoint_of(&routers[0], keys[1].public()) == Some(direct2)).then_some(()),
     );
-    all_pods_ping(&topology, &[0, 1], &[0, 1]);
+    all_pods_ping(topology, &[0, 1], &[0, 1]);
 }
 
 #[test]
 fn peers_come_and_go_with_tailscale_membership_and_approval() {
-    if !require_netns() {
+    let Some(cluster) = TailnetCluster::for_test(3) else {
         return;
-    }
-    let binary = tailsk8s_binary().unwrap();
-    let topology = TopologyBuilder::new(3).build().unwrap();
-    let sims: Vec<SimNode> = (0..3).map(|i| sim_node(&topology, i)).collect();
-    let _tailnet_link = build_tailnet_link(&topology, &sims).unwrap();
-    let tailnet = Tailnet::new();
-    for sim in &sims {
-        tailnet.add(sim.clone());
-    }
-
-    let keys: Vec<KeyPair> = (0..3)
-        .map(|_| KeyPair::generate(&binary).unwrap())
-        .collect();
-    let (mut routers, mut localapis) = start_routers(&topology, &sims, &tailnet, &keys);
+    };
+    let (topology, sims, tailnet, keys) = cluster.parts();
+    let (mut routers, mut localapis) = cluster.start_routers();
 
     // Discovery: every router has the two others, with exactly their approved pod CIDRs.
     let all = [0, 1, 2];
-    wait_for_peers(&routers, &topology, &keys, &all, &all, DISCOVERY);
-    all_pods_ping(&topology, &all, &all);
+    wait_for_peers(&routers, topology, keys, &all, &all, DISCOVERY);
+    all_pods_ping(topology, &all, &all);
     assert_eq!(
-        routed(&topology, &routers[0], 0),
-        pod_cidrs_of(&topology, &[1, 2])
+        routed(topology, &routers[0], 0),
+        pod_cidrs_of(topology, &[1, 2])
     );
     // The direct endpoint is the announced underlay address.
     let dump = routers[0].dump().unwrap();
@@ -371,8 +431,8 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         .unwrap();
     wait_for_peers(
         &routers,
-        &topology,
-        &keys,
+        topology,
+        keys,
         &[0, 1],
         &[0, 1],
         RESYNC + Duration::from_secs(5),
@@ -393,11 +453,11 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         .is_err(),
         "node 3's pod is still reachable after its route was withdrawn"
     );
-    all_pods_ping(&topology, &[0, 1], &[0, 1]);
+    all_pods_ping(topology, &[0, 1], &[0, 1]);
     // Its routes went with it; the others' stayed.
     assert_eq!(
-        routed(&topology, &routers[0], 0),
-        pod_cidrs_of(&topology, &[1])
+        routed(topology, &routers[0], 0),
+        pod_cidrs_of(topology, &[1])
     );
     assert_eq!(handshake_of(&routers[0], keys[1].public()), Some(hs_12));
     assert_eq!(handshake_of(&routers[1], keys[0].public()), Some(hs_21));
@@ -411,13 +471,13 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         .unwrap();
     wait_for_peers(
         &routers,
-        &topology,
-        &keys,
+        topology,
+        keys,
         &all,
         &all,
         RESYNC + Duration::from_secs(5),
     );
-    all_pods_ping(&topology, &all, &[2]);
+    all_pods_ping(topology, &all, &[2]);
 
     // Remove node 2's tag: it is no cluster node any more, the others drop it.
     tailnet
@@ -425,8 +485,8 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
         .unwrap();
     wait_for_peers(
         &routers,
-        &topology,
-        &keys,
+        topology,
+        keys,
         &[0, 2],
         &[0, 2],
         RESYNC + Duration::from_secs(5),
@@ -447,7 +507,7 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
     // Long enough for two resyncs to find the LocalAPI gone.
     std::thread::sleep(RESYNC * 2 + Duration::from_millis(500));
     assert_eq!(peer_set(&routers[0].dump().unwrap()), before);
-    all_pods_ping(&topology, &[0, 2], &[0, 2]);
+    all_pods_ping(topology, &[0, 2], &[0, 2]);
     assert_eq!(handshake_of(&routers[0], keys[2].public()), hs_13);
     let log = routers[0].daemon_mut().map(|d| d.log()).unwrap_or_default();
     assert_eq!(
@@ -458,8 +518,236 @@ fn peers_come_and_go_with_tailscale_membership_and_approval() {
 
     // On exit every route and rule of the router is gone.
     routers[0].stop();
-    assert!(routed(&topology, &routers[0], 0).is_empty());
+    assert!(routed(topology, &routers[0], 0).is_empty());
     assert!(rules_for_table(topology.nodes()[0].netns(), ROUTE_TABLE)
         .unwrap()
         .is_empty());
+}
+
+/// `peers`, each with its allowed IPs sorted, sorted (as [`peer_set`] reads them back).
+fn sorted(mut peers: Vec<(String, Vec<IpNet>)>) -> Vec<(String, Vec<IpNet>)> {
+    for (_, ips) in &mut peers {
+        ips.sort();
+    }
+    peers.sort();
+    peers
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// How many `/status` reads `localapi` has had.
+fn status_reads(localapi: &LocalApiServer) -> usize {
+    localapi
+        .requests()
+        .iter()
+        .filter(|r| r.target.starts_with("/localapi/v0/status"))
+        .count()
+}
+
+#[test]
+fn a_reload_beside_a_tailscale_source_changes_the_static_peers_only() {
+    let Some(cluster) = TailnetCluster::for_test(3) else {
+        return;
+    };
+    let (topology, sims, tailnet, keys) = cluster.parts();
+    // Node 3 is no tailnet node: it can only be a static peer of node 1.
+    assert!(tailnet.remove(&sims[2].stable_id));
+    // A static peer that goes with the reload (nothing answers for it).
+    let gone = PeerSpec {
+        public_key: KeyPair::generate(&tailsk8s_binary().unwrap())
+            .unwrap()
+            .public()
+            .to_string(),
+        endpoint: Some("198.18.0.250:51820".parse().unwrap()),
+        allowed_ips: vec![
+            "198.19.250.0/24".parse().unwrap(),
+            "fd00:19:fa::/64".parse().unwrap(),
+        ],
+        persistent_keepalive: None,
+    };
+    let (mut router1, localapi1) = cluster.tailscale_router(0, std::slice::from_ref(&gone));
+    let (mut router2, _localapi2) = cluster.tailscale_router(1, &[]);
+    // Node 3's router: static, with node 1 as its one peer.
+    let mut router3 = ConfigRouter::new(topology.nodes()[2].netns()).unwrap();
+    router3.write_private_key(&keys[2]).unwrap();
+    let mut config3 = router3.config();
+    config3.peers.push(cluster.static_peer(0));
+    router3.write_config(&config3).unwrap();
+    for router in [&mut router1, &mut router2, &mut router3] {
+        router.start().unwrap();
+    }
+
+    let tailscale_peer = expected_peers(topology, keys, 0, &[1]);
+    let mut before = tailscale_peer.clone();
+    before.push((gone.public_key.clone(), gone.allowed_ips.clone()));
+    let before = sorted(before);
+    wait_for("node 1's Tailscale and static peers", DISCOVERY, || {
+        (peer_set(&router1.dump().ok()?) == before).then_some(())
+    });
+    wait_for("node 2's Tailscale peer", DISCOVERY, || {
+        (peer_set(&router2.dump().ok()?) == expected_peers(topology, keys, 1, &[0])).then_some(())
+    });
+    all_pods_ping(topology, &[0, 1], &[0, 1]);
+    let mut gone_routes = gone.allowed_ips.clone();
+    gone_routes.extend(pod_cidrs_of(topology, &[1]));
+    gone_routes.sort();
+    assert_eq!(routed(topology, &router1, 0), gone_routes);
+    let hs_12 = handshake_of(&router1, keys[1].public()).expect("1↔2 handshake");
+    let hs_21 = handshake_of(&router2, keys[0].public()).expect("2↔1 handshake");
+    let tx_12 = router1
+        .dump()
+        .unwrap()
+        .peer(keys[1].public())
+        .unwrap()
+        .tx_bytes;
+    // Handshake times have a resolution of a second: let one pass so a new one would show.
+    wait_for("a second", Duration::from_secs(3), || {
+        (unix_now() > hs_12.max(hs_21)).then_some(())
+    });
+
+    // The reload: `gone` goes, node 3 comes; the source runs on.
+    router1
+        .write_config_text(&config_text(
+            &router1,
+            topology,
+            0,
+            localapi1.socket(),
+            &[cluster.static_peer(2)],
+        ))
+        .unwrap();
+    router1.signal(libc::SIGHUP).unwrap();
+    let mut after = tailscale_peer.clone();
+    after.push((
+        keys[2].public().to_string(),
+        topology.nodes()[2].pod_cidrs(),
+    ));
+    let after = sorted(after);
+    wait_for(
+        "the reload's peers on node 1",
+        Duration::from_secs(10),
+        || (peer_set(&router1.dump().ok()?) == after).then_some(()),
+    );
+    // The removed static peer's routes went with it, the new one's came.
+    assert_eq!(
+        routed(topology, &router1, 0),
+        pod_cidrs_of(topology, &[1, 2])
+    );
+    all_pods_ping(topology, &[0], &[2]);
+    all_pods_ping(topology, &[2], &[0]);
+    all_pods_ping(topology, &[0, 1], &[0, 1]);
+    // The Tailscale peer kept its session on both sides: no new handshake, no reset counter.
+    assert_eq!(handshake_of(&router1, keys[1].public()), Some(hs_12));
+    assert_eq!(handshake_of(&router2, keys[0].public()), Some(hs_21));
+    let peer2 = router1.dump().unwrap();
+    assert!(peer2.peer(keys[1].public()).unwrap().tx_bytes > tx_12);
+
+    // Two more syncs of the source (the second starts after the first has applied): the
+    // reloaded static peers stay.
+    let reads = status_reads(&localapi1);
+    wait_for("two more syncs", RESYNC * 3, || {
+        (status_reads(&localapi1) >= reads + 2).then_some(())
+    });
+    assert_eq!(peer_set(&router1.dump().unwrap()), after);
+    assert_eq!(handshake_of(&router1, keys[1].public()), Some(hs_12));
+    let log = router1.daemon_mut().map(|d| d.log()).unwrap_or_default();
+    assert!(log.contains("reloaded"), "{log}");
+    assert!(!log.contains("refused the new"), "{log}");
+}
+
+/// SIGTERM to `router` on node `i`: exit 0 within [`EXIT_BUDGET`], and nothing of it left
+/// on the node: no route in its table, no rule, no masquerade table, no TUN. Returns the
+/// time from the signal to the exit.
+fn stop_and_check_nothing_left(
+    topology: &Topology,
+    router: &mut ConfigRouter<'_>,
+    i: usize,
+    what: &str,
+) -> Duration {
+    let ns = topology.nodes()[i].netns();
+    assert!(nat_table(ns).unwrap().is_some(), "{what}: no NAT table");
+    let signalled = Instant::now();
+    router.signal(libc::SIGTERM).unwrap();
+    let status = router.wait_exit(Duration::from_secs(10)).unwrap();
+    let took = signalled.elapsed();
+    let log = router.daemon_mut().map(|d| d.log()).unwrap_or_default();
+    eprintln!("{what}: exited {took:?} after SIGTERM");
+    assert!(status.success(), "{what}: {status}\n{log}");
+    assert!(took < EXIT_BUDGET, "{what}: exit took {took:?}\n{log}");
+    let routes = table_routes(ns, ROUTE_TABLE).unwrap();
+    assert!(routes.is_empty(), "{what}: routes left: {routes:?}");
+    let rules = rules_for_table(ns, ROUTE_TABLE).unwrap();
+    assert!(rules.is_empty(), "{what}: rules left: {rules:?}");
+    assert_eq!(nat_table(ns).unwrap(), None, "{what}");
+    assert!(
+        !link_exists(ns, router.ifname()).unwrap(),
+        "{what}: TUN left"
+    );
+    took
+}
+
+/// Where router 2 of the SIGTERM test serves `/metrics` (inside its node's namespace).
+const METRICS_PORT: u16 = 9586;
+
+#[test]
+fn sigterm_with_a_tailscale_source_exits_in_time_even_while_tailscaled_hangs() {
+    let Some(cluster) = TailnetCluster::for_test(2) else {
+        return;
+    };
+    let (topology, _, _, keys) = cluster.parts();
+    let (router1, _localapi1) = cluster.tailscale_router(0, &[]);
+    let (router2, mut localapi) = cluster.tailscale_router(1, &[]);
+    // Router 2 also serves /metrics, to a client that never finishes its request.
+    let text = std::fs::read_to_string(router2.config_path()).unwrap();
+    router2
+        .write_config_text(&format!(
+            "{text}\n[metrics]\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n"
+        ))
+        .unwrap();
+    let mut routers = vec![router1, router2];
+    for router in &mut routers {
+        router.start().unwrap();
+    }
+    let all = [0, 1];
+    wait_for_peers(&routers, topology, keys, &all, &all, DISCOVERY);
+    all_pods_ping(topology, &all, &all);
+
+    // With the LocalAPI answering (and its watch-ipn-bus stream open, as always).
+    stop_and_check_nothing_left(topology, &mut routers[0], 0, "LocalAPI answering");
+
+    // With the LocalAPI hung: it takes requests and never answers. Restarting it closes the
+    // open watch stream, so the router is left with a pending watch-ipn-bus call beside its
+    // pending status reads.
+    localapi.set_behaviour(Behaviour::Silent);
+    localapi.stop();
+    localapi.clear_requests();
+    localapi.restart().unwrap();
+    let mut half_request = topology.nodes()[1].netns().command("bash").unwrap();
+    half_request.args([
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{METRICS_PORT} && printf 'GET /metrics HTTP/1.1\\r\\n' >&3 \
+             && echo sent && exec sleep 60"
+        ),
+    ]);
+    let mut client =
+        Daemon::spawn("a client that never finishes its request", half_request).unwrap();
+    wait_for(
+        "a pending watch-ipn-bus and status call, and the half request",
+        RESYNC * 3,
+        || {
+            let requests = localapi.requests();
+            let pending = |path: &str| requests.iter().any(|r| r.target.starts_with(path));
+            (pending("/localapi/v0/watch-ipn-bus")
+                && pending("/localapi/v0/status")
+                && client.log().contains("sent"))
+            .then_some(())
+        },
+    );
+    stop_and_check_nothing_left(topology, &mut routers[1], 1, "LocalAPI hung");
+    client.stop();
 }

@@ -1,5 +1,6 @@
 use super::*;
 use serde_json::{json, Value};
+use tailsk8s_tailnet_sim::{localapi, SimNode};
 
 const STATUS: &str = include_str!("../fixtures/localapi-status-v1.102.json");
 
@@ -19,6 +20,16 @@ fn view_of(doc: &Value) -> TailnetView {
     parse_status(&serde_json::to_vec(doc).unwrap()).unwrap()
 }
 
+/// The first peer of a status document (k8s-node-1 in the fixture), to edit.
+fn first_peer(doc: &mut Value) -> &mut Value {
+    doc["Peer"]
+        .as_object_mut()
+        .unwrap()
+        .values_mut()
+        .next()
+        .unwrap()
+}
+
 /// Applies `edit` to Self and every peer of the fixture.
 fn edit_nodes(doc: &mut Value, edit: impl Fn(&mut serde_json::Map<String, Value>)) {
     edit(doc["Self"].as_object_mut().unwrap());
@@ -34,15 +45,12 @@ fn the_reference_status_parses_whole() {
     assert!(view.is_running());
     assert_eq!(
         view.self_node,
-        TailnetNode {
-            stable_id: "nAb3kQ2CNTRL".into(),
-            host_name: "k8s-node-0".into(),
-            dns_name: "k8s-node-0.tail3f9c2.ts.net.".into(),
-            tailnet_ips: vec![ip("100.101.0.10"), ip("fd7a:115c:a1e0::6f01:a0a")],
-            tags: vec!["tag:k8s-node".into()],
-            primary_routes: vec![net("10.100.0.0/24")],
-            online: true,
-        }
+        tagged_node(
+            "nAb3kQ2CNTRL",
+            "k8s-node-0",
+            ["100.101.0.10", "fd7a:115c:a1e0::6f01:a0a"],
+            "10.100.0.0/24"
+        )
     );
     let peers: Vec<(&str, &str, bool, Vec<IpNet>)> = view
         .peers
@@ -137,12 +145,7 @@ fn old_daemon_fields_are_understood_or_ignored() {
         n.remove("TailscaleIPs");
         n.insert("KeepAlive".into(), json!(true));
     });
-    let peer = doc["Peer"]
-        .as_object_mut()
-        .unwrap()
-        .values_mut()
-        .next()
-        .unwrap();
+    let peer = first_peer(&mut doc);
     peer["TailAddr"] = json!("100.101.1.11");
     let view = view_of(&doc);
     assert_eq!(view.peers[0].tailnet_ips, [ip("100.101.1.11")]);
@@ -210,12 +213,7 @@ fn peers_without_routes_and_ipv6_routes() {
 #[test]
 fn unreadable_entries_are_left_out_not_fatal() {
     let mut doc = fixture();
-    let peer = doc["Peer"]
-        .as_object_mut()
-        .unwrap()
-        .values_mut()
-        .next()
-        .unwrap();
+    let peer = first_peer(&mut doc);
     peer["PrimaryRoutes"] = json!([
         "10.100.1.0/24",
         "banana",
@@ -271,47 +269,30 @@ fn peers_come_ordered_by_stable_id() {
     assert_eq!(ids, ["nA", "nM", "nZ"]);
 }
 
-/// A whois reply as tailscaled sends it for a tagged peer.
+/// The fixture's tagged peer k8s-node-1, as the LocalAPI stand-in's node.
+fn reference_peer() -> SimNode {
+    let mut node = SimNode::numbered(1).with_approved_routes(&[net("10.100.1.0/24")]);
+    node.stable_id = "nQx7pL9CNTRL".into();
+    node.tailnet_ips = vec![ip("100.101.1.11"), ip("fd7a:115c:a1e0::6f01:b0b")];
+    node
+}
+
+/// A whois reply as tailscaled sends it for a tagged peer (the stand-in renders it).
 pub(crate) fn whois_reply() -> Value {
-    json!({
-        "Node": {
-            "ID": 5410286723095_u64,
-            "StableID": "nQx7pL9CNTRL",
-            "Name": "k8s-node-1.tail3f9c2.ts.net.",
-            "User": 6743218120345678_u64,
-            "Sharer": 0,
-            "Key": "nodekey:a44ef50efd35f00ab261d2fe4c48c72b0ccd6db281bd93aa5d601dd94b547c12",
-            "KeyExpiry": "0001-01-01T00:00:00Z",
-            "Machine": "mkey:e5887fcb1d254302d0ab6047bc2770ff7cd5798973b297e8946fa912b8ceab12",
-            "DiscoKey": "discokey:5b51d6ab2b4e4e8c0b7c2a3f7f4cf1d2b6a3f6ebd7b7c6fb2a7f1c9e0d4b3a21",
-            "Addresses": ["100.101.1.11/32", "fd7a:115c:a1e0::6f01:b0b/128"],
-            "AllowedIPs": ["100.101.1.11/32", "fd7a:115c:a1e0::6f01:b0b/128", "10.100.1.0/24"],
-            "Endpoints": ["198.51.100.11:41641", "10.0.0.11:41641"],
-            "HomeDERP": 1,
-            "Hostinfo": {
-                "IPNVersion": "1.102.3-t53a0d659a-g3b9f0e8c1",
-                "OS": "linux",
-                "Hostname": "k8s-node-1",
-                "RoutableIPs": ["10.100.1.0/24"],
-                "RequestTags": ["tag:k8s-node"]
-            },
-            "Created": "2026-08-01T09:17:02.118904211Z",
-            "Cap": 130,
-            "Tags": ["tag:k8s-node"],
-            "PrimaryRoutes": ["10.100.1.0/24"],
-            "Online": true,
-            "MachineAuthorized": true,
-            "ComputedName": "k8s-node-1",
-            "ComputedNameWithHost": "k8s-node-1"
-        },
-        "UserProfile": {
-            "ID": 6743218120345678_u64,
-            "LoginName": "tagged-devices",
-            "DisplayName": "Tagged Devices",
-            "ProfilePicURL": ""
-        },
-        "CapMap": null
-    })
+    localapi::whois_reply(&reference_peer(), &[net("10.100.1.0/24")])
+}
+
+/// `node` as the parser should read it: tagged, online, its DNS name in the fixture's tailnet.
+fn tagged_node(stable_id: &str, host_name: &str, ips: [&str; 2], route: &str) -> TailnetNode {
+    TailnetNode {
+        stable_id: stable_id.into(),
+        host_name: host_name.into(),
+        dns_name: format!("{host_name}.tail3f9c2.ts.net."),
+        tailnet_ips: ips.iter().map(|i| ip(i)).collect(),
+        tags: vec!["tag:k8s-node".into()],
+        primary_routes: vec![net(route)],
+        online: true,
+    }
 }
 
 #[test]
@@ -320,15 +301,12 @@ fn whois_reply_parses() {
     let node = parse_whois(&bytes).unwrap().unwrap();
     assert_eq!(
         node,
-        TailnetNode {
-            stable_id: "nQx7pL9CNTRL".into(),
-            host_name: "k8s-node-1".into(),
-            dns_name: "k8s-node-1.tail3f9c2.ts.net.".into(),
-            tailnet_ips: vec![ip("100.101.1.11"), ip("fd7a:115c:a1e0::6f01:b0b")],
-            tags: vec!["tag:k8s-node".into()],
-            primary_routes: vec![net("10.100.1.0/24")],
-            online: true,
-        }
+        tagged_node(
+            "nQx7pL9CNTRL",
+            "k8s-node-1",
+            ["100.101.1.11", "fd7a:115c:a1e0::6f01:b0b"],
+            "10.100.1.0/24"
+        )
     );
 }
 
@@ -361,35 +339,16 @@ fn whois_reply_variants() {
     );
 }
 
-/// A prefs document as `GET /localapi/v0/prefs` returns it (keys stripped).
+/// A prefs document as `GET /localapi/v0/prefs` returns it (keys stripped), of a node that
+/// advertises its pod CIDR and exit routes and accepts routes.
 pub(crate) fn prefs_reply() -> Value {
-    json!({
-        "ControlURL": "https://controlplane.tailscale.com",
-        "RouteAll": true,
-        "ExitNodeID": "",
-        "ExitNodeIP": "",
-        "ExitNodeAllowLANAccess": false,
-        "CorpDNS": true,
-        "RunSSH": false,
-        "RunWebClient": false,
-        "WantRunning": true,
-        "LoggedOut": false,
-        "ShieldsUp": false,
-        "AdvertiseTags": ["tag:k8s-node"],
-        "Hostname": "",
-        "NotepadURLs": false,
-        "AdvertiseRoutes": ["10.100.0.0/24", "0.0.0.0/0", "::/0"],
-        "AdvertiseServices": null,
-        "NoSNAT": false,
-        "NoStatefulFiltering": true,
-        "NetfilterMode": 2,
-        "AutoUpdate": {"Check": true, "Apply": false},
-        "AppConnector": {"Advertise": false},
-        "PostureChecking": false,
-        "NetfilterKind": "",
-        "DriveShares": null,
-        "Config": {"PrivateNodeKey": "privkey:0000000000000000000000000000000000000000000000000000000000000000"}
-    })
+    let mut node = reference_peer();
+    node.advertised_routes = vec![net("10.100.0.0/24"), net("0.0.0.0/0"), net("::/0")];
+    node.route_all = true;
+    let mut doc = localapi::prefs(&node);
+    // A daemon that still shows the (stripped) key material: not ours to read.
+    doc["Config"] = json!({"PrivateNodeKey": format!("privkey:{}", "0".repeat(64))});
+    doc
 }
 
 #[test]
