@@ -71,7 +71,11 @@ impl Batch<'_> {
             stats.drop(DropReason::LowOrderKey);
             return;
         }
-        let Some(tunn) = state.tunn.as_mut() else {
+        // The peer's first use builds its Noise state (`crate::noise`).
+        let Some(tunn) = state
+            .noise
+            .get_or_build(state.noise_keys(peer), config.device_keys())
+        else {
             stats.drop(DropReason::NoPrivateKey);
             return;
         };
