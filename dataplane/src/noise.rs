@@ -11,7 +11,7 @@
 //! First use is a packet for the peer from the TUN, an initiation from it, or a keepalive due
 //! to it. A response, cookie reply or data message only names a receiver index, and a fresh
 //! state could only refuse it: such a message never builds one (it would buy anyone who can
-//! send us a datagram a Diffie-Hellman per datagram); see [`super::engine::receive`].
+//! send us a datagram a Diffie-Hellman per datagram); see [`crate::engine::receive`].
 
 use std::sync::Arc;
 
