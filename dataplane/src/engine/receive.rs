@@ -7,7 +7,8 @@
 //!     │                source's token bucket ─► DH reveals static key ─► peer by key
 //!     ├─ response ─► under load: as an initiation ─► peer by receiver index
 //!     └─ cookie reply, data ─► peer by receiver index (messages::slot_of)
-//!  ─► Tunn::decapsulate
+//!  ─► the peer's Tunn (an initiation builds it on first use; anything else finds none on a
+//!     peer never used, and is refused as a fresh one would refuse it) ─► Tunn::decapsulate
 //!     ├─ handshake done  ─► roam, last handshake ─► response / queued packets / keepalive ─► send
 //!     ├─ keepalive, cookie ─► count (roam unless a cookie reply)
 //!     └─ data ─► roam ─► inner header intact? ─► inner source ∈ this peer's allowed IPs?

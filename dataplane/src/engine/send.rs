@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  TUN packet ─► destination ─► allowed IPs (LPM) ─► peer ─► MTU check ─► pad to 16 ─►
-//!      peer usable? (key, not low-order, endpoint) ─► Tunn::encapsulate
-//!      ─► send(endpoint, datagram)
+//!      peer usable? (key, not low-order, endpoint) ─► its Tunn (built on first use)
+//!      ─► Tunn::encapsulate ─► send(endpoint, datagram)
 //!
 //!  no peer:   ICMP host unreachable  ─► write_tun
 //!  too big:   ICMP fragmentation needed (IPv4 with DF) / packet too big (IPv6) ─► write_tun
