@@ -18,6 +18,7 @@ pub mod device;
 pub mod engine;
 pub mod gro;
 pub mod key;
+pub(crate) mod noise;
 pub mod offload;
 pub mod outbox;
 pub mod packet;

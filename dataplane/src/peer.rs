@@ -1,14 +1,13 @@
-//! A peer: one remote node, its Noise session (boringtun's `Tunn`), its endpoint and its
-//! traffic counters. The engine locks a peer only around one `Tunn` call and the copy of its
+//! A peer: one remote node, its Noise state (boringtun's `Tunn`, built on first use: see
+//! [`crate::noise`]), its endpoint and its traffic counters. The engine locks a peer only around one `Tunn` call and the copy of its
 //! output, never across a syscall.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
-use boringtun::noise::{rate_limiter::RateLimiter, Tunn};
 use parking_lot::Mutex;
 
 use crate::key::Key;
+use crate::noise::{Noise, PeerKeys};
 
 /// Where a peer is reached: its address, and the local address it last sent to (replies
 /// leave from there, so a multi-homed node answers from the address the peer used).
@@ -37,8 +36,8 @@ pub struct Peer {
 
 /// The mutable part of a peer, behind its lock.
 pub(crate) struct PeerState {
-    /// `None` while the device has no private key, or forever for a low-order public key.
-    pub tunn: Option<Box<Tunn>>,
+    /// Built on first use; never while the device has no private key, nor for a low-order key.
+    pub noise: Noise,
     pub endpoint: Option<Endpoint>,
     pub preshared_key: Option<Key>,
     /// Seconds; 0 = off. Kept here rather than in `Tunn` so that changing it keeps the session.
@@ -60,7 +59,7 @@ impl Peer {
             public_key,
             slot,
             state: Mutex::new(PeerState {
-                tunn: None,
+                noise: Noise::default(),
                 endpoint: None,
                 preshared_key: None,
                 persistent_keepalive: 0,
@@ -98,25 +97,14 @@ impl Traffic {
 }
 
 impl PeerState {
-    /// Builds a fresh Noise state for this peer (no session). Called when the peer is created,
-    /// when the device's private key changes, and when the preshared key changes.
-    pub(crate) fn reset_tunn(
-        &mut self,
-        public_key: &Key,
-        slot: u32,
-        private_key: Option<&Key>,
-        rate_limiter: &Arc<RateLimiter>,
-    ) {
-        self.tunn = match private_key {
-            Some(private) if !self.low_order => Some(Box::new(Tunn::new(
-                x25519_dalek::StaticSecret::from(private.0),
-                x25519_dalek::PublicKey::from(public_key.0),
-                self.preshared_key.map(|k| k.0),
-                None,
-                slot,
-                Some(rate_limiter.clone()),
-            ))),
-            _ => None,
-        };
+    /// What this peer brings to its Noise state.
+    #[inline]
+    pub(crate) fn noise_keys(&self, peer: &Peer) -> PeerKeys {
+        PeerKeys {
+            public_key: peer.public_key,
+            slot: peer.slot,
+            preshared_key: self.preshared_key,
+            low_order: self.low_order,
+        }
     }
 }

@@ -43,6 +43,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use crate::allowed_ips::AllowedIps;
 use crate::config::{AllowedIpChange, DeviceUpdate, PeerSnapshot, PeerUpdate, SetError};
 use crate::key::Key;
+use crate::noise::DeviceKeys;
 use crate::peer::{Endpoint, Peer, Traffic};
 use crate::stats::{DropReason, Stats};
 use source_limit::SourceLimit;
@@ -244,6 +245,15 @@ impl Config {
         self.peers.get(slot as usize).and_then(|p| p.as_ref())
     }
 
+    /// What the device lends to its peers' Noise states; `None` without a private key.
+    #[inline]
+    fn device_keys(&self) -> Option<DeviceKeys<'_>> {
+        self.private_key.as_ref().map(|private_key| DeviceKeys {
+            private_key,
+            rate_limiter: &self.rate_limiter,
+        })
+    }
+
     fn peer_count(&self) -> usize {
         self.by_key.len()
     }
@@ -261,13 +271,8 @@ impl Config {
                 )))
             }
         };
+        // Its Noise state waits for its first use (see `crate::noise`).
         let peer = Arc::new(Peer::new(public_key, slot));
-        peer.state.lock().reset_tunn(
-            &public_key,
-            slot,
-            self.private_key.as_ref(),
-            &self.rate_limiter,
-        );
         self.peers[slot as usize] = Some(peer.clone());
         self.by_key.insert(public_key, slot);
         Ok(peer)
@@ -298,14 +303,8 @@ impl Config {
             self.cookie_checker = Arc::new(new_cookie_checker(&public));
         }
         for peer in self.peers.iter().flatten() {
-            let mut state = peer.state.lock();
-            // A fresh Tunn: sessions expire and a new handshake may start at once.
-            state.reset_tunn(
-                &peer.public_key,
-                peer.slot,
-                self.private_key.as_ref(),
-                &self.rate_limiter,
-            );
+            // Sessions end; the next use builds a fresh state, and a handshake may start at once.
+            peer.state.lock().noise.reset();
         }
     }
 
@@ -332,12 +331,7 @@ impl Config {
             if let Some(psk) = update.preshared_key {
                 if psk != state.preshared_key {
                     state.preshared_key = psk;
-                    state.reset_tunn(
-                        &peer.public_key,
-                        peer.slot,
-                        self.private_key.as_ref(),
-                        &self.rate_limiter,
-                    );
+                    state.noise.reset();
                 }
             }
             if let Some(addr) = update.endpoint {

@@ -7,7 +7,8 @@
 //!     │                source's token bucket ─► DH reveals static key ─► peer by key
 //!     ├─ response ─► under load: as an initiation ─► peer by receiver index
 //!     └─ cookie reply, data ─► peer by receiver index (messages::slot_of)
-//!  ─► Tunn::decapsulate
+//!  ─► the peer's Tunn (an initiation builds it on first use; anything else finds none on a
+//!     peer never used, and is refused as a fresh one would refuse it) ─► Tunn::decapsulate
 //!     ├─ handshake done  ─► roam, last handshake ─► response / queued packets / keepalive ─► send
 //!     ├─ keepalive, cookie ─► count (roam unless a cookie reply)
 //!     └─ data ─► roam ─► inner header intact? ─► inner source ∈ this peer's allowed IPs?
@@ -88,8 +89,20 @@ impl Batch<'_> {
         };
         let mut state = peer.state.lock();
         let state = &mut *state;
-        let Some(tunn) = state.tunn.as_mut() else {
-            stats.drop(DropReason::NoPrivateKey);
+        let config = &*self.config;
+        let tunn = if message_type == MESSAGE_INITIATION {
+            // The peer's first use may be its initiation (`crate::noise`).
+            state
+                .noise
+                .get_or_build(state.noise_keys(&peer), config.device_keys())
+        } else {
+            state.noise.built()
+        };
+        let Some(tunn) = tunn else {
+            stats.drop(match config.device_keys() {
+                Some(_) if !state.low_order => unbuilt_refusal(config, from, datagram, scratch),
+                _ => DropReason::NoPrivateKey,
+            });
             return;
         };
         let (inner, inner_source) =
@@ -153,7 +166,7 @@ impl Batch<'_> {
                 }
             };
         deliver(
-            &self.config,
+            config,
             stats,
             peer.slot,
             state,
@@ -277,6 +290,28 @@ impl Batch<'_> {
                 None
             }
         }
+    }
+}
+
+/// Why a peer whose Noise state was never built drops a message other than an initiation: as
+/// a fresh state would (it has no session and sent no initiation), without building one. The
+/// message's MAC1 is checked first, as the state would check it.
+fn unbuilt_refusal(
+    config: &Config,
+    from: SocketAddr,
+    datagram: &[u8],
+    scratch: &mut [u8; SCRATCH_LEN],
+) -> DropReason {
+    match config
+        .rate_limiter
+        .verify_packet(Some(from.ip()), datagram, &mut scratch[..])
+    {
+        Ok(Packet::PacketData(_)) => DropReason::NoSession,
+        // A response or cookie reply to an initiation never sent.
+        Ok(_) => DropReason::HandshakeFailed,
+        Err(TunnResult::Err(e)) => drop_reason(&e),
+        // The peers' limiter is never under load (`new_rate_limiter`): no cookie reply.
+        Err(_) => DropReason::UnderLoad,
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  TUN packet ─► destination ─► allowed IPs (LPM) ─► peer ─► MTU check ─► pad to 16 ─►
-//!      peer usable? (key, not low-order, endpoint) ─► Tunn::encapsulate
-//!      ─► send(endpoint, datagram)
+//!      peer usable? (key, not low-order, endpoint) ─► its Tunn (built on first use)
+//!      ─► Tunn::encapsulate ─► send(endpoint, datagram)
 //!
 //!  no peer:   ICMP host unreachable  ─► write_tun
 //!  too big:   ICMP fragmentation needed (IPv4 with DF) / packet too big (IPv6) ─► write_tun
@@ -71,7 +71,11 @@ impl Batch<'_> {
             stats.drop(DropReason::LowOrderKey);
             return;
         }
-        let Some(tunn) = state.tunn.as_mut() else {
+        // The peer's first use builds its Noise state (`crate::noise`).
+        let Some(tunn) = state
+            .noise
+            .get_or_build(state.noise_keys(peer), config.device_keys())
+        else {
             stats.drop(DropReason::NoPrivateKey);
             return;
         };

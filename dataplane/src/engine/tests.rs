@@ -596,3 +596,122 @@ fn no_private_key_means_nothing_is_sent() {
     assert_eq!(engine.stats().dropped(DropReason::NoPrivateKey), 1);
     let _ = IpAddr::from(Ipv4Addr::LOCALHOST);
 }
+
+/// The keys of `node`'s peers whose Noise state is built.
+fn built_noise_states(node: &Node) -> Vec<Key> {
+    let config = node.engine.config.read();
+    config
+        .peers
+        .iter()
+        .flatten()
+        .filter(|peer| peer.state.lock().noise.is_built())
+        .map(|peer| peer.public_key)
+        .collect()
+}
+
+/// A message of `type_` naming receiver index `slot << 8` (as our initiations carry it),
+/// `len` bytes, the rest zero: what anyone can send at a peer's slot without its keys.
+fn naming_slot(type_: u8, slot: u32, len: usize) -> Vec<u8> {
+    let mut message = vec![0u8; len];
+    message[0] = type_;
+    let receiver_at = if type_ == messages::MESSAGE_RESPONSE {
+        8
+    } else {
+        4
+    };
+    message[receiver_at..receiver_at + 4].copy_from_slice(&(slot << 8).to_le_bytes());
+    message
+}
+
+#[test]
+fn a_peer_gets_its_noise_state_on_first_use_and_never_from_a_message_naming_its_slot() {
+    let (mut a, mut b) = pair();
+    for i in 0..1000u32 {
+        let endpoint = SocketAddr::from(([198, 18, 1, (i % 250) as u8], 51820));
+        let allowed: IpNet = format!("198.19.{}.{}/32", 100 + i / 250, i % 250)
+            .parse()
+            .unwrap();
+        a.add_peer(
+            Key::generate_private().public_key(),
+            Some(endpoint),
+            &[allowed],
+        );
+    }
+    assert_eq!(a.engine.peer_count(), 1001);
+    assert!(built_noise_states(&a).is_empty(), "configuring builds none");
+    let mut timers = a.tick(Duration::from_secs(1));
+    assert!(timers.sent.is_empty() && built_noise_states(&a).is_empty());
+
+    // Messages that only name a slot are refused as a fresh state refuses them, and build
+    // nothing (slot 5 is one of the thousand).
+    let stranger: SocketAddr = "198.18.0.66:51820".parse().unwrap();
+    let data = naming_slot(messages::MESSAGE_DATA, 5, 64);
+    assert!(a.net_in(stranger, &data).tun.is_empty());
+    assert_eq!(a.drops(DropReason::NoSession), 1);
+    let cookie = naming_slot(
+        messages::MESSAGE_COOKIE_REPLY,
+        5,
+        messages::COOKIE_REPLY_LEN,
+    );
+    assert!(a.net_in(stranger, &cookie).sent.is_empty());
+    assert_eq!(a.drops(DropReason::HandshakeFailed), 1);
+    let response = naming_slot(messages::MESSAGE_RESPONSE, 5, messages::RESPONSE_LEN);
+    let out = handshake_in(&mut a, stranger, &response, false);
+    assert!(out.sent.is_empty());
+    assert_eq!(a.drops(DropReason::DecryptFailed), 1, "MAC1 checked first");
+    assert!(built_noise_states(&a).is_empty());
+
+    // A packet for b is b's first use on a; b's is a's initiation. No other peer's state.
+    let packet = ping_v4("198.19.1.2", "198.19.2.2", 0, 56);
+    let out = a.tun_in(&packet);
+    assert_eq!(built_noise_states(&a), [b.public]);
+    let (_, b_tun) = pump(&mut a, &mut b, out, true);
+    assert_eq!(b_tun, vec![packet]);
+    assert_eq!(built_noise_states(&b), [a.public]);
+    assert_eq!(built_noise_states(&a), [b.public]);
+
+    // A keepalive switched on is a first use: the state is built and a handshake starts.
+    let third = Key::generate_private().public_key();
+    let mut keepalive = PeerUpdate::new(third);
+    keepalive.endpoint = Some("198.18.0.3:51820".parse().unwrap());
+    keepalive.persistent_keepalive = Some(25);
+    assert!(a.apply(&DeviceUpdate {
+        peers: vec![keepalive],
+        ..Default::default()
+    }));
+    timers = a.tick(Duration::from_secs(2));
+    assert_eq!(timers.sent.len(), 1);
+    assert_eq!(timers.sent[0].1.len(), messages::INITIATION_LEN);
+    assert_eq!(built_noise_states(&a), [b.public, third]);
+
+    // A new private key forgets every state (sessions end).
+    assert!(!a.apply(&DeviceUpdate {
+        private_key: Some(Some(Key::generate_private())),
+        ..Default::default()
+    }));
+    assert!(built_noise_states(&a).is_empty());
+}
+
+#[test]
+fn a_new_preshared_key_forgets_the_noise_state() {
+    let packet = ping_v4("198.19.1.2", "198.19.2.2", 0, 56);
+    let (a, b) = crate::testing::established_pair(Instant::now(), &packet);
+    let mut unchanged = PeerUpdate::new(b.public);
+    unchanged.preshared_key = Some(None);
+    a.apply(&DeviceUpdate {
+        peers: vec![unchanged],
+        ..Default::default()
+    });
+    assert_eq!(
+        built_noise_states(&a),
+        [b.public],
+        "the same (no) key keeps it"
+    );
+    let mut psk = PeerUpdate::new(b.public);
+    psk.preshared_key = Some(Some(Key::generate_private()));
+    a.apply(&DeviceUpdate {
+        peers: vec![psk],
+        ..Default::default()
+    });
+    assert!(built_noise_states(&a).is_empty());
+}

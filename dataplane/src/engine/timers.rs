@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  tick(now) ─► engine time = now − epoch (never backwards)
-//!            ─► per peer: Tunn::update_timers ─► handshake retransmit / rekey / passive
-//!               keepalive / expiry ─► send
+//!            ─► per peer with a Noise state: Tunn::update_timers ─► handshake retransmit /
+//!               rekey / passive keepalive / expiry ─► send
 //!            ─► per peer: persistent keepalive due (or just switched on) and nothing sent
 //!               this tick? ─► Tunn::encapsulate(empty) ─► send
 //! ```
@@ -42,15 +42,23 @@ impl Engine {
         let now_ms = self.now_ms.fetch_max(now_ms, Relaxed).max(now_ms);
         set_boringtun_clock(now_ms);
         let config = self.config.read();
+        let Some(device_keys) = config.device_keys() else {
+            return;
+        };
         for peer in config.peers.iter().flatten() {
             let mut state = peer.state.lock();
             let state = &mut *state;
-            let Some(tunn) = state.tunn.as_mut() else {
+            if state.low_order {
                 continue;
-            };
+            }
             let mut sent = false;
             // boringtun's rules: a retransmitted or rekeying initiation, or a passive keepalive.
-            if let TunnResult::WriteToNetwork(datagram) = tunn.update_timers(&mut scratch[..]) {
+            // A state not built yet has no timer running (`crate::noise`).
+            let timers = state
+                .noise
+                .built()
+                .map(|tunn| tunn.update_timers(&mut scratch[..]));
+            if let Some(TunnResult::WriteToNetwork(datagram)) = timers {
                 if let Some(endpoint) = state.endpoint {
                     send_counted(
                         &self.stats,
@@ -70,9 +78,13 @@ impl Engine {
             if keepalive_needed && !sent {
                 state.keepalive_due = false;
                 if let Some(endpoint) = state.endpoint {
-                    // An empty packet: a keepalive on a session, or a handshake without one.
-                    if let TunnResult::WriteToNetwork(datagram) =
-                        tunn.encapsulate(&[], &mut scratch[..])
+                    // An empty packet: a keepalive on a session, or a handshake without one
+                    // (the peer's first use, then: its Noise state is built now).
+                    let tunn = state
+                        .noise
+                        .get_or_build(state.noise_keys(peer), Some(device_keys));
+                    if let Some(TunnResult::WriteToNetwork(datagram)) =
+                        tunn.map(|tunn| tunn.encapsulate(&[], &mut scratch[..]))
                     {
                         send_counted(
                             &self.stats,
