@@ -54,7 +54,7 @@ impl Engine {
                 if let Some(endpoint) = state.endpoint {
                     send_counted(
                         &self.stats,
-                        Some(&mut state.traffic),
+                        Some((&peer.public_key, &mut state.traffic)),
                         tx,
                         &endpoint,
                         datagram,
@@ -76,7 +76,7 @@ impl Engine {
                     {
                         send_counted(
                             &self.stats,
-                            Some(&mut state.traffic),
+                            Some((&peer.public_key, &mut state.traffic)),
                             tx,
                             &endpoint,
                             datagram,
