@@ -26,6 +26,7 @@ pub fn exposition(status: &Status) -> String {
         (counter(), counter(), counter(), counter(), counter());
     let handshake = Family::<Labels, F64Gauge>::default();
     let path = Family::<Labels, Gauge>::default();
+    let peer_drops = counter();
     for p in &status.peers {
         let labels: Labels = vec![
             ("public_key", p.public_key.clone()),
@@ -38,6 +39,11 @@ pub fn exposition(status: &Status) -> String {
         attempts.get_or_create(&labels).inc_by(p.handshake_attempts);
         if let Some(at) = p.last_handshake {
             handshake.get_or_create(&labels).set(at as f64);
+        }
+        for d in &p.drops {
+            let mut with_reason = labels.clone();
+            with_reason.push(("reason", d.reason.clone()));
+            peer_drops.get_or_create(&with_reason).inc_by(d.count);
         }
         for name in ["direct", "tailnet"] {
             let mut with_path = labels.clone();
@@ -78,6 +84,12 @@ pub fn exposition(status: &Status) -> String {
         "Unix time of the peer's last completed handshake",
         Unit::Seconds,
         handshake,
+    );
+    registry.register(
+        "peer_dropped_packets",
+        "Packets and datagrams dropped that concern the peer, by reason (a series appears \
+         with the peer's first drop for that reason; also counted in tailsk8s_drops_total)",
+        peer_drops,
     );
     registry.register(
         "peer_path",
@@ -285,6 +297,7 @@ mod tests {
             rx_packets: 11,
             tx_packets: 12,
             handshake_attempts: 2,
+            drops: Vec::new(),
         };
         Status {
             interface: "tsk0".into(),
@@ -300,7 +313,13 @@ mod tests {
                 reconcile_seconds: Some(0.25),
             }),
             peers: vec![
-                peer("AAA=", "node-b", "tailnet", "connected"),
+                PeerStatus {
+                    drops: vec![DropCount {
+                        reason: "not_allowed".into(),
+                        count: 3,
+                    }],
+                    ..peer("AAA=", "node-b", "tailnet", "connected")
+                },
                 peer("BBB=", "", "direct", "connecting"),
             ],
             drops: vec![
@@ -327,6 +346,7 @@ mod tests {
             ("tailsk8s_peer_transmit_packets", "counter"),
             ("tailsk8s_peer_handshake_attempts", "counter"),
             ("tailsk8s_peer_last_handshake_seconds", "gauge"),
+            ("tailsk8s_peer_dropped_packets", "counter"),
             ("tailsk8s_peer_path", "gauge"),
             ("tailsk8s_peers", "gauge"),
             ("tailsk8s_drops", "counter"),
@@ -353,6 +373,21 @@ mod tests {
         assert_eq!(
             v("tailsk8s_peer_last_handshake_seconds", &b),
             Some(1_700_000_000.0)
+        );
+        let with_reason = |reason| [b[0], b[1], ("reason", reason)];
+        assert_eq!(
+            v(
+                "tailsk8s_peer_dropped_packets_total",
+                &with_reason("not_allowed")
+            ),
+            Some(3.0)
+        );
+        assert!(
+            !samples
+                .iter()
+                .any(|(n, l, _)| n == "tailsk8s_peer_dropped_packets_total"
+                    && l.get("public_key").map(String::as_str) == Some("BBB=")),
+            "a peer without drops has no drop series"
         );
         let with_path = |path| [b[0], b[1], ("path", path)];
         assert_eq!(v("tailsk8s_peer_path", &with_path("tailnet")), Some(1.0));

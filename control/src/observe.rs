@@ -97,6 +97,10 @@ pub struct PeerStatus {
     pub rx_packets: u64,
     pub tx_packets: u64,
     pub handshake_attempts: u64,
+    /// Drops that concern this peer, by reason: only the reasons that happened (absent from
+    /// a router older than the field).
+    #[serde(default)]
+    pub drops: Vec<DropCount>,
 }
 
 pub const PEER_STATES: [&str; 3] = ["connected", "connecting", "no_endpoint"];
@@ -149,6 +153,15 @@ impl RouterView {
                     rx_packets: p.rx_packets,
                     tx_packets: p.tx_packets,
                     handshake_attempts: p.handshake_initiations,
+                    drops: p
+                        .drops
+                        .iter()
+                        .filter(|(_, count)| *count > 0)
+                        .map(|(reason, count)| DropCount {
+                            reason: reason.name().to_string(),
+                            count,
+                        })
+                        .collect(),
                 }
             })
             .collect();

@@ -185,6 +185,9 @@ pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
             Some(c) => u16::try_from(c.mtu).context("mtu")?,
             None => UAPI_ONLY_MTU,
         },
+        // The config file owns the MTU (a restart changes it); driven by `wg` alone, the
+        // link's MTU is the tunnel's, as wg-quick expects.
+        follow_link_mtu: config.is_none(),
         listen_port: config.as_ref().map_or(0, |c| c.listen_port),
         fwmark: config.as_ref().map_or(0, |c| c.fwmark),
         workers: match args.workers {

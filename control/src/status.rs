@@ -132,7 +132,8 @@ pub fn command(dir: &Path, ifname: &str, json: bool, out: &mut dyn Write) -> any
     Ok(())
 }
 
-/// The human table: the device, the source, one line per peer, the drops that happened.
+/// The human table: the device, the source, one line per peer (its drops summed over the
+/// reasons; `--json` has them by reason), the device's drops that happened.
 pub fn write_table(status: &Status, now: SystemTime, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
@@ -165,7 +166,7 @@ pub fn write_table(status: &Status, now: SystemTime, out: &mut dyn Write) -> std
     }
     writeln!(out)?;
     let now_unix = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let rows: Vec<[String; 8]> = status
+    let rows: Vec<[String; 9]> = status
         .peers
         .iter()
         .map(|p| {
@@ -183,6 +184,7 @@ pub fn write_table(status: &Status, now: SystemTime, out: &mut dyn Write) -> std
                 }),
                 p.rx_bytes.to_string(),
                 p.tx_bytes.to_string(),
+                p.drops.iter().map(|d| d.count).sum::<u64>().to_string(),
                 p.public_key.clone(),
             ]
         })
@@ -195,6 +197,7 @@ pub fn write_table(status: &Status, now: SystemTime, out: &mut dyn Write) -> std
         "HANDSHAKE",
         "RX BYTES",
         "TX BYTES",
+        "DROPS",
         "PUBLIC KEY",
     ];
     let mut widths = header.map(str::len);
@@ -262,6 +265,16 @@ mod tests {
                 rx_packets: 1,
                 tx_packets: 2,
                 handshake_attempts: 1,
+                drops: vec![
+                    DropCount {
+                        reason: "not_allowed".into(),
+                        count: 2,
+                    },
+                    DropCount {
+                        reason: "too_big".into(),
+                        count: 5,
+                    },
+                ],
             }],
             drops: vec![
                 DropCount {
@@ -282,7 +295,14 @@ mod tests {
             text.contains("tailscale stale  last sync 10s ago  errors 4  (connection refused)"),
             "{text}"
         );
+        let header = text.lines().find(|l| l.starts_with("NODE")).unwrap();
         let row = text.lines().find(|l| l.starts_with("node-b")).unwrap();
+        let drops_at = header.find("DROPS").unwrap();
+        assert_eq!(
+            row[drops_at..].split_whitespace().next(),
+            Some("7"),
+            "the peer's drops, summed: {text}"
+        );
         for cell in [
             "198.19.2.0/24,fd00:19:2::/64",
             "198.18.0.2:51820",

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 
 use crate::key::Key;
+use crate::stats::DropTotals;
 
 /// One change to the device. A running device applies it in this order: fwmark, listen port,
 /// private key, `replace_peers`, then each peer block in sequence (see [`crate::control`]).
@@ -94,6 +95,8 @@ pub struct PeerSnapshot {
     pub tx_packets: u64,
     /// Handshake initiations sent to this peer, retries included (not in UAPI).
     pub handshake_initiations: u64,
+    /// Drops that concern this peer, by reason (not in UAPI).
+    pub drops: DropTotals,
     /// Seconds; 0 when disabled.
     pub persistent_keepalive: u16,
     /// Sorted (IPv4 before IPv6, then by address, then by prefix length: `IpNet`'s order),
@@ -153,6 +156,7 @@ impl PeerSnapshot {
             rx_packets: 0,
             tx_packets: 0,
             handshake_initiations: 0,
+            drops: DropTotals::default(),
             persistent_keepalive: 0,
             allowed_ips: Vec::new(),
         }

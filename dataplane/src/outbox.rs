@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use tun_rs::SyncDevice;
 
-use crate::engine::Transmit;
+use crate::engine::{Engine, Transmit};
 use crate::gro::Coalescer;
+use crate::key::Key;
 use crate::peer::Endpoint;
-use crate::stats::{DropReason, Stats};
+use crate::stats::DropReason;
 use crate::sys;
 use crate::udp::SocketPair;
 use crate::vnet::VNET_HDR_LEN;
@@ -24,7 +25,7 @@ const MAX_GSO_BYTES: usize = 65507;
 /// See the module documentation.
 pub struct Outbox {
     bytes: Vec<u8>,
-    datagrams: Vec<(Endpoint, usize, usize)>,
+    datagrams: Vec<Queued>,
     /// Packets for the TUN, each behind a virtio-net header, merged per flow when offloads
     /// are on.
     packets: Coalescer,
@@ -39,11 +40,35 @@ impl Default for Outbox {
     }
 }
 
-impl Transmit for Outbox {
-    fn send(&mut self, to: &Endpoint, datagram: &[u8]) {
+/// One datagram waiting: where it goes, where its bytes are, and the peer it was sent for
+/// (so a failed send counts against that peer).
+struct Queued {
+    to: Endpoint,
+    start: usize,
+    end: usize,
+    peer: Option<Key>,
+}
+
+impl Outbox {
+    fn queue(&mut self, to: &Endpoint, datagram: &[u8], peer: Option<Key>) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(datagram);
-        self.datagrams.push((*to, start, self.bytes.len()));
+        self.datagrams.push(Queued {
+            to: *to,
+            start,
+            end: self.bytes.len(),
+            peer,
+        });
+    }
+}
+
+impl Transmit for Outbox {
+    fn send(&mut self, to: &Endpoint, datagram: &[u8]) {
+        self.queue(to, datagram, None);
+    }
+
+    fn send_for_peer(&mut self, peer: &Key, to: &Endpoint, datagram: &[u8]) {
+        self.queue(to, datagram, Some(*peer));
     }
 
     fn write_tun(&mut self, packet: &[u8]) {
@@ -58,6 +83,8 @@ pub struct Run<'a> {
     pub contents: &'a [u8],
     /// `Some(size)` when the run holds more than one datagram.
     pub segment: Option<usize>,
+    /// The peer its first datagram was sent for (a run goes to one endpoint: one peer's).
+    pub peer: Option<Key>,
 }
 
 impl Outbox {
@@ -88,7 +115,7 @@ impl Outbox {
     pub fn datagrams(&self) -> impl Iterator<Item = (&Endpoint, &[u8])> {
         self.datagrams
             .iter()
-            .map(|(to, a, b)| (to, &self.bytes[*a..*b]))
+            .map(|q| (&q.to, &self.bytes[q.start..q.end]))
     }
 
     /// What will be written to the TUN, one write each, without the virtio-net header: a
@@ -108,22 +135,23 @@ impl Outbox {
         let max_segments = max_segments.max(1);
         let mut i = 0;
         std::iter::from_fn(move || {
-            let (to, start, end) = *self.datagrams.get(i)?;
-            let segment = end - start;
-            let mut last_end = end;
+            let first = self.datagrams.get(i)?;
+            let (to, start) = (first.to, first.start);
+            let segment = first.end - start;
+            let mut last_end = first.end;
             let mut count = 1;
             i += 1;
-            while let Some(&(next_to, next_start, next_end)) = self.datagrams.get(i) {
-                let len = next_end - next_start;
+            while let Some(next) = self.datagrams.get(i) {
+                let len = next.end - next.start;
                 let fits = count < max_segments
-                    && next_to == to
-                    && next_start == last_end
+                    && next.to == to
+                    && next.start == last_end
                     && len <= segment
-                    && next_end - start <= MAX_GSO_BYTES;
+                    && next.end - start <= MAX_GSO_BYTES;
                 if !fits {
                     break;
                 }
-                last_end = next_end;
+                last_end = next.end;
                 count += 1;
                 i += 1;
                 if len < segment {
@@ -135,18 +163,20 @@ impl Outbox {
                 to,
                 contents: &self.bytes[start..last_end],
                 segment: (count > 1).then_some(segment),
+                peer: first.peer,
             })
         })
     }
 
     /// Makes the syscalls: TUN writes first (they feed local pods), then UDP sends. Returns an
-    /// error only when the TUN itself is gone.
+    /// error only when the TUN itself is gone. A failed send is one drop (per write or per
+    /// run), counted in `engine`'s stats: a run's against the peer it was sent for.
     pub fn flush(
         &mut self,
         tun: &SyncDevice,
         sockets: &SocketPair,
         max_segments: usize,
-        stats: &Stats,
+        engine: &Engine,
     ) -> io::Result<()> {
         let mut result = Ok(());
         let skip = if self.offload { 0 } else { VNET_HDR_LEN };
@@ -157,20 +187,17 @@ impl Outbox {
                     result = Err(e);
                     break;
                 }
-                Err(_) => stats.drop(DropReason::QueueFull),
+                Err(_) => engine.stats().drop(DropReason::QueueFull),
             }
         }
         for run in self.runs(max_segments) {
-            match send_with_retry(sockets, &run) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                    stats.drop(DropReason::TooBig)
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    stats.drop(DropReason::QueueFull)
-                }
-                Err(_) => stats.drop(DropReason::SendFailed),
-            }
+            let reason = match send_with_retry(sockets, &run) {
+                Ok(()) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => DropReason::TooBig,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => DropReason::QueueFull,
+                Err(_) => DropReason::SendFailed,
+            };
+            engine.count_send_drop(run.peer.as_ref(), reason);
         }
         self.clear();
         result
@@ -250,6 +277,18 @@ mod tests {
             out.runs(64).map(|r| r.contents.len()).sum::<usize>(),
             60 * 1452
         );
+    }
+
+    #[test]
+    fn a_run_names_the_peer_its_datagrams_were_sent_for() {
+        let mut out = Outbox::default();
+        let (a, b) = (ep("198.18.0.2:51820"), ep("198.18.0.3:51820"));
+        let key = Key::generate_private().public_key();
+        out.send_for_peer(&key, &a, &[1; 100]);
+        out.send_for_peer(&key, &a, &[1; 100]);
+        out.send(&b, &[2; 100]); // a cookie reply: no peer's
+        let peers: Vec<_> = out.runs(64).map(|r| (r.segment, r.peer)).collect();
+        assert_eq!(peers, vec![(Some(100), Some(key)), (None, None)]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A peer: one remote node, its Noise state (boringtun's `Tunn`, built on first use: see
-//! [`crate::noise`]), its endpoint and its traffic counters. The engine locks a peer only around one `Tunn` call and the copy of its
-//! output, never across a syscall.
+//! [`crate::noise`]), its endpoint, its traffic counters and its share of the drops. The
+//! engine locks a peer only around one `Tunn` call and the copy of its output, never across
+//! a syscall.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -8,6 +9,7 @@ use parking_lot::Mutex;
 
 use crate::key::Key;
 use crate::noise::{Noise, PeerKeys};
+use crate::stats::DropCounters;
 
 /// Where a peer is reached: its address, and the local address it last sent to (replies
 /// leave from there, so a multi-homed node answers from the address the peer used).
@@ -31,6 +33,9 @@ impl Endpoint {
 pub struct Peer {
     pub public_key: Key,
     pub slot: u32,
+    /// Drops that concern this peer, by reason. Atomics outside the lock: some drops happen
+    /// before the lock is taken (too big) or after the engine let go of it (a failed send).
+    pub drops: DropCounters,
     pub(crate) state: Mutex<PeerState>,
 }
 
@@ -58,6 +63,7 @@ impl Peer {
         Peer {
             public_key,
             slot,
+            drops: DropCounters::default(),
             state: Mutex::new(PeerState {
                 noise: Noise::default(),
                 endpoint: None,

@@ -1,5 +1,9 @@
 //! Counters the data plane keeps instead of logging: every dropped packet by reason, plus
 //! packet and byte totals per direction. Relaxed atomics, read by `tailsk8s status` / metrics.
+//!
+//! Drops are counted device-wide, and a drop that concerns a peer is counted against that
+//! peer too ([`DropCounters`] in each peer, bumped with [`Stats::peer_drop`]): the device's
+//! totals are the sum over every drop, the peers' counters a breakdown of part of them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -94,10 +98,50 @@ impl DropReason {
     }
 }
 
+/// Drops by reason, counted with relaxed atomics: the device's and each peer's.
+#[derive(Debug, Default)]
+pub struct DropCounters([AtomicU64; DropReason::ALL.len()]);
+
+impl DropCounters {
+    #[inline]
+    pub fn add(&self, reason: DropReason) {
+        self.0[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize].load(Relaxed)
+    }
+
+    /// The counts as of now.
+    pub fn totals(&self) -> DropTotals {
+        DropTotals(std::array::from_fn(|i| self.0[i].load(Relaxed)))
+    }
+}
+
+/// Drops by reason at one instant (a snapshot of [`DropCounters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropTotals([u64; DropReason::ALL.len()]);
+
+impl DropTotals {
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    /// Every reason with its count, in [`DropReason::ALL`]'s order.
+    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.get(*r)))
+    }
+
+    /// All drops, whatever the reason.
+    pub fn sum(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
 /// Device-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
-    drops: [AtomicU64; DropReason::ALL.len()],
+    drops: DropCounters,
     /// Packets read from the TUN and sent encrypted.
     pub tun_packets_in: AtomicU64,
     /// Decrypted packets written to the TUN.
@@ -114,11 +158,19 @@ pub struct Stats {
 impl Stats {
     #[inline]
     pub fn drop(&self, reason: DropReason) {
-        self.drops[reason as usize].fetch_add(1, Relaxed);
+        self.drops.add(reason);
+    }
+
+    /// A drop that concerns a peer: counted device-wide, as [`Stats::drop`], and against the
+    /// peer (`peer` is its counters).
+    #[inline]
+    pub fn peer_drop(&self, peer: &DropCounters, reason: DropReason) {
+        self.drops.add(reason);
+        peer.add(reason);
     }
 
     pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.drops[reason as usize].load(Relaxed)
+        self.drops.get(reason)
     }
 
     /// Every reason with its count, in a fixed order.
@@ -146,5 +198,18 @@ mod tests {
         s.drop(DropReason::Replay);
         assert_eq!(s.dropped(DropReason::Replay), 2);
         assert_eq!(s.drops().filter(|(_, n)| *n > 0).count(), 1);
+    }
+
+    #[test]
+    fn a_peer_drop_counts_on_the_device_and_the_peer() {
+        let s = Stats::default();
+        let peer = DropCounters::default();
+        s.peer_drop(&peer, DropReason::TooBig);
+        s.drop(DropReason::TooBig);
+        assert_eq!(s.dropped(DropReason::TooBig), 2);
+        let totals = peer.totals();
+        assert_eq!(totals.get(DropReason::TooBig), 1);
+        assert_eq!(totals.sum(), 1);
+        assert_eq!(totals.iter().count(), DropReason::ALL.len());
     }
 }

@@ -30,6 +30,12 @@ pub use shared::ExitReason;
 pub struct DeviceOptions {
     pub ifname: String,
     pub mtu: u16,
+    /// Whether the tunnel MTU follows the TUN's (`ip link set mtu`, as wg-quick sets it
+    /// after the device starts, and as wireguard-go follows it). False when the MTU is
+    /// configured: the engine keeps `mtu`, and a packet larger than it that the TUN lets
+    /// through (its MTU raised behind the router's back) is dropped as `too_big` with an ICMP
+    /// error carrying `mtu`, so the sender's path MTU comes back to what the tunnel carries.
+    pub follow_link_mtu: bool,
     /// 0 = a random port.
     pub listen_port: u16,
     pub fwmark: u32,
@@ -94,14 +100,9 @@ impl Device {
         )
         .filter(|placement| placement.start(&sockets));
         let engine = Engine::new(usize::from(options.mtu), Instant::now());
-        let shared = Arc::new(Shared::new(
-            engine,
-            tun,
-            sockets,
-            options.fwmark,
-            workers,
-            placement,
-        ));
+        let mut shared = Shared::new(engine, tun, sockets, options.fwmark, workers, placement);
+        shared.follow_link_mtu = options.follow_link_mtu;
+        let shared = Arc::new(shared);
         let mut device = Device {
             shared: shared.clone(),
             threads: Vec::new(),

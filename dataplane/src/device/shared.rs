@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     workers: usize,
     /// Whether UDP sends may carry several datagrams (GSO).
     pub(crate) udp_gso: bool,
+    /// Whether the engine's MTU follows the TUN's (see [`super::DeviceOptions`]).
+    pub(crate) follow_link_mtu: bool,
     /// Where workers run, unless they are never pinned.
     placement: Option<Placement>,
     /// Each thread's last loop, in milliseconds since `started` (see [`Shared::beat`]).
@@ -97,6 +99,7 @@ impl Shared {
         Shared {
             engine,
             udp_gso: tun.offload(),
+            follow_link_mtu: true,
             tun,
             sockets: RwLock::new(Arc::new(sockets)),
             sockets_generation: AtomicU64::new(0),
@@ -173,13 +176,48 @@ impl Shared {
         }
     }
 
-    /// Takes the TUN's current MTU into the engine.
+    /// Takes the TUN's current MTU into the engine, when the device follows it.
     pub(crate) fn refresh_mtu(&self) {
+        if !self.follow_link_mtu {
+            return;
+        }
         if let Ok(mtu) = self.tun.mtu() {
             if usize::from(mtu) != self.engine.mtu() {
                 self.engine.set_mtu(usize::from(mtu));
             }
         }
+    }
+
+    /// A device with a configured MTU: says once per change when the TUN's MTU differs from
+    /// it (`last` is the TUN's MTU seen at the previous check).
+    pub(crate) fn note_link_mtu(&self, last: &mut Option<u16>) {
+        if self.follow_link_mtu {
+            return;
+        }
+        let Ok(link) = self.tun.mtu() else {
+            return;
+        };
+        if *last == Some(link) {
+            return;
+        }
+        let tunnel = self.engine.mtu();
+        if last.is_some() || usize::from(link) != tunnel {
+            if usize::from(link) > tunnel {
+                tracing::warn!(
+                    link_mtu = link,
+                    tunnel_mtu = tunnel,
+                    "the TUN's MTU is above the configured tunnel MTU: larger packets are \
+                     dropped (too_big) with an ICMP error carrying the tunnel MTU"
+                );
+            } else {
+                tracing::info!(
+                    link_mtu = link,
+                    tunnel_mtu = tunnel,
+                    "the TUN's MTU changed"
+                );
+            }
+        }
+        *last = Some(link);
     }
 
     /// Lets an adaptive placement follow the load; called once per timer tick.
@@ -196,7 +234,7 @@ impl Shared {
         if !outbox.is_empty() {
             let sockets = self.sockets();
             // Timer output is handshakes and keepalives: no GSO needed.
-            let _ = outbox.flush(self.tun.queue(0), sockets.worker(0), 1, self.engine.stats());
+            let _ = outbox.flush(self.tun.queue(0), sockets.worker(0), 1, &self.engine);
         }
     }
 }

@@ -10,7 +10,8 @@
 //!                ─► GRO-coalesced TUN writes
 //!  handshake     handshake queue ─► engine (MAC, cookie, DH) ─► UDP sends (see `handshakes`)
 //!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; the adaptive placement follows
-//!                the load; every second: follow the TUN's MTU, notice a deleted TUN
+//!                the load; every second: follow the TUN's MTU (or, configured, say
+//!                when it differs), notice a deleted TUN
 //! ```
 //!
 //! A thread reads into its own buffers, holds the engine's read lock only while the engine
@@ -92,7 +93,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         // The kernel never hands us more than the TUN's MTU: a larger packet means the MTU
         // was just raised (`ip link set mtu`). Follow it now, not at the next timer tick, or
         // the engine would answer "too big" with the old MTU and poison the sender's PMTU.
-        if sizes.iter().any(|&n| n > shared.engine.mtu()) {
+        if shared.follow_link_mtu && sizes.iter().any(|&n| n > shared.engine.mtu()) {
             shared.refresh_mtu();
         }
         {
@@ -103,12 +104,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         }
         view.refresh(&shared);
         let segments = max_segments(&shared, &view.sockets, worker);
-        let flushed = outbox.flush(
-            queue,
-            view.sockets.worker(worker),
-            segments,
-            shared.engine.stats(),
-        );
+        let flushed = outbox.flush(queue, view.sockets.worker(worker), segments, &shared.engine);
         if flushed.is_err() {
             shared.finish(ExitReason::TunGone);
         }
@@ -228,10 +224,7 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                             }
                         }
                     }
-                    if outbox
-                        .flush(queue, pair, segments, shared.engine.stats())
-                        .is_err()
-                    {
+                    if outbox.flush(queue, pair, segments, &shared.engine).is_err() {
                         shared.finish(ExitReason::TunGone);
                         return;
                     }
@@ -252,6 +245,7 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut scratch = new_scratch();
     let mut outbox = shared.outbox();
     let mut last_mtu_check = Instant::now();
+    let mut link_mtu = None;
     let heartbeat = heartbeat_slot(HeartbeatOf::Timers, shared.workers());
     while !shared.stop.load(Relaxed) {
         shared.beat(heartbeat);
@@ -264,8 +258,10 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
                 shared.finish(ExitReason::TunGone);
                 return;
             }
-            // `ip link set mtu` (wg-quick, operators) changes the tunnel MTU under us.
+            // `ip link set mtu` (wg-quick, operators) changes the tunnel MTU under us, unless
+            // it is configured.
             shared.refresh_mtu();
+            shared.note_link_mtu(&mut link_mtu);
         }
     }
 }
@@ -319,7 +315,7 @@ pub(crate) fn handshake_loop(shared: Arc<Shared>) {
                 shared.tun.queue(0),
                 sockets.worker(0),
                 segments,
-                shared.engine.stats(),
+                &shared.engine,
             );
         }
     }

@@ -72,6 +72,14 @@ pub const BORINGTUN_CLOCK_DRIVEN_BY_TESTS: bool = cfg!(feature = "boringtun-mock
 pub trait Transmit {
     /// Send one WireGuard datagram to a peer.
     fn send(&mut self, to: &Endpoint, datagram: &[u8]);
+    /// Send one datagram of the session with the peer whose public key is `peer` (every
+    /// datagram but cookie replies). A driver whose send can still fail keeps the key, so the
+    /// drop is counted against that peer ([`Engine::count_send_drop`]); by default it is
+    /// forgotten.
+    fn send_for_peer(&mut self, peer: &Key, to: &Endpoint, datagram: &[u8]) {
+        let _ = peer;
+        self.send(to, datagram);
+    }
     /// Write one IP packet to the TUN device.
     fn write_tun(&mut self, packet: &[u8]);
 }
@@ -209,12 +217,28 @@ impl Engine {
                     rx_packets: state.traffic.rx_packets,
                     tx_packets: state.traffic.tx_packets,
                     handshake_initiations: state.traffic.handshake_initiations,
+                    drops: peer.drops.totals(),
                     persistent_keepalive: state.persistent_keepalive,
                     allowed_ips: config.allowed_ips.prefixes_of(peer.slot),
                 }
             })
             .collect();
         (config.private_key, peers)
+    }
+
+    /// Counts a drop that happened after the engine let go of a datagram (a driver's send
+    /// failed): device-wide, and against the peer whose key the datagram was sent for, if it
+    /// is still a peer. Takes the configuration for reading: call it with no lock held, never
+    /// per packet in steady state (drops are the exception).
+    pub fn count_send_drop(&self, peer: Option<&Key>, reason: DropReason) {
+        let config = self.config.read();
+        match peer
+            .and_then(|key| config.by_key.get(key))
+            .and_then(|&slot| config.peer(slot))
+        {
+            Some(peer) => self.stats.peer_drop(&peer.drops, reason),
+            None => self.stats.drop(reason),
+        }
     }
 
     /// Takes the configuration for reading for one batch of packets. Hold it only while the
@@ -379,24 +403,28 @@ fn new_cookie_checker(public: &Key) -> RateLimiter {
 }
 
 /// Counts one datagram out — on the device, and on the peer's `wg show` counter when it
-/// belongs to a peer's session (cookie replies do not) — and hands it to the sink. Every
+/// belongs to a peer's session (cookie replies do not) — and hands it to the sink, naming
+/// the peer (its public key) so that a failed send can be counted against it. Every
 /// datagram the engine sends goes through here.
 fn send_counted(
     stats: &Stats,
-    peer: Option<&mut Traffic>,
+    peer: Option<(&Key, &mut Traffic)>,
     tx: &mut impl Transmit,
     to: &Endpoint,
     datagram: &[u8],
 ) {
-    if let Some(traffic) = peer {
-        traffic.tx_bytes += datagram.len() as u64;
-        traffic.tx_packets += 1;
-        if datagram.first() == Some(&messages::MESSAGE_INITIATION) {
-            traffic.handshake_initiations += 1;
-        }
-    }
     Stats::add(&stats.datagrams_out, 1);
-    tx.send(to, datagram);
+    match peer {
+        Some((key, traffic)) => {
+            traffic.tx_bytes += datagram.len() as u64;
+            traffic.tx_packets += 1;
+            if datagram.first() == Some(&messages::MESSAGE_INITIATION) {
+                traffic.handshake_initiations += 1;
+            }
+            tx.send_for_peer(key, to, datagram);
+        }
+        None => tx.send(to, datagram),
+    }
 }
 
 /// The drop reason for an error boringtun reports.

@@ -19,6 +19,9 @@
 //! [`Batch::handle_handshake`], saying whether they are under load, and everything else to
 //! [`Batch::handle_datagram`] (which takes handshake messages too, as if not loaded).
 //!
+//! A drop after the peer is known (by its receiver index, or by its key after the
+//! Diffie-Hellman of an initiation) counts against that peer too; before, device-wide only.
+//!
 //! Functions in the order a datagram meets them: [`Batch::handle_datagram`] (the pipeline),
 //! `find_peer`, `check_handshake`, `deliver`.
 
@@ -36,7 +39,7 @@ use super::{drop_reason, send_counted, Batch, Config, Transmit, SCRATCH_LEN};
 use crate::key::Key;
 use crate::packet;
 use crate::peer::{Endpoint, Peer, PeerState};
-use crate::stats::{DropReason, Stats};
+use crate::stats::{DropCounters, DropReason, Stats};
 use boringtun::noise::rate_limiter::RateLimiter;
 
 impl Batch<'_> {
@@ -99,10 +102,11 @@ impl Batch<'_> {
             state.noise.built()
         };
         let Some(tunn) = tunn else {
-            stats.drop(match config.device_keys() {
+            let reason = match config.device_keys() {
                 Some(_) if !state.low_order => unbuilt_refusal(config, from, datagram, scratch),
                 _ => DropReason::NoPrivateKey,
-            });
+            };
+            stats.peer_drop(&peer.drops, reason);
             return;
         };
         let (inner, inner_source) =
@@ -112,7 +116,7 @@ impl Batch<'_> {
                 {
                     // The peers' limiter is never under load (`new_rate_limiter`): should
                     // boringtun answer with a cookie anyway, it is one, not a handshake.
-                    stats.drop(DropReason::UnderLoad);
+                    stats.peer_drop(&peer.drops, DropReason::UnderLoad);
                     Stats::add(&stats.cookie_replies_sent, 1);
                     send_counted(stats, None, tx, &source, reply);
                     return;
@@ -133,7 +137,8 @@ impl Batch<'_> {
                     if keepalive {
                         held.copy_from_slice(reply);
                     } else {
-                        send_counted(stats, Some(&mut state.traffic), tx, &source, reply);
+                        let traffic = Some((&peer.public_key, &mut state.traffic));
+                        send_counted(stats, traffic, tx, &source, reply);
                     }
                     // Packets queued while the handshake ran go out now.
                     let mut flushed = false;
@@ -142,10 +147,12 @@ impl Batch<'_> {
                     {
                         flushed = true;
                         Stats::add(&stats.tun_packets_in, 1);
-                        send_counted(stats, Some(&mut state.traffic), tx, &source, queued);
+                        let traffic = Some((&peer.public_key, &mut state.traffic));
+                        send_counted(stats, traffic, tx, &source, queued);
                     }
                     if keepalive && !flushed {
-                        send_counted(stats, Some(&mut state.traffic), tx, &source, &held);
+                        let traffic = Some((&peer.public_key, &mut state.traffic));
+                        send_counted(stats, traffic, tx, &source, &held);
                     }
                     return;
                 }
@@ -161,14 +168,16 @@ impl Batch<'_> {
                     return;
                 }
                 TunnResult::Err(e) => {
-                    stats.drop(drop_reason(&e));
+                    // The peer's, as the receiver index names it (claimed, not proven: a
+                    // forged index fails right here) or as an initiation's key proved it.
+                    stats.peer_drop(&peer.drops, drop_reason(&e));
                     return;
                 }
             };
         deliver(
             config,
             stats,
-            peer.slot,
+            &peer,
             state,
             source,
             datagram.len(),
@@ -203,7 +212,7 @@ impl Batch<'_> {
                     &config.rate_limiter
                 };
                 let init = match self
-                    .check_handshake(checker, under_load, source, datagram, scratch, tx)?
+                    .check_handshake(checker, under_load, None, source, datagram, scratch, tx)?
                 {
                     Packet::HandshakeInit(init) => init,
                     _ => {
@@ -229,8 +238,18 @@ impl Batch<'_> {
             }
             Some((MESSAGE_RESPONSE, Some(receiver_index))) if under_load => {
                 // A response's Diffie-Hellman happens in the peer's `Tunn`, which checks
-                // MAC1 only: the cookie is checked here.
-                self.check_handshake(&config.cookie_checker, true, source, datagram, scratch, tx)?;
+                // MAC1 only: the cookie is checked here. Its drops count against the peer
+                // its receiver index names.
+                let claimed = config.peer(slot_of(receiver_index)).map(|p| &p.drops);
+                self.check_handshake(
+                    &config.cookie_checker,
+                    true,
+                    claimed,
+                    source,
+                    datagram,
+                    scratch,
+                    tx,
+                )?;
                 (MESSAGE_RESPONSE, receiver_index)
             }
             Some((message_type, Some(receiver_index))) => (message_type, receiver_index),
@@ -250,17 +269,24 @@ impl Batch<'_> {
 
     /// MAC1 of a handshake message, and under load its cookie (MAC2) and its source's token
     /// bucket. A message without a valid cookie under load is answered with a cookie reply.
-    /// `None` when the message goes no further (counted).
+    /// `None` when the message goes no further (counted, and against `peer` when the message
+    /// names one).
+    #[allow(clippy::too_many_arguments)]
     fn check_handshake<'d>(
         &self,
         checker: &RateLimiter,
         under_load: bool,
+        peer: Option<&DropCounters>,
         source: &Endpoint,
         datagram: &'d [u8],
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) -> Option<Packet<'d>> {
         let stats = &self.engine.stats;
+        let count = |reason| match peer {
+            Some(peer) => stats.peer_drop(peer, reason),
+            None => stats.drop(reason),
+        };
         match checker.verify_packet(Some(source.addr.ip()), datagram, &mut scratch[..]) {
             Ok(packet) => {
                 if under_load
@@ -270,23 +296,23 @@ impl Batch<'_> {
                         .lock()
                         .allow(source.addr.ip(), self.now_ms)
                 {
-                    stats.drop(DropReason::RateLimited);
+                    count(DropReason::RateLimited);
                     return None;
                 }
                 Some(packet)
             }
             Err(TunnResult::WriteToNetwork(cookie)) => {
-                stats.drop(DropReason::UnderLoad);
+                count(DropReason::UnderLoad);
                 Stats::add(&stats.cookie_replies_sent, 1);
                 send_counted(stats, None, tx, source, cookie);
                 None
             }
             Err(TunnResult::Err(e)) => {
-                stats.drop(drop_reason(&e));
+                count(drop_reason(&e));
                 None
             }
             Err(_) => {
-                stats.drop(DropReason::MalformedDatagram);
+                count(DropReason::MalformedDatagram);
                 None
             }
         }
@@ -315,13 +341,13 @@ fn unbuilt_refusal(
     }
 }
 
-/// A decrypted data packet from `slot`'s peer: roam, then the checks that keep a peer to
-/// its own addresses, then the TUN.
+/// A decrypted data packet from `peer`: roam, then the checks that keep a peer to its own
+/// addresses (their drops count against it), then the TUN.
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     config: &Config,
     stats: &Stats,
-    slot: u32,
+    peer: &Peer,
     state: &mut PeerState,
     source: Endpoint,
     wire_len: usize,
@@ -334,12 +360,12 @@ fn deliver(
     // boringtun trims to the length the header claims without checking that a whole
     // header remains: a peer could otherwise put a header-less stub on the TUN.
     if packet::ip_len(inner) != Some(inner.len()) || packet::source(inner) != Some(inner_source) {
-        stats.drop(DropReason::MalformedPacket);
+        stats.peer_drop(&peer.drops, DropReason::MalformedPacket);
         return;
     }
     // Cryptokey routing, inbound: the inner source must route back to the same peer.
-    if config.allowed_ips.lookup(inner_source) != Some(slot) {
-        stats.drop(DropReason::NotAllowed);
+    if config.allowed_ips.lookup(inner_source) != Some(peer.slot) {
+        stats.peer_drop(&peer.drops, DropReason::NotAllowed);
         return;
     }
     Stats::add(&stats.tun_packets_out, 1);

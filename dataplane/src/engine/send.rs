@@ -9,6 +9,8 @@
 //!  too big:   ICMP fragmentation needed (IPv4 with DF) / packet too big (IPv6) ─► write_tun
 //!  no session: boringtun queues the packet and a handshake initiation goes out instead
 //! ```
+//!
+//! Every drop after the peer is found counts against that peer too.
 
 use boringtun::noise::TunnResult;
 
@@ -50,7 +52,7 @@ impl Batch<'_> {
         };
         let mtu = config.mtu;
         if len > mtu {
-            stats.drop(DropReason::TooBig);
+            stats.peer_drop(&peer.drops, DropReason::TooBig);
             if packet::dont_fragment(packet) {
                 let mtu16 = u16::try_from(mtu).unwrap_or(u16::MAX);
                 if let Some(n) = packet::icmp_too_big(packet, mtu16, destination, &mut scratch[..])
@@ -68,7 +70,7 @@ impl Batch<'_> {
         let mut state = peer.state.lock();
         let state = &mut *state;
         if state.low_order {
-            stats.drop(DropReason::LowOrderKey);
+            stats.peer_drop(&peer.drops, DropReason::LowOrderKey);
             return;
         }
         // The peer's first use builds its Noise state (`crate::noise`).
@@ -76,11 +78,11 @@ impl Batch<'_> {
             .noise
             .get_or_build(state.noise_keys(peer), config.device_keys())
         else {
-            stats.drop(DropReason::NoPrivateKey);
+            stats.peer_drop(&peer.drops, DropReason::NoPrivateKey);
             return;
         };
         let Some(endpoint) = state.endpoint else {
-            stats.drop(DropReason::NoEndpoint);
+            stats.peer_drop(&peer.drops, DropReason::NoEndpoint);
             return;
         };
         match tunn.encapsulate(&buf[..padded], &mut scratch[..]) {
@@ -88,11 +90,12 @@ impl Batch<'_> {
                 // A data message, or the initiation of the handshake it waits for.
                 Stats::add(&stats.tun_packets_in, 1);
                 state.last_sent_ms = self.now_ms;
-                send_counted(stats, Some(&mut state.traffic), tx, &endpoint, datagram);
+                let traffic = Some((&peer.public_key, &mut state.traffic));
+                send_counted(stats, traffic, tx, &endpoint, datagram);
             }
             // Queued inside boringtun until the handshake completes.
             TunnResult::Done => {}
-            TunnResult::Err(e) => stats.drop(drop_reason(&e)),
+            TunnResult::Err(e) => stats.peer_drop(&peer.drops, drop_reason(&e)),
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
         }
     }

@@ -62,7 +62,7 @@ impl Engine {
                 if let Some(endpoint) = state.endpoint {
                     send_counted(
                         &self.stats,
-                        Some(&mut state.traffic),
+                        Some((&peer.public_key, &mut state.traffic)),
                         tx,
                         &endpoint,
                         datagram,
@@ -88,7 +88,7 @@ impl Engine {
                     {
                         send_counted(
                             &self.stats,
-                            Some(&mut state.traffic),
+                            Some((&peer.public_key, &mut state.traffic)),
                             tx,
                             &endpoint,
                             datagram,

@@ -175,6 +175,7 @@ mod tests {
                 rx_packets: 0,
                 tx_packets: 0,
                 handshake_initiations: 0,
+                drops: Default::default(),
                 persistent_keepalive: 25,
                 allowed_ips: vec!["198.19.2.0/24".parse().unwrap()],
             }],

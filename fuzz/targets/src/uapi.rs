@@ -201,6 +201,7 @@ impl Model {
                 rx_packets: 0,
                 tx_packets: 0,
                 handshake_initiations: 0,
+                drops: Default::default(),
                 persistent_keepalive: p.persistent_keepalive,
                 // BTreeMap order is IpNet's order, which is the engine's documented order.
                 allowed_ips: self
