@@ -8,6 +8,7 @@ use std::sync::Arc;
 use boringtun::noise::{rate_limiter::RateLimiter, Tunn};
 use parking_lot::Mutex;
 
+use crate::engine::replay::CountersSeen;
 use crate::key::Key;
 
 /// Where a peer is reached: its address, and the local address it last sent to (replies
@@ -51,6 +52,9 @@ pub(crate) struct PeerState {
     pub last_handshake_ms: Option<u64>,
     /// What went over the wire to and from this peer.
     pub traffic: Traffic,
+    /// The highest authenticated data counter of the last two sessions: tells a too-old
+    /// replay drop the kernel would have taken from one it would not.
+    pub counters_seen: CountersSeen,
     pub low_order: bool,
 }
 
@@ -68,6 +72,7 @@ impl Peer {
                 keepalive_due: false,
                 last_handshake_ms: None,
                 traffic: Traffic::default(),
+                counters_seen: CountersSeen::default(),
                 low_order: public_key.is_low_order_public(),
             }),
         }

@@ -28,14 +28,15 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, TunnResult};
 
 use super::messages::{
-    message_header, slot_of, DATA_OVERHEAD, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION,
-    MESSAGE_RESPONSE,
+    data_counter, message_header, slot_of, DATA_OVERHEAD, MESSAGE_COOKIE_REPLY, MESSAGE_DATA,
+    MESSAGE_INITIATION, MESSAGE_RESPONSE,
 };
 use super::{drop_reason, send_counted, Batch, Config, Transmit, SCRATCH_LEN};
 use crate::key::Key;
 use crate::packet;
 use crate::peer::{Endpoint, Peer, PeerState};
 use crate::stats::{DropReason, Stats};
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 
 impl Batch<'_> {
@@ -145,6 +146,18 @@ impl Batch<'_> {
                     if message_type != MESSAGE_COOKIE_REPLY {
                         state.endpoint = Some(source);
                     }
+                    if message_type == MESSAGE_DATA {
+                        counter_authenticated(state, datagram);
+                    }
+                    return;
+                }
+                TunnResult::Err(WireGuardError::InvalidCounter) if message_type == MESSAGE_DATA => {
+                    // Behind boringtun's window: would the kernel's have taken it?
+                    let reason = data_counter(datagram)
+                        .map_or(DropReason::ReplayTooOld, |(index, counter)| {
+                            state.counters_seen.too_old(index, counter)
+                        });
+                    stats.drop(reason);
                     return;
                 }
                 TunnResult::Err(e) => {
@@ -152,6 +165,7 @@ impl Batch<'_> {
                     return;
                 }
             };
+        counter_authenticated(state, datagram);
         deliver(
             &self.config,
             stats,
@@ -277,6 +291,15 @@ impl Batch<'_> {
                 None
             }
         }
+    }
+}
+
+/// A data message (a packet or a keepalive) of `state`'s peer was authenticated: its
+/// counter is the session's highest so far or behind it.
+#[inline]
+fn counter_authenticated(state: &mut PeerState, datagram: &[u8]) {
+    if let Some((index, counter)) = data_counter(datagram) {
+        state.counters_seen.authenticated(index, counter);
     }
 }
 
