@@ -489,24 +489,28 @@ fn replay_drops_under_multi_worker_full_load() {
         metrics_listen: Some(METRICS.parse().unwrap()),
         ..MeshOptions::default()
     };
-    let _mesh = mesh_with_session(&topo, &options);
+    let mesh = mesh_with_session(&topo, &options);
     let (from, to) = pods(&topo);
     let mut within_kernel_window = 0;
     for streams in [1, 4, 1, 4] {
         let before = drops_of(&topo);
         let tcp_before = TcpView::read(from.netns(), to.netns()).unwrap();
+        let kernel_before = KernelDrops::read(&topo, &mesh).unwrap();
         let mbit = iperf::mbit_parallel(from, to, FULL_LOAD_SECONDS, streams).unwrap();
         let tcp = TcpView::read(from.netns(), to.netns())
             .unwrap()
             .since(tcp_before);
+        let kernel = KernelDrops::read(&topo, &mesh)
+            .unwrap()
+            .since(kernel_before);
         let grown: Vec<_> = before
             .iter()
             .zip(drops_of(&topo))
             .map(|(b, a)| scrape::grown(b, &a))
             .collect();
         eprintln!(
-            "{streams} stream(s), {FULL_LOAD_SECONDS} s: {mbit:.0} Mbit/s; {tcp:?}; drops grown \
-             at router 1 {:?}, router 2 {:?}",
+            "{streams} stream(s), {FULL_LOAD_SECONDS} s: {mbit:.0} Mbit/s; {tcp:?}; {kernel:?}; \
+             drops grown at router 1 {:?}, router 2 {:?}",
             grown[0], grown[1]
         );
         within_kernel_window += grown
