@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use parking_lot::Mutex;
 
+use crate::engine::replay::CountersSeen;
 use crate::key::Key;
 use crate::noise::{Noise, PeerKeys};
 use crate::stats::DropCounters;
@@ -55,6 +56,9 @@ pub(crate) struct PeerState {
     pub last_handshake_ms: Option<u64>,
     /// What went over the wire to and from this peer.
     pub traffic: Traffic,
+    /// The highest authenticated data counter of the last two sessions: tells a too-old
+    /// replay drop the kernel would have taken from one it would not.
+    pub counters_seen: CountersSeen,
     pub low_order: bool,
 }
 
@@ -73,6 +77,7 @@ impl Peer {
                 keepalive_due: false,
                 last_handshake_ms: None,
                 traffic: Traffic::default(),
+                counters_seen: CountersSeen::default(),
                 low_order: public_key.is_low_order_public(),
             }),
         }

@@ -24,8 +24,14 @@ pub enum DropReason {
     UnknownPeer,
     /// Authentication failed: bad MAC on a handshake message or bad AEAD tag on data.
     DecryptFailed,
-    /// A data message counter already seen or too old for the replay window.
+    /// A data message whose counter was seen before (a duplicate).
     Replay,
+    /// A data message older than boringtun's 1,024-packet replay window but inside the
+    /// kernel's 8,128: the kernel would have taken it (see `engine::replay`).
+    ReplayWindow,
+    /// A data message older than the kernel's replay window too (or of a session older
+    /// than the previous one).
+    ReplayTooOld,
     /// A handshake message that failed (stale timestamp, wrong state, bad index).
     HandshakeFailed,
     /// A data message for which no session exists (yet or any more).
@@ -52,7 +58,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::NoRoute,
         DropReason::NotAllowed,
         DropReason::MalformedPacket,
@@ -60,6 +66,8 @@ impl DropReason {
         DropReason::UnknownPeer,
         DropReason::DecryptFailed,
         DropReason::Replay,
+        DropReason::ReplayWindow,
+        DropReason::ReplayTooOld,
         DropReason::HandshakeFailed,
         DropReason::NoSession,
         DropReason::UnderLoad,
@@ -83,6 +91,8 @@ impl DropReason {
             DropReason::UnknownPeer => "unknown_peer",
             DropReason::DecryptFailed => "decrypt_failed",
             DropReason::Replay => "replay",
+            DropReason::ReplayWindow => "replay_window",
+            DropReason::ReplayTooOld => "replay_too_old",
             DropReason::HandshakeFailed => "handshake_failed",
             DropReason::NoSession => "no_session",
             DropReason::UnderLoad => "under_load",

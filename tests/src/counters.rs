@@ -159,7 +159,7 @@ impl TcpView {
 /// Drops the kernel counts around the routers of a mesh, summed over its nodes: UDP
 /// datagrams lost to full socket buffers, and packets for the TUN lost to a full queue.
 /// With no underlay loss, TCP retransmissions beyond these were dropped inside a router
-/// (replay window, its own queues), which it does not export yet.
+/// (replay window, its own queues), which it counts by reason on `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelDrops {
     pub udp_rcvbuf_errors: u64,

@@ -42,6 +42,19 @@ pub fn client_args(to: &Pod, seconds: u64) -> Vec<String> {
     .to_vec()
 }
 
+/// The receiver's Mbit/s of a run of `seconds` with `streams` parallel TCP streams.
+pub fn mbit_parallel(from: &Pod, to: &Pod, seconds: u64, streams: u32) -> anyhow::Result<f64> {
+    let _server = server(to)?;
+    let mut args = client_args(to, seconds);
+    args.extend(["-P".to_string(), streams.to_string()]);
+    let out = from.netns().output("iperf3", &args)?;
+    // With several streams the total is the `[SUM]` receiver line, which comes last.
+    out.lines()
+        .rfind(|l| l.trim_end().ends_with("receiver"))
+        .and_then(receiver_mbit)
+        .with_context(|| format!("no receiver line in:\n{out}"))
+}
+
 /// The receiver's Mbit/s of a single-stream run of `seconds` from `from` to `to`.
 pub fn mbit(from: &Pod, to: &Pod, seconds: u64) -> anyhow::Result<f64> {
     let _server = server(to)?;

@@ -24,7 +24,13 @@
 //! - [`counters`]: a router's process, a namespace's network statistics, link counters.
 //! - [`iperf`]: iperf3 between pods, for measurements.
 //! - [`flood`]: a flooder namespace sending garbage or valid-MAC1 handshake initiations.
+//! - [`stall`]: a TCP stream between pods whose receiver measures its longest stall.
+//! - [`churn`]: many made-up peers added and removed with `wg`; a peer's last handshake.
+//! - [`scrape`]: a router's `/metrics` and its drop counters by reason.
+//! - [`tailnet_link`]: an emulated tailnet link, a Tailscale-sourced router's config, and a
+//!   fleet of made-up tailnet nodes serving their announcements.
 
+pub mod churn;
 pub mod counters;
 pub mod dump;
 pub mod flood;
@@ -33,7 +39,10 @@ pub mod inherited_fds;
 pub mod iperf;
 pub mod relay;
 pub mod router_checks;
+pub mod scrape;
 pub mod sequence;
+pub mod stall;
+pub mod tailnet_link;
 pub mod threads;
 pub mod wg;
 

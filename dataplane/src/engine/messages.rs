@@ -55,6 +55,19 @@ const SESSION_BITS: u32 = 8;
 /// Most peers a device holds: the slot must fit the 24 bits above the session counter.
 pub const MAX_PEERS: usize = 1 << (32 - SESSION_BITS);
 
+/// Where a data message carries its 64-bit little-endian counter (in clear).
+const COUNTER_AT: usize = 8;
+
+/// The receiver index and counter of a data message (type already known to be data).
+pub(crate) fn data_counter(datagram: &[u8]) -> Option<(u32, u64)> {
+    let index: [u8; 4] = datagram
+        .get(RECEIVER_AT..RECEIVER_AT + 4)?
+        .try_into()
+        .ok()?;
+    let counter: [u8; 8] = datagram.get(COUNTER_AT..COUNTER_AT + 8)?.try_into().ok()?;
+    Some((u32::from_le_bytes(index), u64::from_le_bytes(counter)))
+}
+
 /// The peer slot a receiver index names.
 pub(crate) fn slot_of(receiver_index: u32) -> u32 {
     receiver_index >> SESSION_BITS

@@ -8,6 +8,8 @@
 //!   cryptokey check → TUN;
 //! - [`timers`] — time passing: retransmits, rekeying, keepalives, expiry;
 //! - [`messages`] — the wire format's sizes and offsets;
+//! - [`replay`] — replay drops told apart: duplicates, and too-old messages inside or
+//!   beyond the kernel's window;
 //! - [`source_limit`] — per-source token buckets for cookie-carrying handshakes under load;
 //! - this module — the configuration (keys, peer set, allowed IPs) and how an update
 //!   changes it ([`Engine::apply`]).
@@ -27,6 +29,7 @@
 
 pub mod messages;
 pub mod receive;
+pub(crate) mod replay;
 pub mod send;
 pub mod source_limit;
 pub mod timers;
@@ -431,7 +434,10 @@ fn send_counted(
 fn drop_reason(e: &WireGuardError) -> DropReason {
     match e {
         WireGuardError::InvalidMac | WireGuardError::InvalidAeadTag => DropReason::DecryptFailed,
-        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => DropReason::Replay,
+        // `receive` measures a too-old counter against the peer's highest (`replay`); one
+        // that reaches here had no data header to read.
+        WireGuardError::DuplicateCounter => DropReason::Replay,
+        WireGuardError::InvalidCounter => DropReason::ReplayTooOld,
         WireGuardError::NoCurrentSession | WireGuardError::ConnectionExpired => {
             DropReason::NoSession
         }

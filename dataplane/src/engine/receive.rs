@@ -32,14 +32,15 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, TunnResult};
 
 use super::messages::{
-    message_header, slot_of, DATA_OVERHEAD, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION,
-    MESSAGE_RESPONSE,
+    data_counter, message_header, slot_of, DATA_OVERHEAD, MESSAGE_COOKIE_REPLY, MESSAGE_DATA,
+    MESSAGE_INITIATION, MESSAGE_RESPONSE,
 };
 use super::{drop_reason, send_counted, Batch, Config, Transmit, SCRATCH_LEN};
 use crate::key::Key;
 use crate::packet;
 use crate::peer::{Endpoint, Peer, PeerState};
 use crate::stats::{DropCounters, DropReason, Stats};
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 
 impl Batch<'_> {
@@ -165,6 +166,18 @@ impl Batch<'_> {
                     if message_type != MESSAGE_COOKIE_REPLY {
                         state.endpoint = Some(source);
                     }
+                    if message_type == MESSAGE_DATA {
+                        counter_authenticated(state, datagram);
+                    }
+                    return;
+                }
+                TunnResult::Err(WireGuardError::InvalidCounter) if message_type == MESSAGE_DATA => {
+                    // Behind boringtun's window: would the kernel's have taken it?
+                    let reason = data_counter(datagram)
+                        .map_or(DropReason::ReplayTooOld, |(index, counter)| {
+                            state.counters_seen.too_old(index, counter)
+                        });
+                    stats.peer_drop(&peer.drops, reason);
                     return;
                 }
                 TunnResult::Err(e) => {
@@ -174,6 +187,7 @@ impl Batch<'_> {
                     return;
                 }
             };
+        counter_authenticated(state, datagram);
         deliver(
             config,
             stats,
@@ -338,6 +352,15 @@ fn unbuilt_refusal(
         Err(TunnResult::Err(e)) => drop_reason(&e),
         // The peers' limiter is never under load (`new_rate_limiter`): no cookie reply.
         Err(_) => DropReason::UnderLoad,
+    }
+}
+
+/// A data message (a packet or a keepalive) of `state`'s peer was authenticated: its
+/// counter is the session's highest so far or behind it.
+#[inline]
+fn counter_authenticated(state: &mut PeerState, datagram: &[u8]) {
+    if let Some((index, counter)) = data_counter(datagram) {
+        state.counters_seen.authenticated(index, counter);
     }
 }
 

@@ -216,6 +216,35 @@ fn replayed_data_is_delivered_once() {
     assert_eq!(b.drops(DropReason::Replay), 1);
 }
 
+/// A message behind boringtun's 1,024-packet window is dropped either way; the reason says
+/// whether the kernel's 8,128-packet window would have taken it. A duplicate stays `replay`.
+#[test]
+fn too_old_data_is_told_apart_by_the_kernel_window() {
+    let (mut a, mut b) = pair();
+    let out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    pump(&mut a, &mut b, out, true);
+    let datagrams: Vec<Vec<u8>> = (0..9_200u32)
+        .map(|seq| {
+            let mut out = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", seq as u16, 16));
+            out.sent.remove(0).1
+        })
+        .collect();
+    let last = datagrams.len() - 1;
+    assert_eq!(b.net_in(a.addr, &datagrams[last]).tun.len(), 1);
+    for (behind, reason) in [
+        (1_100, DropReason::ReplayWindow),
+        (replay::KERNEL_WINDOW as usize, DropReason::ReplayWindow),
+        (replay::KERNEL_WINDOW as usize + 1, DropReason::ReplayTooOld),
+        (0, DropReason::Replay),
+    ] {
+        let before = b.drops(reason);
+        assert_eq!(b.net_in(a.addr, &datagrams[last - behind]).tun.len(), 0);
+        assert_eq!(b.drops(reason), before + 1, "{behind} behind: {reason:?}");
+    }
+    // Inside boringtun's window a late message is delivered.
+    assert_eq!(b.net_in(a.addr, &datagrams[last - 1_000]).tun.len(), 1);
+}
+
 #[test]
 fn garbage_datagrams_are_counted_and_change_nothing() {
     let (mut a, mut b) = pair();
