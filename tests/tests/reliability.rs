@@ -589,6 +589,16 @@ fn wait_for_empty_socket_queues(ns: &Netns) {
     .unwrap();
 }
 
+/// Drops of datagrams: every reason but `no_route`, the TUN's side (the kernel's own IPv6
+/// router solicitations into the TUN).
+fn datagram_drops(counted: &BTreeMap<String, u64>) -> u64 {
+    counted
+        .iter()
+        .filter(|(reason, _)| *reason != "no_route")
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// Issue 10: random datagrams at full rate at a router's listen port: no crash, nothing
 /// written to the TUN, the router answers UAPI, and a transfer through it completes.
 #[test]
@@ -597,7 +607,11 @@ fn a_garbage_flood_writes_nothing_to_the_tun_and_a_transfer_still_completes() {
         return;
     }
     let topo = two_nodes();
-    let mut mesh = mesh_with_session(&topo, &MeshOptions::default());
+    let options = MeshOptions {
+        metrics_listen: Some(METRICS.parse().unwrap()),
+        ..MeshOptions::default()
+    };
+    let mut mesh = mesh_with_session(&topo, &options);
     let (from, to) = pods(&topo);
     let (_, b) = nodes(&topo);
     let flooder = Flooder::attach(b).unwrap();
@@ -607,6 +621,10 @@ fn a_garbage_flood_writes_nothing_to_the_tun_and_a_transfer_still_completes() {
     let (socket_drops_before, tun_before) = (
         counters::udp_sockets_on(router_ns, LISTEN_PORT).unwrap().1,
         counters::tun_rx_packets(router_ns, &ifname).unwrap(),
+    );
+    let (drops_before, delivered_before) = (
+        drops_of(&topo)[1].clone(),
+        counters::snmp(router_ns, "Udp", "InDatagrams").unwrap(),
     );
     // Nothing but the flood reaches the router here: its TUN must stay silent.
     let ((), garbage_only) = while_flooding(&flooder, listen_addr(b), &payloads, None, || {
@@ -620,6 +638,32 @@ fn a_garbage_flood_writes_nothing_to_the_tun_and_a_transfer_still_completes() {
         counters::tun_rx_packets(router_ns, &ifname).unwrap(),
         tun_before,
         "the router wrote flood packets to its TUN"
+    );
+    // Every flood datagram its sockets took is a drop counted by reason: random bytes as
+    // malformed (or a handshake message failing its MAC), a data header naming no session
+    // as an unknown peer. (With UDP GRO the kernel may count a run of equal-sized datagrams
+    // as one delivery, so the deliveries are a floor.)
+    let delivered = counters::snmp(router_ns, "Udp", "InDatagrams").unwrap() - delivered_before;
+    // The last batch read may still be on its way through a worker.
+    let _ = wait::until("the flood's drops counted", Duration::from_secs(5), || {
+        let counted = scrape::grown(&drops_before, &drops_of(&topo)[1]);
+        Ok((datagram_drops(&counted) * 10 >= delivered * 9).then_some(()))
+    });
+    let counted = scrape::grown(&drops_before, &drops_of(&topo)[1]);
+    let total = datagram_drops(&counted);
+    eprintln!(
+        "garbage flood: {delivered} datagrams delivered to the router's sockets; drops {counted:?}"
+    );
+    for reason in ["malformed_datagram", "unknown_peer"] {
+        assert!(
+            counted.get(reason).copied().unwrap_or(0) > 0,
+            "no {reason} drop: {counted:?}"
+        );
+    }
+    assert!(
+        total * 10 >= delivered * 9 && total <= garbage_only.sent,
+        "{total} drops counted for {delivered} datagrams delivered, {} sent: {counted:?}",
+        garbage_only.sent
     );
     tailsk8s_e2e::config_router::uapi_get(&ifname).unwrap();
     // The counter does see what the router writes: one echo request crosses.
@@ -1011,9 +1055,14 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(SOAK_SECONDS);
     let topo = two_nodes();
-    let mut mesh = mesh_with_session(&topo, &MeshOptions::default());
+    let options = MeshOptions {
+        metrics_listen: Some(METRICS.parse().unwrap()),
+        ..MeshOptions::default()
+    };
+    let mut mesh = mesh_with_session(&topo, &options);
     let (from, to) = pods(&topo);
     let pids: Vec<u32> = mesh.routers_mut().iter_mut().map(router_pid).collect();
+    let router_drops_before = drops_of(&topo);
     let _server = iperf::server(to).unwrap();
     let mut client = from
         .netns()
@@ -1060,9 +1109,24 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
     let out = client.log();
     assert!(status.success(), "iperf3 client: {status}\n{out}");
     let base = baseline.expect("the soak is longer than its warm-up");
+    // No drop counter grows but the expected one: `no_route` for what the kernel itself
+    // sends into the TUN (IPv6 router solicitations, MLD reports) to no peer.
+    let router_drops: Vec<_> = router_drops_before
+        .iter()
+        .zip(drops_of(&topo))
+        .map(|(before, after)| scrape::grown(before, &after))
+        .collect();
+    for (k, grown) in router_drops.iter().enumerate() {
+        let unexpected: Vec<_> = grown.keys().filter(|r| *r != "no_route").collect();
+        assert!(
+            unexpected.is_empty(),
+            "router {}: drop counters grew during the soak: {grown:?}",
+            k + 1
+        );
+    }
     eprintln!(
         "soak {seconds} s: {} Mbit/s, {:?}, {:?}; RSS (kB) after warm-up {:?}, peak \
-         {peak:?}; fds {:?}",
+         {peak:?}; fds {:?}; router drops {router_drops:?}",
         iperf::receiver_mbit(&out).map_or("?".into(), |m| format!("{m:.0}")),
         TcpView::read(from.netns(), to.netns())
             .unwrap()
