@@ -767,10 +767,11 @@ fn source_status(router: &ConfigRouter<'_>) -> serde_json::Value {
     status["source"].clone()
 }
 
+/// Peers' keys with their allowed IPs, as [`peer_set`] gives them.
+type PeerSet = Vec<(String, Vec<IpNet>)>;
+
 /// Every peer's key, allowed IPs and last handshake as `wg show dump` gives them.
-fn peers_and_handshakes(
-    router: &ConfigRouter<'_>,
-) -> (Vec<(String, Vec<IpNet>)>, Vec<Option<u64>>) {
+fn peers_and_handshakes(router: &ConfigRouter<'_>) -> (PeerSet, Vec<Option<u64>>) {
     let dump = router.dump().unwrap();
     let peers = peer_set(&dump);
     let handshakes = peers
