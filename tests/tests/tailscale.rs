@@ -25,6 +25,7 @@ use tailsk8s_e2e::config_router::{
     link_exists, nat_table, rules_for_table, table_routes, PeerSpec, ROUTE_TABLE,
 };
 use tailsk8s_e2e::process::Daemon;
+use tailsk8s_e2e::tailnet_link::{fleet_ip, Announced, Fleet};
 use tailsk8s_e2e::{
     ping, ping_with_deadline, require_netns, tailsk8s_binary, tcp_transfer, ConfigRouter, KeyPair,
     Netns, ShowDump, Topology, TopologyBuilder, WgDump,
@@ -230,7 +231,7 @@ fn handshake_of(router: &ConfigRouter<'_>, key: &str) -> Option<u64> {
 /// with every node a member (tagged, its pod CIDRs approved), and a key per node.
 struct TailnetCluster {
     /// First, so it goes before the nodes (fields drop in order).
-    _link: Netns,
+    link: Netns,
     topology: Topology,
     sims: Vec<SimNode>,
     tailnet: Tailnet,
@@ -242,6 +243,11 @@ impl TailnetCluster {
     /// skips, see [`require_netns`]).
     fn for_test(nodes: u8) -> Option<TailnetCluster> {
         require_netns().then(|| TailnetCluster::new(nodes))
+    }
+
+    /// The namespace holding the tailnet link's bridge.
+    fn link(&self) -> &Netns {
+        &self.link
     }
 
     /// The topology, the simulated nodes, the tailnet and the keys.
@@ -264,7 +270,7 @@ impl TailnetCluster {
             .map(|_| KeyPair::generate(&binary).unwrap())
             .collect();
         TailnetCluster {
-            _link: link,
+            link,
             topology,
             sims,
             tailnet,
@@ -964,4 +970,56 @@ fn unapproved_pod_cidrs_are_not_routed_and_announcements_answer_only_tagged_tail
         announcement_status(node2, node1_tailnet, Some(unknown)),
         "403"
     );
+}
+
+#[test]
+fn a_tailnet_node_announcing_another_nodes_key_changes_nothing() {
+    let Some(cluster) = TailnetCluster::for_test(2) else {
+        return;
+    };
+    let (topology, _, tailnet, keys) = cluster.parts();
+    let (mut routers, localapis) = cluster.start_routers();
+    let all = [0, 1];
+    wait_for_peers(&routers, topology, keys, &all, &all, DISCOVERY);
+    all_pods_ping(topology, &all, &all);
+    let before = peers_and_handshakes(&routers[0]);
+    let endpoint = endpoint_of(&routers[0], keys[1].public());
+    let routes = routed(topology, &routers[0], 0);
+
+    // A tagged tailnet node, its pod CIDR approved, whose announcement (served from its own
+    // tailnet address) names node 2's public key. Its stable ID sorts after node 2's, so
+    // by the conflict rule node 2 keeps the key.
+    let claimed: IpNet = "198.19.99.0/24".parse().unwrap();
+    let announced = Announced {
+        public_key: keys[1].public().to_string(),
+        endpoints: vec!["198.18.250.1:51820".parse().unwrap()],
+        pod_cidrs: vec![claimed],
+    };
+    let fleet = Fleet::start(cluster.link(), &[announced]).unwrap();
+    fleet
+        .route_from(
+            topology.nodes()[0].netns(),
+            &"198.18.250.0/24".parse().unwrap(),
+        )
+        .unwrap();
+    let mut impostor = SimNode::numbered(99).with_approved_routes(&[claimed]);
+    impostor.stable_id = "z99SIMIMPOSTOR".into();
+    impostor.tailnet_ips = vec![fleet_ip(0).into()];
+    tailnet.add(impostor);
+
+    wait_for("router 1 to log the key conflict", RESYNC * 4, || {
+        let log = routers[0].daemon_mut().map(|d| d.log()).unwrap_or_default();
+        log.contains("announces public key").then_some(())
+    });
+    // Through two more syncs: node 2 keeps its allowed IPs, endpoint and session; the
+    // impostor's pod CIDR is neither allowed nor routed.
+    let reads = status_reads(&localapis[0]);
+    wait_for("two more syncs", RESYNC * 4, || {
+        (status_reads(&localapis[0]) >= reads + 2).then_some(())
+    });
+    assert_eq!(peers_and_handshakes(&routers[0]), before);
+    assert_eq!(endpoint_of(&routers[0], keys[1].public()), endpoint);
+    assert_eq!(routed(topology, &routers[0], 0), routes);
+    all_pods_ping(topology, &all, &all);
+    assert_eq!(peers_and_handshakes(&routers[0]).1, before.1);
 }
