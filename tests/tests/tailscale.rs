@@ -12,7 +12,11 @@
 //! removing the tag removes the peer; stopping a LocalAPI server leaves traffic flowing; a
 //! config reload beside a running source adds and removes static peers without a new
 //! handshake of the Tailscale peers; SIGTERM, with the LocalAPI answering or hung mid-request,
-//! exits within 2 s and leaves no route, rule, NAT table or TUN behind.
+//! exits within 2 s and leaves no route, rule, NAT table or TUN behind. Bad input: a
+//! LocalAPI answering garbage or an error keeps peers, routes and sessions and shows the source
+//! stale until it answers again; pod CIDRs Tailscale did not approve are not routed; a tailnet
+//! node announcing another node's key changes nothing; the announcement port refuses the
+//! underlay and answers 403 to tailnet addresses that are not tagged cluster nodes.
 //!
 //! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
 
