@@ -12,7 +12,11 @@
 //! removing the tag removes the peer; stopping a LocalAPI server leaves traffic flowing; a
 //! config reload beside a running source adds and removes static peers without a new
 //! handshake of the Tailscale peers; SIGTERM, with the LocalAPI answering or hung mid-request,
-//! exits within 2 s and leaves no route, rule, NAT table or TUN behind.
+//! exits within 2 s and leaves no route, rule, NAT table or TUN behind. Bad input: a
+//! LocalAPI answering garbage or an error keeps peers, routes and sessions and shows the source
+//! stale until it answers again; pod CIDRs Tailscale did not approve are not routed; a tailnet
+//! node announcing another node's key changes nothing; the announcement port refuses the
+//! underlay and answers 403 to tailnet addresses that are not tagged cluster nodes.
 //!
 //! Needs the binary: `cargo build --bins` (scripts/test does it) or `TAILSK8S_BIN=…`.
 
@@ -25,6 +29,7 @@ use tailsk8s_e2e::config_router::{
     link_exists, nat_table, rules_for_table, table_routes, PeerSpec, ROUTE_TABLE,
 };
 use tailsk8s_e2e::process::Daemon;
+use tailsk8s_e2e::tailnet_link::{fleet_ip, Announced, Fleet};
 use tailsk8s_e2e::{
     ping, ping_with_deadline, require_netns, tailsk8s_binary, tcp_transfer, ConfigRouter, KeyPair,
     Netns, ShowDump, Topology, TopologyBuilder, WgDump,
@@ -230,7 +235,7 @@ fn handshake_of(router: &ConfigRouter<'_>, key: &str) -> Option<u64> {
 /// with every node a member (tagged, its pod CIDRs approved), and a key per node.
 struct TailnetCluster {
     /// First, so it goes before the nodes (fields drop in order).
-    _link: Netns,
+    link: Netns,
     topology: Topology,
     sims: Vec<SimNode>,
     tailnet: Tailnet,
@@ -242,6 +247,11 @@ impl TailnetCluster {
     /// skips, see [`require_netns`]).
     fn for_test(nodes: u8) -> Option<TailnetCluster> {
         require_netns().then(|| TailnetCluster::new(nodes))
+    }
+
+    /// The namespace holding the tailnet link's bridge.
+    fn link(&self) -> &Netns {
+        &self.link
     }
 
     /// The topology, the simulated nodes, the tailnet and the keys.
@@ -264,7 +274,7 @@ impl TailnetCluster {
             .map(|_| KeyPair::generate(&binary).unwrap())
             .collect();
         TailnetCluster {
-            _link: link,
+            link,
             topology,
             sims,
             tailnet,
@@ -750,4 +760,270 @@ fn sigterm_with_a_tailscale_source_exits_in_time_even_while_tailscaled_hangs() {
     );
     stop_and_check_nothing_left(topology, &mut routers[1], 1, "LocalAPI hung");
     client.stop();
+}
+
+/// `tailsk8s status --json` of `router`: the peer source's part (`state`, `reason`, …).
+fn source_status(router: &ConfigRouter<'_>) -> serde_json::Value {
+    let out = std::process::Command::new(tailsk8s_binary().unwrap())
+        .args(["status", "--json", router.ifname()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["source"].clone()
+}
+
+/// Peers' keys with their allowed IPs, as [`peer_set`] gives them.
+type PeerSet = Vec<(String, Vec<IpNet>)>;
+
+/// Every peer's key, allowed IPs and last handshake as `wg show dump` gives them.
+fn peers_and_handshakes(router: &ConfigRouter<'_>) -> (PeerSet, Vec<Option<u64>>) {
+    let dump = router.dump().unwrap();
+    let peers = peer_set(&dump);
+    let handshakes = peers
+        .iter()
+        .map(|(key, _)| dump.peer(key).and_then(|p| p.latest_handshake))
+        .collect();
+    (peers, handshakes)
+}
+
+#[test]
+fn tailscaled_answering_garbage_or_an_error_changes_nothing_and_shows_the_source_stale() {
+    let Some(cluster) = TailnetCluster::for_test(2) else {
+        return;
+    };
+    let (topology, _, _, keys) = cluster.parts();
+    let (routers, localapis) = cluster.start_routers();
+    let all = [0, 1];
+    wait_for_peers(&routers, topology, keys, &all, &all, DISCOVERY);
+    all_pods_ping(topology, &all, &all);
+    wait_for("node 1's source fresh", RESYNC * 3, || {
+        (source_status(&routers[0])["state"] == "fresh").then_some(())
+    });
+    let before = peers_and_handshakes(&routers[0]);
+    assert!(before.1.iter().all(Option::is_some), "{before:?}");
+    let routes = routed(topology, &routers[0], 0);
+    assert_eq!(routes, pod_cidrs_of(topology, &[1]));
+
+    for (what, behaviour) in [
+        ("garbage", Behaviour::Garbage),
+        ("an error status", Behaviour::Error(500)),
+    ] {
+        localapis[0].set_behaviour(behaviour);
+        localapis[0].clear_requests();
+        wait_for(
+            &format!("node 1's source stale on {what}"),
+            RESYNC * 3,
+            || (source_status(&routers[0])["state"] == "stale").then_some(()),
+        );
+        // Two more resyncs meet the bad answers: the router keeps what it had.
+        wait_for(&format!("two resyncs on {what}"), RESYNC * 4, || {
+            (status_reads(&localapis[0]) >= 2).then_some(())
+        });
+        let source = source_status(&routers[0]);
+        assert_eq!(source["state"], "stale", "{what}: {source}");
+        assert!(source["reason"].is_string(), "{what}: {source}");
+        assert_eq!(peers_and_handshakes(&routers[0]), before, "{what}");
+        assert_eq!(routed(topology, &routers[0], 0), routes, "{what}");
+        all_pods_ping(topology, &all, &all);
+        let pod1 = &topology.nodes()[0].pods()[0];
+        let pod2 = &topology.nodes()[1].pods()[0];
+        tcp_transfer(pod1.netns(), pod2.netns(), pod2.ip(false), 1 << 20)
+            .unwrap()
+            .verify(pod1.ip(false))
+            .unwrap();
+        // Sessions kept: the same last handshakes, on both sides.
+        assert_eq!(peers_and_handshakes(&routers[0]).1, before.1, "{what}");
+    }
+
+    // tailscaled answers properly again: fresh again, the same peers and sessions.
+    localapis[0].set_behaviour(Behaviour::Normal);
+    wait_for("node 1's source fresh again", RESYNC * 3, || {
+        (source_status(&routers[0])["state"] == "fresh").then_some(())
+    });
+    assert_eq!(peers_and_handshakes(&routers[0]), before);
+    all_pods_ping(topology, &all, &all);
+}
+
+/// Where routers serve their announcements (the configs above set it).
+const ANNOUNCE_PORT: u16 = 51821;
+
+/// The HTTP status of a GET of the announcement at `to` from `from`'s namespace, from the
+/// source address `source` when given.
+fn announcement_status(from: &Netns, to: IpAddr, source: Option<IpAddr>) -> String {
+    let mut curl = from.command("curl").unwrap();
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+    ]);
+    if let Some(source) = source {
+        curl.args(["--interface", &source.to_string()]);
+    }
+    curl.arg(format!(
+        "http://{}/tailsk8s/v1/announcement",
+        SocketAddr::new(to, ANNOUNCE_PORT)
+    ));
+    let out = curl.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn unapproved_pod_cidrs_are_not_routed_and_announcements_answer_only_tagged_tailnet_nodes() {
+    let Some(cluster) = TailnetCluster::for_test(3) else {
+        return;
+    };
+    let (topology, sims, tailnet, keys) = cluster.parts();
+    // Tailscale approves only node 3's IPv4 pod CIDR; its announcement claims both (its
+    // config's pod CIDRs).
+    let node3_v4: Vec<IpNet> = topology.nodes()[2]
+        .pod_cidrs()
+        .into_iter()
+        .filter(|p| matches!(p, IpNet::V4(_)))
+        .collect();
+    assert_eq!(node3_v4.len(), 1);
+    tailnet
+        .update(&sims[2].stable_id, |n| n.enabled_routes = node3_v4.clone())
+        .unwrap();
+    let (routers, _localapis) = cluster.start_routers();
+
+    // Nodes 1 and 2 have node 3 with its approved pod CIDR only, and route only that.
+    for i in [0, 1] {
+        let other = 1 - i;
+        let expected = sorted(vec![
+            (
+                keys[other].public().to_string(),
+                topology.nodes()[other].pod_cidrs(),
+            ),
+            (keys[2].public().to_string(), node3_v4.clone()),
+        ]);
+        wait_for(
+            &format!(
+                "router {} to have node 3 with its IPv4 pod CIDR only",
+                i + 1
+            ),
+            DISCOVERY,
+            || (peer_set(&routers[i].dump().ok()?) == expected).then_some(()),
+        );
+        let mut routes = topology.nodes()[other].pod_cidrs();
+        routes.extend(node3_v4.iter().copied());
+        routes.sort();
+        assert_eq!(routed(topology, &routers[i], i), routes);
+    }
+    wait_for_peers(&routers, topology, keys, &[0, 1, 2], &[2], DISCOVERY);
+    let pod1 = &topology.nodes()[0].pods()[0];
+    let pod3 = &topology.nodes()[2].pods()[0];
+    ping(pod1.netns(), pod3.ip(false), 1).unwrap();
+    assert!(
+        ping_with_deadline(pod1.netns(), pod3.ip(true), 1, Duration::from_secs(2)).is_err(),
+        "node 3's unapproved IPv6 pod CIDR is reachable"
+    );
+    all_pods_ping(topology, &[0, 1], &[0, 1]);
+
+    // The announcement endpoint. A tagged cluster node, from its tailnet address: the
+    // document (the control that the requests below can succeed).
+    let node1_tailnet = sims[0].tailnet_ips[0];
+    let node2 = topology.nodes()[1].netns();
+    assert_eq!(announcement_status(node2, node1_tailnet, None), "200");
+    // Node 1's underlay address: nothing listens there (the server binds tailnet addresses
+    // only), the connection is refused.
+    let underlay = topology.nodes()[0].underlay_v4();
+    let out = node2
+        .command("bash")
+        .unwrap()
+        .args([
+            "-c",
+            &format!("exec 3<>/dev/tcp/{underlay}/{ANNOUNCE_PORT}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert_eq!(
+        announcement_status(node2, underlay.into(), None),
+        "000",
+        "an HTTP answer on the underlay address"
+    );
+    // A tailnet node without the cluster tag, and an address tailscaled does not know,
+    // both on node 2's tailscale0: refused with 403, no document.
+    let mut untagged = SimNode::numbered(200);
+    untagged.tags.clear();
+    let untagged_ip = untagged.tailnet_ips[0];
+    tailnet.add(untagged);
+    let unknown: IpAddr = "100.101.201.1".parse().unwrap();
+    node2
+        .ip_batch(&[
+            format!("addr add {untagged_ip}/32 dev {TAILNET_IF}"),
+            format!("addr add {unknown}/32 dev {TAILNET_IF}"),
+        ])
+        .unwrap();
+    assert_eq!(
+        announcement_status(node2, node1_tailnet, Some(untagged_ip)),
+        "403"
+    );
+    assert_eq!(
+        announcement_status(node2, node1_tailnet, Some(unknown)),
+        "403"
+    );
+}
+
+#[test]
+fn a_tailnet_node_announcing_another_nodes_key_changes_nothing() {
+    let Some(cluster) = TailnetCluster::for_test(2) else {
+        return;
+    };
+    let (topology, _, tailnet, keys) = cluster.parts();
+    let (mut routers, localapis) = cluster.start_routers();
+    let all = [0, 1];
+    wait_for_peers(&routers, topology, keys, &all, &all, DISCOVERY);
+    all_pods_ping(topology, &all, &all);
+    let before = peers_and_handshakes(&routers[0]);
+    let endpoint = endpoint_of(&routers[0], keys[1].public());
+    let routes = routed(topology, &routers[0], 0);
+
+    // A tagged tailnet node, its pod CIDR approved, whose announcement (served from its own
+    // tailnet address) names node 2's public key. Its stable ID sorts after node 2's, so
+    // by the conflict rule node 2 keeps the key.
+    let claimed: IpNet = "198.19.99.0/24".parse().unwrap();
+    let announced = Announced {
+        public_key: keys[1].public().to_string(),
+        endpoints: vec!["198.18.250.1:51820".parse().unwrap()],
+        pod_cidrs: vec![claimed],
+    };
+    let fleet = Fleet::start(cluster.link(), &[announced]).unwrap();
+    fleet
+        .route_from(
+            topology.nodes()[0].netns(),
+            &"198.18.250.0/24".parse().unwrap(),
+        )
+        .unwrap();
+    let mut impostor = SimNode::numbered(99).with_approved_routes(&[claimed]);
+    impostor.stable_id = "z99SIMIMPOSTOR".into();
+    impostor.tailnet_ips = vec![fleet_ip(0).into()];
+    tailnet.add(impostor);
+
+    wait_for("router 1 to log the key conflict", RESYNC * 4, || {
+        let log = routers[0].daemon_mut().map(|d| d.log()).unwrap_or_default();
+        log.contains("announces public key").then_some(())
+    });
+    // Through two more syncs: node 2 keeps its allowed IPs, endpoint and session; the
+    // impostor's pod CIDR is neither allowed nor routed.
+    let reads = status_reads(&localapis[0]);
+    wait_for("two more syncs", RESYNC * 4, || {
+        (status_reads(&localapis[0]) >= reads + 2).then_some(())
+    });
+    assert_eq!(peers_and_handshakes(&routers[0]), before);
+    assert_eq!(endpoint_of(&routers[0], keys[1].public()), endpoint);
+    assert_eq!(routed(topology, &routers[0], 0), routes);
+    all_pods_ping(topology, &all, &all);
+    assert_eq!(peers_and_handshakes(&routers[0]).1, before.1);
 }
