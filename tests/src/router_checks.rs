@@ -222,6 +222,21 @@ fn rule_table(selector: &str) -> Option<u32> {
         .and_then(|pair| pair[1].parse().ok())
 }
 
+/// `tailsk8s status --json IFNAME`: what the running router says of itself.
+pub fn status_json(ifname: &str) -> anyhow::Result<serde_json::Value> {
+    let binary = tailsk8s_lab::binary::tailsk8s_binary()?;
+    let out = std::process::Command::new(&binary)
+        .args(["status", "--json", ifname])
+        .output()
+        .with_context(|| format!("running {} status", binary.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "tailsk8s status --json {ifname}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("tailsk8s status --json: not JSON")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

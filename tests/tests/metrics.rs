@@ -5,14 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use tailsk8s_e2e::counters::KernelDrops;
 use tailsk8s_e2e::wait;
 use tailsk8s_e2e::{
-    iperf, ping, require_netns, tailsk8s_binary, ConfigMesh, ConfigRouter, MeshOptions, Netns, Pod,
-    ShowDump, TopologyBuilder,
+    iperf, ping, require_netns, tailsk8s_binary, ConfigMesh, MeshOptions, Netns, Pod, ShowDump,
+    TopologyBuilder,
 };
 
 const METRICS: &str = "127.0.0.1:9586";
@@ -82,20 +81,6 @@ fn peer_drop_reasons(text: &str, key: &str) -> Vec<String> {
                 .map(|r| r.trim_end_matches('"').to_string())
         })
         .collect()
-}
-
-/// `tailsk8s status --json` of `router`.
-fn status_json(router: &ConfigRouter<'_>) -> serde_json::Value {
-    let out = Command::new(tailsk8s_binary().unwrap())
-        .args(["status", "--json", router.ifname()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Datagram length of the UDP runs below, and their rate: low enough that a loaded
@@ -303,7 +288,7 @@ fn metrics_match_wg_show_and_iperf3_and_status_lists_the_peers() {
     }
 
     let router = &mesh.routers()[0];
-    let status = status_json(router);
+    let status = tailsk8s_e2e::config_router::status_json(router.ifname()).unwrap();
     let peers = status["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 1, "{status}");
     assert_eq!(peers[0]["public_key"], key_b.as_str());
@@ -453,7 +438,7 @@ fn drops_are_counted_under_their_reason_and_their_peer() {
     }
 
     // `tailsk8s status --json` has the same per-peer drops.
-    let status = status_json(&mesh.routers()[0]);
+    let status = tailsk8s_e2e::config_router::status_json(mesh.routers()[0].ifname()).unwrap();
     let peer = status["peers"]
         .as_array()
         .unwrap()

@@ -488,6 +488,14 @@ const METRICS: &str = "127.0.0.1:9586";
 /// Seconds of each full-load run.
 const FULL_LOAD_SECONDS: u64 = 10;
 
+/// The mesh's defaults, with every router serving `/metrics` on [`METRICS`].
+fn with_metrics() -> MeshOptions {
+    MeshOptions {
+        metrics_listen: Some(METRICS.parse().unwrap()),
+        ..MeshOptions::default()
+    }
+}
+
 /// Every router's drop counters by reason.
 fn drops_of(topo: &Topology) -> Vec<BTreeMap<String, u64>> {
     let listen: SocketAddr = METRICS.parse().unwrap();
@@ -508,10 +516,7 @@ fn replay_drops_under_multi_worker_full_load() {
         return;
     }
     let topo = two_nodes();
-    let options = MeshOptions {
-        metrics_listen: Some(METRICS.parse().unwrap()),
-        ..MeshOptions::default()
-    };
+    let options = with_metrics();
     let mesh = mesh_with_session(&topo, &options);
     let (from, to) = pods(&topo);
     let mut within_kernel_window = 0;
@@ -607,10 +612,7 @@ fn a_garbage_flood_writes_nothing_to_the_tun_and_a_transfer_still_completes() {
         return;
     }
     let topo = two_nodes();
-    let options = MeshOptions {
-        metrics_listen: Some(METRICS.parse().unwrap()),
-        ..MeshOptions::default()
-    };
+    let options = with_metrics();
     let mut mesh = mesh_with_session(&topo, &options);
     let (from, to) = pods(&topo);
     let (_, b) = nodes(&topo);
@@ -1055,10 +1057,7 @@ fn soak_under_full_rate_iperf3_keeps_rss_and_file_descriptors_flat() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(SOAK_SECONDS);
     let topo = two_nodes();
-    let options = MeshOptions {
-        metrics_listen: Some(METRICS.parse().unwrap()),
-        ..MeshOptions::default()
-    };
+    let options = with_metrics();
     let mut mesh = mesh_with_session(&topo, &options);
     let (from, to) = pods(&topo);
     let pids: Vec<u32> = mesh.routers_mut().iter_mut().map(router_pid).collect();

@@ -29,7 +29,7 @@ use tailsk8s_e2e::config_router::{
     link_exists, nat_table, rules_for_table, table_routes, PeerSpec, ROUTE_TABLE,
 };
 use tailsk8s_e2e::process::Daemon;
-use tailsk8s_e2e::tailnet_link::{fleet_ip, Announced, Fleet};
+use tailsk8s_e2e::tailnet_link::{self, fleet_ip, Announced, Fleet, TAILNET_IF};
 use tailsk8s_e2e::{
     ping, ping_with_deadline, require_netns, tailsk8s_binary, tcp_transfer, ConfigRouter, KeyPair,
     Netns, ShowDump, Topology, TopologyBuilder, WgDump,
@@ -40,8 +40,6 @@ use tailsk8s_tailnet_sim::{Behaviour, LocalApiServer, SimNode, Tailnet};
 const RESYNC: Duration = Duration::from_secs(2);
 /// How long discovery may take: routers start one after another and fetch with backoff.
 const DISCOVERY: Duration = Duration::from_secs(30);
-/// The emulated tailscale0 in every node.
-const TAILNET_IF: &str = "tailscale0";
 const TAG: &str = "tag:k8s-node";
 /// What the issue allows a router told to stop.
 const EXIT_BUDGET: Duration = Duration::from_secs(2);
@@ -50,37 +48,6 @@ const EXIT_BUDGET: Duration = Duration::from_secs(2);
 fn sim_node(topology: &Topology, i: usize) -> SimNode {
     let node = &topology.nodes()[i];
     SimNode::numbered(node.index()).with_approved_routes(&node.pod_cidrs())
-}
-
-/// The emulated tailnet: a bridge in its own namespace, `tailscale0` in every node with the
-/// node's tailnet addresses. Returned namespace owns the bridge (deleted on drop).
-fn build_tailnet_link(topology: &Topology, sims: &[SimNode]) -> anyhow::Result<Netns> {
-    let switch = Netns::new("ts")?;
-    let mut lines = vec![
-        "link add br0 type bridge mcast_snooping 0".to_string(),
-        "link set br0 up".into(),
-    ];
-    for node in topology.nodes() {
-        let port = format!("t{}", node.index());
-        lines.push(format!(
-            "link add {port} type veth peer name {TAILNET_IF} netns {}",
-            node.netns().name()
-        ));
-        lines.push(format!("link set {port} master br0"));
-        lines.push(format!("link set {port} up"));
-    }
-    switch.ip_batch(&lines)?;
-    for (node, sim) in topology.nodes().iter().zip(sims) {
-        let mut lines = vec![format!("link set {TAILNET_IF} mtu 1280 up")];
-        for ip in &sim.tailnet_ips {
-            lines.push(match ip {
-                IpAddr::V4(_) => format!("addr add {ip}/10 dev {TAILNET_IF}"),
-                IpAddr::V6(_) => format!("addr add {ip}/48 dev {TAILNET_IF} nodad"),
-            });
-        }
-        node.netns().ip_batch(&lines)?;
-    }
-    Ok(switch)
 }
 
 /// Router `i`'s config file: its pod CIDRs, the cluster, `[tailscale]` on `socket`, and then
@@ -265,7 +232,8 @@ impl TailnetCluster {
         let sims: Vec<SimNode> = (0..topology.nodes().len())
             .map(|i| sim_node(&topology, i))
             .collect();
-        let link = build_tailnet_link(&topology, &sims).unwrap();
+        let ips: Vec<_> = sims.iter().map(|s| s.tailnet_ips.clone()).collect();
+        let link = tailnet_link::build(&topology, &ips).unwrap();
         let tailnet = Tailnet::new();
         for sim in &sims {
             tailnet.add(sim.clone());
@@ -764,17 +732,7 @@ fn sigterm_with_a_tailscale_source_exits_in_time_even_while_tailscaled_hangs() {
 
 /// `tailsk8s status --json` of `router`: the peer source's part (`state`, `reason`, …).
 fn source_status(router: &ConfigRouter<'_>) -> serde_json::Value {
-    let out = std::process::Command::new(tailsk8s_binary().unwrap())
-        .args(["status", "--json", router.ifname()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    status["source"].clone()
+    tailsk8s_e2e::config_router::status_json(router.ifname()).unwrap()["source"].clone()
 }
 
 /// Peers' keys with their allowed IPs, as [`peer_set`] gives them.
