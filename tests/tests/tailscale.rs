@@ -59,31 +59,15 @@ fn config_text(
     socket: &Path,
     statics: &[PeerSpec],
 ) -> String {
-    let pods: Vec<String> = topology.nodes()[i]
-        .pod_cidrs()
-        .iter()
-        .map(|p| format!("\"{p}\""))
-        .collect();
-    format!(
-        "interface = \"{ifname}\"\n\
-         private_key_file = \"{key}\"\n\
-         listen_port = 51820\n\
-         pod_cidrs = [{pods}]\n\
-         cluster_cidrs = [\"198.19.0.0/16\", \"fd00:19::/32\"]\n\
-         \n\
-         [tailscale]\n\
-         socket = \"{socket}\"\n\
-         tag = \"{TAG}\"\n\
-         announce_port = 51821\n\
-         resync = \"{resync}s\"\n\
-         {statics}",
-        ifname = router.ifname(),
-        key = router.key_path().display(),
-        pods = pods.join(", "),
-        socket = socket.display(),
-        resync = RESYNC.as_secs(),
-        statics = statics.iter().map(PeerSpec::to_toml).collect::<String>(),
-    )
+    let mut text = tailnet_link::router_config(
+        router,
+        &topology.nodes()[i].pod_cidrs(),
+        socket,
+        TAG,
+        RESYNC,
+    );
+    text.extend(statics.iter().map(PeerSpec::to_toml));
+    text
 }
 
 /// Polls `check` until it returns `Some` or `deadline` passes.
