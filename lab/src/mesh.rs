@@ -41,6 +41,16 @@ impl Default for MeshOptions {
     }
 }
 
+impl MeshOptions {
+    /// The defaults, with every router serving `[metrics]` on `listen`.
+    pub fn with_metrics(listen: SocketAddr) -> Self {
+        MeshOptions {
+            metrics_listen: Some(listen),
+            ..MeshOptions::default()
+        }
+    }
+}
+
 /// One [`ConfigRouter`] per node of a [`Topology`], configured by files alone: each lists
 /// every other node as a peer (endpoint = its underlay address, allowed IPs = its pod CIDRs)
 /// and installs its own routes. Stopped (SIGTERM) on drop.

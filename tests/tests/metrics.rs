@@ -4,7 +4,6 @@
 //! peer, and `tailsk8s status --json` lists the peers it runs.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tailsk8s_e2e::counters::KernelDrops;
@@ -189,10 +188,7 @@ fn metrics_match_wg_show_and_iperf3_and_status_lists_the_peers() {
         return;
     }
     let topo = TopologyBuilder::new(2).build().unwrap();
-    let options = MeshOptions {
-        metrics_listen: Some(METRICS.parse::<SocketAddr>().unwrap()),
-        ..MeshOptions::default()
-    };
+    let options = MeshOptions::with_metrics(METRICS.parse().unwrap());
     let mesh = ConfigMesh::start(&topo, &options).unwrap();
     let [a, b] = topo.nodes() else {
         panic!("two nodes")
@@ -328,10 +324,7 @@ fn drops_are_counted_under_their_reason_and_their_peer() {
         return;
     }
     let topo = TopologyBuilder::new(3).build().unwrap();
-    let options = MeshOptions {
-        metrics_listen: Some(METRICS.parse::<SocketAddr>().unwrap()),
-        ..MeshOptions::default()
-    };
+    let options = MeshOptions::with_metrics(METRICS.parse().unwrap());
     let mesh = ConfigMesh::start(&topo, &options).unwrap();
     let [a, b, c] = topo.nodes() else {
         panic!("three nodes")

@@ -490,10 +490,7 @@ const FULL_LOAD_SECONDS: u64 = 10;
 
 /// The mesh's defaults, with every router serving `/metrics` on [`METRICS`].
 fn with_metrics() -> MeshOptions {
-    MeshOptions {
-        metrics_listen: Some(METRICS.parse().unwrap()),
-        ..MeshOptions::default()
-    }
+    MeshOptions::with_metrics(METRICS.parse().unwrap())
 }
 
 /// Every router's drop counters by reason.
