@@ -8,8 +8,10 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 /// Waits until one of `fds` (up to four; negative entries are ignored) is ready for `events`
-/// or the timeout passes. Returns whether one is ready.
-pub(crate) fn poll_fds(fds: &[RawFd], events: libc::c_short, timeout: Duration) -> bool {
+/// (or has an error or hang-up to report) or the timeout passes. Returns which are ready: bit
+/// `i` for `fds[i]`, so a caller reads only those (an empty read is a wasted syscall on the
+/// latency path); 0 when none is.
+pub(crate) fn poll_fds(fds: &[RawFd], events: libc::c_short, timeout: Duration) -> u32 {
     let mut pollfds = [libc::pollfd {
         fd: -1,
         events: 0,
@@ -28,7 +30,14 @@ pub(crate) fn poll_fds(fds: &[RawFd], events: libc::c_short, timeout: Duration) 
             timeout.as_millis() as libc::c_int,
         )
     };
-    ready > 0
+    if ready <= 0 {
+        return 0;
+    }
+    pollfds[..n]
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.revents != 0)
+        .fold(0, |mask, (i, _)| mask | 1 << i)
 }
 
 /// Sets an int socket option.
@@ -105,4 +114,31 @@ pub(crate) fn set_thread_cpus(tid: libc::pid_t, cpus: &[u32]) -> io::Result<()> 
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn poll_names_only_the_ready_descriptors() {
+        let (mut a_in, a) = UnixStream::pair().unwrap();
+        let (mut b_in, b) = UnixStream::pair().unwrap();
+        let fds = [a.as_raw_fd(), b.as_raw_fd()];
+        let wait = Duration::from_millis(1);
+        assert_eq!(poll_fds(&fds, libc::POLLIN, wait), 0);
+        b_in.write_all(b"x").unwrap();
+        assert_eq!(poll_fds(&fds, libc::POLLIN, wait), 0b10);
+        a_in.write_all(b"x").unwrap();
+        assert_eq!(poll_fds(&fds, libc::POLLIN, wait), 0b11);
+        // A negative entry is skipped, and the bits still follow the positions.
+        assert_eq!(poll_fds(&[-1, b.as_raw_fd()], libc::POLLIN, wait), 0b10);
+        // A hang-up counts as ready: the reader must look to learn of it.
+        drop(a_in);
+        let (_, c) = UnixStream::pair().unwrap();
+        assert_eq!(poll_fds(&[c.as_raw_fd()], libc::POLLIN, wait), 1);
+    }
 }

@@ -114,7 +114,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
     let heartbeat = heartbeat_slot(HeartbeatOf::Tun(worker), shared.workers());
     while !shared.stop.load(Relaxed) {
         shared.beat(heartbeat);
-        if !poll_fds(&[fd], libc::POLLIN, POLL_INTERVAL) {
+        if poll_fds(&[fd], libc::POLLIN, POLL_INTERVAL) == 0 {
             continue;
         }
         while batch.wants_read() {
@@ -161,11 +161,18 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
         for (fd, socket) in fds.iter_mut().zip(pair.sockets()) {
             *fd = socket.as_raw_fd();
         }
-        if !poll_fds(&fds, libc::POLLIN, POLL_INTERVAL) {
+        let ready = poll_fds(&fds, libc::POLLIN, POLL_INTERVAL);
+        if ready == 0 {
             continue;
         }
         let segments = max_segments(&shared, &sockets, worker);
-        for socket in pair.sockets() {
+        // Only the sockets poll named: reading the other family's socket would cost a
+        // syscall on every wake-up that finds nothing there.
+        for (_, socket) in pair
+            .sockets()
+            .enumerate()
+            .filter(|(i, _)| ready & 1 << i != 0)
+        {
             loop {
                 let received = {
                     let mut iter = bufs.iter_mut();
