@@ -48,7 +48,7 @@ fn main() {
     println!("| operation | size (B) | implementation | CPU ns per op (median of {rounds}) | MiB per CPU second | × ring |");
     println!("|---|---|---|---|---|---|");
     for size in [64usize, 1420] {
-        let n: u64 = 100_000;
+        let n: u64 = 500_000;
         let mut aeads = all(&key);
         let names: Vec<&str> = aeads.iter().map(|(name, _)| *name).collect();
         // [operation][implementation] → samples

@@ -9,6 +9,9 @@
 
 use std::net::Ipv4Addr;
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
@@ -289,6 +292,10 @@ pub fn all(key: &[u8; 32]) -> Vec<(&'static str, Box<dyn TransportAead>)> {
         ("ring", Box::new(Ring::new(key))),
         ("rustcrypto", Box::new(RustCrypto::new(key))),
     ];
+    #[cfg(target_arch = "x86_64")]
+    if let Some(own) = avx512::OwnAvx512::new(key) {
+        v.push(("own-avx512", Box::new(own)));
+    }
     #[cfg(feature = "aws-lc")]
     v.push(("aws-lc-rs", Box::new(AwsLc::new(key))));
     #[cfg(feature = "openssl")]
