@@ -14,6 +14,7 @@ pub mod allowed_ips;
 pub mod announcement;
 pub mod config;
 pub mod gro_coalesce;
+pub mod handshake;
 pub mod headers;
 pub mod input;
 pub mod localapi;
@@ -42,6 +43,11 @@ pub const TARGETS: &[Target] = &[
         name: "udp_datagram",
         run: udp_datagram::run,
         seeds: udp_datagram::seeds,
+    },
+    Target {
+        name: "handshake",
+        run: handshake::run,
+        seeds: handshake::seeds,
     },
     Target {
         name: "gro_coalesce",

@@ -1,0 +1,19 @@
+//! WireGuard's handshake, owned: Noise_IKpsk2 initiation and response ([`handshake`]), their
+//! wire layout ([`message`]), cookies under load ([`cookie`]) and the primitives they are
+//! built from ([`primitives`]). Sans-IO: callers bring randomness, time and peers, and keep
+//! the policies (timestamps, rate limits, timers, session slots).
+//!
+//! Why it exists (issue 9): boringtun keeps the transport keys a handshake agrees on inside
+//! its `Tunn`, so the data path cannot choose its AEAD or avoid boringtun's copy. With the
+//! handshake here, the keys are ours. The router does not use this crate yet; it is checked
+//! against boringtun 0.7.1 in both roles (`tests/boringtun.rs`), down to data messages.
+
+pub mod cookie;
+pub mod handshake;
+pub mod message;
+pub mod primitives;
+
+pub use handshake::{
+    consume_initiation, consume_response, initiate, respond, HandshakeError, Identity, Initiated,
+    InitiationSeen, Peer, Session,
+};
