@@ -1,7 +1,9 @@
-//! WireGuard's handshake, owned: Noise_IKpsk2 initiation and response ([`handshake`]), their
-//! wire layout ([`message`]), cookies under load ([`cookie`]) and the primitives they are
-//! built from ([`primitives`]). Sans-IO: callers bring randomness, time and peers, and keep
-//! the policies (timestamps, rate limits, timers, session slots).
+//! WireGuard's handshake and transport data, owned: Noise_IKpsk2 initiation and response
+//! ([`handshake`]), their wire layout ([`message`]), cookies under load ([`cookie`]), data
+//! messages sealed and opened in place under a session's keys ([`transport`]) behind the
+//! replay window ([`replay`]), and the primitives they are built from ([`primitives`]).
+//! Sans-IO: callers bring randomness, time and peers, and keep the policies (timestamps, rate
+//! limits, timers, session slots).
 //!
 //! Why it exists (issue 9): boringtun keeps the transport keys a handshake agrees on inside
 //! its `Tunn`, so the data path cannot choose its AEAD or avoid boringtun's copy. With the
@@ -12,6 +14,8 @@ pub mod cookie;
 pub mod handshake;
 pub mod message;
 pub mod primitives;
+pub mod replay;
+pub mod transport;
 
 pub use handshake::{
     consume_initiation, consume_response, initiate, respond, HandshakeError, Identity, Initiated,

@@ -230,3 +230,81 @@ fn boringtun_takes_our_cookie_and_proves_its_address_with_mac2() {
         _ => panic!("boringtun did not complete the handshake"),
     }
 }
+
+/// A session with boringtun as responder, and the boringtun side.
+fn session_with_boringtun() -> (Session, Tunn) {
+    let us = Identity::new(StaticSecret::from(OURS));
+    let them_secret = StaticSecret::from(THEIRS);
+    let peer = Peer::new(&us, PublicKey::from(&them_secret), None);
+    let mut tunn = Tunn::new(them_secret, *us.public(), None, None, 7, None);
+    let (init, initiated) = initiate(&us, &peer, 0x4321, ephemeral(3), now(), None).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let response = match tunn.decapsulate(Some(SOURCE), &init, &mut buf) {
+        TunnResult::WriteToNetwork(r) => r.to_vec(),
+        _ => panic!("boringtun did not answer"),
+    };
+    (
+        consume_response(&us, &peer, &initiated, &response).unwrap(),
+        tunn,
+    )
+}
+
+#[test]
+fn transport_seals_in_place_for_boringtun_and_opens_its_messages_in_an_8128_window() {
+    use std::time::Instant;
+    use tailsk8s_noise::replay::{ReplayError, WINDOW};
+    use tailsk8s_noise::transport::{Transport, TransportError, HEADER_LEN};
+
+    let (session, mut tunn) = session_with_boringtun();
+    let transport = Transport::new(&session, Instant::now());
+    let mut out = vec![0u8; 2048];
+    // Ours to boringtun: the packet is written where it will be sealed, no copy.
+    for n in [20usize, 100, 1420] {
+        let p = packet(n);
+        let mut buf = vec![0u8; HEADER_LEN + n + TAG_LEN];
+        buf[HEADER_LEN..HEADER_LEN + n].copy_from_slice(&p);
+        let len = transport.seal(Instant::now(), &mut buf, n).unwrap();
+        match tunn.decapsulate(Some(SOURCE), &buf[..len], &mut out) {
+            TunnResult::WriteToTunnelV4(got, _) => assert_eq!(got, &p[..]),
+            _ => panic!("boringtun refused our data message of {n} bytes"),
+        }
+    }
+    // Boringtun's to ours, far out of order: the newest first, then 3,000 older ones — up
+    // to 2,999 behind, where boringtun's own 1,024-message window would refuse them.
+    let messages: Vec<Vec<u8>> = (0..3000)
+        .map(|_| match tunn.encapsulate(&packet(60), &mut out) {
+            TunnResult::WriteToNetwork(m) => m.to_vec(),
+            _ => panic!("boringtun made no data message"),
+        })
+        .collect();
+    let last = messages.len() - 1;
+    for i in std::iter::once(last).chain(0..last) {
+        let mut m = messages[i].clone();
+        let (counter, plain) = transport.open(Instant::now(), &mut m).unwrap();
+        assert_eq!(counter, i as u64);
+        assert_eq!(&plain[..60], &packet(60)[..]);
+    }
+    let mut again = messages[17].clone();
+    assert_eq!(
+        transport.open(Instant::now(), &mut again).err(),
+        Some(TransportError::Replay(ReplayError::Duplicate))
+    );
+    // Push the greatest WINDOW + 1 past message 0's counter: it is now too old to tell.
+    let skip = WINDOW as usize + 1 - messages.len();
+    for _ in 0..skip {
+        let _ = tunn.encapsulate(&packet(60), &mut out);
+    }
+    let mut newest = match tunn.encapsulate(&packet(60), &mut out) {
+        TunnResult::WriteToNetwork(m) => m.to_vec(),
+        _ => panic!("boringtun made no data message"),
+    };
+    assert_eq!(
+        transport.open(Instant::now(), &mut newest).unwrap().0,
+        WINDOW + 1
+    );
+    let mut oldest = messages[0].clone();
+    assert_eq!(
+        transport.open(Instant::now(), &mut oldest).err(),
+        Some(TransportError::Replay(ReplayError::TooOld))
+    );
+}

@@ -1,7 +1,9 @@
-//! `handshake`: handshake messages from the network into `tailsk8s-noise`'s consumers.
+//! `handshake`: handshake and data messages from the network into `tailsk8s-noise`'s
+//! consumers.
 //!
 //! Fixed keys give genuine messages: an initiation from peer P to us, a response from P to an
-//! initiation of ours, and a cookie reply from P. The input picks one of them (or raw bytes)
+//! initiation of ours, a cookie reply from P, and a data message P sealed under the session
+//! the response gave. The input picks one of them (or raw bytes)
 //! and a list of (position, XOR) mutations and a length change, then hands the result to the
 //! consumer of that message type, and raw bytes to every consumer.
 //!
@@ -10,13 +12,16 @@
 //! - a message (raw bytes, or a mutated genuine one) is accepted exactly when every byte the protocol
 //!   authenticates is unchanged and the length is: for an initiation or response everything
 //!   before MAC2 (MAC1 covers the message before it; MAC2 is the caller's check under load);
-//!   for a cookie reply everything but the receiver index; and when accepted, what comes out
-//!   equals what the genuine message gives (the peer and timestamp, the session keys, the
-//!   cookie).
+//!   for a cookie reply everything but the receiver index; for a data message everything; and
+//!   when accepted, what comes out equals what the genuine message gives (the peer and
+//!   timestamp, the session keys, the cookie, the counter and plaintext).
 
 use std::sync::OnceLock;
 
+use std::time::Instant;
+
 use tailsk8s_noise::message::{self, INITIATION_LEN, RESPONSE_LEN};
+use tailsk8s_noise::transport::{Transport, HEADER_LEN};
 use tailsk8s_noise::{
     consume_initiation, consume_response, cookie, initiate, respond, Identity, Initiated, Peer,
     Session,
@@ -42,6 +47,9 @@ struct Fixture {
     /// P's cookie reply to our initiation, and the cookie in it.
     cookie_reply: [u8; message::COOKIE_REPLY_LEN],
     cookie: [u8; 16],
+    /// A data message P sealed under that session (counter 0), and its plaintext.
+    data: Vec<u8>,
+    plaintext: Vec<u8>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -71,7 +79,7 @@ fn fixture() -> &'static Fixture {
         )
         .expect("fixed keys are valid");
         let (seen, _) = consume_initiation(&p, &ours, |_| Some(&us_at_p)).expect("genuine");
-        let (response, _) = respond(
+        let (response, p_session) = respond(
             &us_at_p,
             &seen,
             0x5678,
@@ -83,7 +91,15 @@ fn fixture() -> &'static Fixture {
         let cookie = [0x77; 16];
         let cookie_reply =
             cookie::reply(&p, &ours, &cookie, [0x88; 24]).expect("a handshake message");
+        let plaintext: Vec<u8> = (0..64u8).collect();
+        let mut data = vec![0u8; HEADER_LEN + plaintext.len() + 16];
+        data[HEADER_LEN..HEADER_LEN + plaintext.len()].copy_from_slice(&plaintext);
+        Transport::new(&p_session, Instant::now())
+            .seal(Instant::now(), &mut data, plaintext.len())
+            .expect("a fresh session seals");
         Fixture {
+            data,
+            plaintext,
             us,
             peer,
             initiation,
@@ -159,22 +175,37 @@ fn check_cookie_reply(f: &Fixture, m: &[u8]) {
     }
 }
 
+fn check_data(f: &Fixture, m: &[u8]) {
+    let authentic = authentic(m, &f.data, 0..0);
+    let receiver = Transport::new(&f.session, Instant::now());
+    let mut m = m.to_vec();
+    match receiver.open(Instant::now(), &mut m) {
+        Ok((counter, plain)) => {
+            assert!(authentic, "an altered data message was accepted");
+            assert_eq!((counter, &plain[..]), (0, &f.plaintext[..]));
+        }
+        Err(e) => assert!(!authentic, "a genuine data message was refused: {e}"),
+    }
+}
+
 pub fn run(data: &[u8]) {
     let f = fixture();
     let mut c = Choices::new(data);
-    match c.below(4) {
+    match c.below(5) {
         0 => {
             let raw = c.rest();
             check_initiation(f, raw);
             check_response(f, raw);
             check_cookie_reply(f, raw);
+            check_data(f, raw);
             let _ = message::receiver_index(raw);
             let _ = cookie::mac2_valid(raw, &f.cookie);
             let _ = cookie::reply(&f.us, raw, &f.cookie, [0; 24]);
         }
         1 => check_initiation(f, &mutate(&f.initiation, &mut c)),
         2 => check_response(f, &mutate(&f.response, &mut c)),
-        _ => check_cookie_reply(f, &mutate(&f.cookie_reply, &mut c)),
+        3 => check_cookie_reply(f, &mutate(&f.cookie_reply, &mut c)),
+        _ => check_data(f, &mutate(&f.data, &mut c)),
     }
 }
 
@@ -193,6 +224,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("initiation", genuine(1)),
         ("response", genuine(2)),
         ("cookie-reply", genuine(3)),
+        ("data", genuine(4)),
+        (
+            "data-counter-flipped",
+            Writer::new()
+                .byte(4)
+                .byte(1)
+                .u16(8)
+                .byte(1)
+                .byte(0)
+                .finish(),
+        ),
         (
             "initiation-mac2-flipped",
             Writer::new()
