@@ -6,7 +6,6 @@
 //! boringtun's data path runs); which AEAD to run is now ours to choose.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
@@ -43,7 +42,7 @@ pub struct Transport {
     send: LessSafeKey,
     receive: LessSafeKey,
     next_send: AtomicU64,
-    window: Mutex<ReplayWindow>,
+    window: parking_lot::Mutex<ReplayWindow>,
     established: Instant,
 }
 
@@ -59,7 +58,7 @@ impl Transport {
             send: key(&session.send_key),
             receive: key(&session.receive_key),
             next_send: AtomicU64::new(0),
-            window: Mutex::new(ReplayWindow::default()),
+            window: parking_lot::Mutex::new(ReplayWindow::default()),
             established,
         }
     }
@@ -136,10 +135,8 @@ impl Transport {
         Ok((counter, plain))
     }
 
-    fn lock_window(&self) -> std::sync::MutexGuard<'_, ReplayWindow> {
-        // A thread that panicked while holding it left a consistent bitmap (every update is
-        // one store); keep using it.
-        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_window(&self) -> parking_lot::MutexGuard<'_, ReplayWindow> {
+        self.window.lock()
     }
 }
 
