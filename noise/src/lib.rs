@@ -1,7 +1,8 @@
 //! WireGuard's handshake and transport data, owned: Noise_IKpsk2 initiation and response
 //! ([`handshake`]), their wire layout ([`message`]), cookies under load ([`cookie`]), data
 //! messages sealed and opened in place under a session's keys ([`transport`]) behind the
-//! replay window ([`replay`]), and the primitives they are built from ([`primitives`]).
+//! replay window ([`replay`]) with the AEAD chosen for the CPU ([`aead`]), and the primitives
+//! they are built from ([`primitives`]).
 //! Sans-IO: callers bring randomness, time and peers, and keep the policies (timestamps, rate
 //! limits, timers, session slots).
 //!
@@ -10,6 +11,7 @@
 //! handshake here, the keys are ours. The router does not use this crate yet; it is checked
 //! against boringtun 0.7.1 in both roles (`tests/boringtun.rs`), down to data messages.
 
+pub mod aead;
 pub mod cookie;
 pub mod handshake;
 pub mod message;

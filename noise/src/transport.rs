@@ -2,17 +2,16 @@
 //! the packet already lies — the 16-byte header written in front, the tag behind, no copy —
 //! and opening one in place behind the replay window. The send counter is atomic and the
 //! window takes a short lock twice (check before decrypting, accept after), so several
-//! workers may seal and open for one peer at once. The AEAD is ring's ChaCha20-Poly1305 (what
-//! boringtun's data path runs); which AEAD to run is now ours to choose.
+//! workers may seal and open for one peer at once. The AEAD is [`crate::aead`]'s: our
+//! AVX-512 ChaCha20-Poly1305 where the CPU has it, ring's (boringtun's) elsewhere.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
-
+use crate::aead::Aead;
 use crate::handshake::Session;
 use crate::message::DATA;
-use crate::primitives::{counter_nonce, TAG_LEN};
+use crate::primitives::TAG_LEN;
 use crate::replay::{ReplayError, ReplayWindow, REJECT_AFTER_MESSAGES};
 
 /// Type, reserved, receiver index, counter.
@@ -39,8 +38,8 @@ pub enum TransportError {
 pub struct Transport {
     pub local_index: u32,
     pub remote_index: u32,
-    send: LessSafeKey,
-    receive: LessSafeKey,
+    send: Aead,
+    receive: Aead,
     next_send: AtomicU64,
     window: parking_lot::Mutex<ReplayWindow>,
     established: Instant,
@@ -49,18 +48,29 @@ pub struct Transport {
 impl Transport {
     /// Transport for `session`, agreed at `established`.
     pub fn new(session: &Session, established: Instant) -> Transport {
-        let key = |k: &[u8; 32]| {
-            LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, k).expect("a 32-byte key"))
-        };
+        Transport::with(session, established, Aead::new)
+    }
+
+    /// Transport for `session` with the AEAD `aead` makes of each key (e.g. [`Aead::ring`]).
+    pub fn with(
+        session: &Session,
+        established: Instant,
+        aead: impl Fn(&[u8; 32]) -> Aead,
+    ) -> Transport {
         Transport {
             local_index: session.local_index,
             remote_index: session.remote_index,
-            send: key(&session.send_key),
-            receive: key(&session.receive_key),
+            send: aead(&session.send_key),
+            receive: aead(&session.receive_key),
             next_send: AtomicU64::new(0),
             window: parking_lot::Mutex::new(ReplayWindow::default()),
             established,
         }
+    }
+
+    /// The AEAD implementation in use (`avx512` or `ring`).
+    pub fn aead(&self) -> &'static str {
+        self.send.implementation()
     }
 
     fn expired(&self, now: Instant) -> bool {
@@ -90,16 +100,7 @@ impl Transport {
         buf[..4].copy_from_slice(&[DATA, 0, 0, 0]);
         buf[4..8].copy_from_slice(&self.remote_index.to_le_bytes());
         buf[8..16].copy_from_slice(&counter.to_le_bytes());
-        let (body, tag_room) = buf[HEADER_LEN..total].split_at_mut(len);
-        let tag = self
-            .send
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(counter_nonce(counter)),
-                Aad::empty(),
-                body,
-            )
-            .map_err(|_| TransportError::Expired)?;
-        tag_room.copy_from_slice(tag.as_ref());
+        self.send.seal(counter, &mut buf[HEADER_LEN..total], len);
         Ok(total)
     }
 
@@ -125,12 +126,8 @@ impl Transport {
         self.lock_window().check(counter)?;
         let plain = self
             .receive
-            .open_in_place(
-                Nonce::assume_unique_for_key(counter_nonce(counter)),
-                Aad::empty(),
-                &mut msg[HEADER_LEN..],
-            )
-            .map_err(|_| TransportError::Forged)?;
+            .open(counter, &mut msg[HEADER_LEN..])
+            .ok_or(TransportError::Forged)?;
         self.lock_window().accept(counter)?;
         Ok((counter, plain))
     }

@@ -10,6 +10,7 @@
 //! A body panics when an invariant breaks; that panic is the finding. Each target module
 //! documents its invariants and provides `seeds()`, the small inputs `fuzz-seeds` writes.
 
+pub mod aead;
 pub mod allowed_ips;
 pub mod announcement;
 pub mod config;
@@ -43,6 +44,11 @@ pub const TARGETS: &[Target] = &[
         name: "udp_datagram",
         run: udp_datagram::run,
         seeds: udp_datagram::seeds,
+    },
+    Target {
+        name: "aead",
+        run: aead::run,
+        seeds: aead::seeds,
     },
     Target {
         name: "handshake",
