@@ -1,15 +1,17 @@
-//! Criterion microbenchmarks of transport data per packet with ring's ChaCha20-Poly1305 on
-//! both sides: boringtun 0.7.1's `Tunn` (what the router runs: the packet copied into the
-//! datagram buffer, sealed, timers ticked; decapsulation copies the ciphertext out, opens it
-//! and checks the replay window under a mutex) against `tailsk8s-noise`'s `Transport` (sealed
-//! where the packet lies, opened in place, the same window check). The difference is what
-//! owning transport data saves before any faster AEAD: `cargo bench -p tailsk8s-benches
+//! Criterion microbenchmarks of transport data per packet (seal, then open: both routers'
+//! crypto work for one packet): boringtun 0.7.1's `Tunn` (what the router runs: the packet
+//! copied into the datagram buffer, sealed with ring, timers ticked; decapsulation copies the
+//! ciphertext out, opens it and checks the replay window under a mutex) against
+//! `tailsk8s-noise`'s `Transport` (sealed where the packet lies, opened in place, the same
+//! window check) with ring's AEAD — what owning transport data saves by itself — and with the
+//! AEAD it picks for this CPU (`avx512` where it runs). `cargo bench -p tailsk8s-benches
 //! --bench transport`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::noise::{Tunn, TunnResult};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tailsk8s_noise::aead::Aead;
 use tailsk8s_noise::primitives::tai64n;
 use tailsk8s_noise::transport::{Transport, HEADER_LEN};
 use tailsk8s_noise::{consume_initiation, consume_response, initiate, respond, Identity, Peer};
@@ -50,8 +52,9 @@ fn tunn_pair() -> (Tunn, Tunn) {
     (a, b)
 }
 
-/// Two transports of one session made by `tailsk8s-noise`'s handshake: `a` seals, `b` opens.
-fn transport_pair() -> (Transport, Transport) {
+/// Two transports of one session made by `tailsk8s-noise`'s handshake, with the AEAD `aead`
+/// makes: `a` seals, `b` opens.
+fn transport_pair(aead: fn(&[u8; 32]) -> Aead) -> (Transport, Transport) {
     let (i, r) = (
         Identity::new(StaticSecret::from([1u8; 32])),
         Identity::new(StaticSecret::from([2u8; 32])),
@@ -71,7 +74,7 @@ fn transport_pair() -> (Transport, Transport) {
     let (response, rs) = respond(p, &seen, 2, StaticSecret::from([4u8; 32]), None).expect("valid");
     let is = consume_response(&i, &r_peer, &initiated, &response).expect("genuine");
     let t = Instant::now();
-    (Transport::new(&is, t), Transport::new(&rs, t))
+    (Transport::with(&is, t, aead), Transport::with(&rs, t, aead))
 }
 
 fn bench(c: &mut Criterion) {
@@ -95,21 +98,35 @@ fn bench(c: &mut Criterion) {
                 }
             })
         });
-        let (sealer, opener) = transport_pair();
-        let mut buf = vec![0u8; HEADER_LEN + size + 16];
-        buf[HEADER_LEN..HEADER_LEN + size].copy_from_slice(&p);
         // The time is the caller's: the engine reads it once per batch of packets, where
         // boringtun reads its clock per packet. One reading here, well inside the session's
         // 180 s.
         let now = Instant::now();
-        g.bench_function(format!("tailsk8s-noise/{size}"), |bench| {
-            bench.iter(|| {
-                // Opening leaves the plaintext where sealing expects it: no copy either way.
-                let n = sealer.seal(now, &mut buf, size).expect("fresh session");
-                let (_, plain) = opener.open(now, &mut buf[..n]).expect("genuine");
-                assert_eq!(plain.len(), size);
-            })
-        });
+        let fastest: fn(&[u8; 32]) -> Aead = Aead::new;
+        for (name, aead) in [
+            ("ring", Aead::ring as fn(&[u8; 32]) -> Aead),
+            ("fastest", fastest),
+        ] {
+            let (sealer, opener) = transport_pair(aead);
+            let label = if name == "fastest" {
+                sealer.aead()
+            } else {
+                name
+            };
+            if name == "fastest" && label == "ring" {
+                continue;
+            }
+            let mut buf = vec![0u8; HEADER_LEN + size + 16];
+            buf[HEADER_LEN..HEADER_LEN + size].copy_from_slice(&p);
+            g.bench_function(format!("tailsk8s-noise-{label}/{size}"), |bench| {
+                bench.iter(|| {
+                    // Opening leaves the plaintext where sealing expects it: no copy either way.
+                    let n = sealer.seal(now, &mut buf, size).expect("fresh session");
+                    let (_, plain) = opener.open(now, &mut buf[..n]).expect("genuine");
+                    assert_eq!(plain.len(), size);
+                })
+            });
+        }
     }
     g.finish();
 }
