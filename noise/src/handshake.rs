@@ -6,6 +6,7 @@
 //! load are the caller's policy; [`crate::cookie`] has the MAC2 and cookie-reply mechanics.
 
 use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::message::{self, Initiation, Response};
 use crate::primitives::{hash, kdf, mac, open, seal, TAG_LEN};
@@ -68,7 +69,9 @@ impl Identity {
 
 /// One peer as the handshake sees it: its static key, the pre-shared key, and what is
 /// computed from them once (the static-static DH, the MAC1 and cookie keys).
+#[derive(ZeroizeOnDrop)]
 pub struct Peer {
+    #[zeroize(skip)]
     public: PublicKey,
     psk: [u8; 32],
     /// DH(our static, its static): `None` for a low-order key (no handshake can succeed).
@@ -97,7 +100,7 @@ impl Peer {
 }
 
 /// The keys one handshake agreed on, for transport data in both directions.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
 pub struct Session {
     /// The index this node chose: data messages to it carry it as their receiver.
     pub local_index: u32,
@@ -117,9 +120,11 @@ impl std::fmt::Debug for Session {
 }
 
 /// An initiation this node sent, waiting for its response.
+#[derive(ZeroizeOnDrop)]
 pub struct Initiated {
     chaining_key: [u8; 32],
     hash: [u8; 32],
+    #[zeroize(skip)] // wipes itself
     ephemeral: StaticSecret,
     sender_index: u32,
     /// The initiation's MAC1: a cookie reply to it is sealed with it as associated data.
@@ -127,8 +132,10 @@ pub struct Initiated {
 }
 
 /// A valid initiation from a configured peer, before the caller's replay and load checks.
+#[derive(ZeroizeOnDrop)]
 pub struct InitiationSeen {
     /// The initiator's static key (the caller's peer).
+    #[zeroize(skip)]
     pub peer: PublicKey,
     /// TAI64N: must exceed the last one accepted from this peer.
     pub timestamp: [u8; 12],
@@ -136,6 +143,7 @@ pub struct InitiationSeen {
     pub sender_index: u32,
     chaining_key: [u8; 32],
     hash: [u8; 32],
+    #[zeroize(skip)]
     ephemeral: PublicKey,
 }
 

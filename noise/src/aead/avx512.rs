@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
 
 /// A key for this implementation; only made where the CPU has what it needs.
-#[derive(Clone)]
+#[derive(Clone, zeroize::ZeroizeOnDrop)]
 pub(super) struct Avx512Key {
     key: [u32; 8],
 }
