@@ -138,6 +138,15 @@ fn wait_for_peers(
                 (peer_set(&dump) == expected).then_some(())
             },
         );
+        // The routes follow the device's peers (the applier updates the device, then the
+        // node's table): until they are in, a pod's packet gets "no route" from its node.
+        let mut routes: Vec<IpNet> = expected.iter().flat_map(|(_, ips)| ips.clone()).collect();
+        routes.sort();
+        wait_for(
+            &format!("router {}'s node to route {routes:?}", i + 1),
+            deadline,
+            || (routed(topology, &routers[i], i) == routes).then_some(()),
+        );
     }
 }
 
