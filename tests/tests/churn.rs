@@ -255,8 +255,21 @@ fn churn_of_1000_tailnet_nodes_neither_stalls_nor_rehandshakes_a_transfer() {
     for router in &routers {
         wait_for_peer_count(router, 1, CONVERGE);
     }
-    let routes_before: Vec<usize> = topo
-        .nodes()
+    // The count to come back to is taken once each node routes the other's pod CIDRs: the
+    // routes follow the device's peers, and a count read in between would never recur.
+    let nodes = topo.nodes();
+    for (i, node) in nodes.iter().enumerate() {
+        let other = nodes[1 - i].pod_cidrs();
+        wait::until("the other node's pod CIDRs routed", CONVERGE, || {
+            let routes = table_routes(node.netns(), ROUTE_TABLE)?;
+            Ok(other
+                .iter()
+                .all(|c| routes.iter().any(|r| r.prefix == *c))
+                .then_some(()))
+        })
+        .unwrap();
+    }
+    let routes_before: Vec<usize> = nodes
         .iter()
         .map(|n| table_routes(n.netns(), ROUTE_TABLE).unwrap().len())
         .collect();
