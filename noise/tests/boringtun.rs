@@ -90,12 +90,26 @@ fn exchange_data(session: &Session, tunn: &mut Tunn, our_counter: u64) {
     assert_eq!(open_data(session, &m).1, back);
 }
 
-fn we_initiate(psk: Option<[u8; 32]>) {
+/// Us (our identity and boringtun's node as our peer, with `our_psk`) and boringtun's tunnel
+/// to us (with `their_psk`, and `limited`: a rate limiter that puts it always under load).
+fn parties(
+    our_psk: Option<[u8; 32]>,
+    their_psk: Option<[u8; 32]>,
+    limited: bool,
+) -> (Identity, Peer, Tunn) {
     let us = Identity::new(StaticSecret::from(OURS));
     let them_secret = StaticSecret::from(THEIRS);
     let them_public = PublicKey::from(&them_secret);
-    let peer = Peer::new(&us, them_public, psk);
-    let mut tunn = Tunn::new(them_secret, *us.public(), psk, None, 7, None);
+    let peer = Peer::new(&us, them_public, our_psk);
+    // A limit of zero handshakes per second: always under load.
+    let limiter = limited.then(|| Arc::new(RateLimiter::new(&them_public, 0)));
+    let tunn = Tunn::new(them_secret, *us.public(), their_psk, None, 7, limiter);
+    (us, peer, tunn)
+}
+
+/// We initiate, boringtun answers: the session we then hold, and boringtun's side.
+fn we_initiate(psk: Option<[u8; 32]>) -> (Session, Tunn) {
+    let (us, peer, mut tunn) = parties(psk, psk, false);
     let (init, initiated) = initiate(&us, &peer, 0x1234, ephemeral(3), now(), None).unwrap();
     let mut buf = vec![0u8; 2048];
     let response = match tunn.decapsulate(Some(SOURCE), &init, &mut buf) {
@@ -104,14 +118,11 @@ fn we_initiate(psk: Option<[u8; 32]>) {
     };
     let session = consume_response(&us, &peer, &initiated, &response).unwrap();
     assert_eq!(session.local_index, 0x1234);
-    exchange_data(&session, &mut tunn, 0);
+    (session, tunn)
 }
 
 fn they_initiate(psk: Option<[u8; 32]>) {
-    let us = Identity::new(StaticSecret::from(OURS));
-    let them_secret = StaticSecret::from(THEIRS);
-    let peer = Peer::new(&us, PublicKey::from(&them_secret), psk);
-    let mut tunn = Tunn::new(them_secret, *us.public(), psk, None, 7, None);
+    let (us, peer, mut tunn) = parties(psk, psk, false);
     let mut buf = vec![0u8; 2048];
     let init = match tunn.format_handshake_initiation(&mut buf, false) {
         TunnResult::WriteToNetwork(m) => m.to_vec(),
@@ -134,8 +145,10 @@ fn they_initiate(psk: Option<[u8; 32]>) {
 
 #[test]
 fn our_initiation_is_answered_by_boringtun_and_data_flows() {
-    we_initiate(None);
-    we_initiate(Some([0x77; 32]));
+    for psk in [None, Some([0x77; 32])] {
+        let (session, mut tunn) = we_initiate(psk);
+        exchange_data(&session, &mut tunn, 0);
+    }
 }
 
 #[test]
@@ -146,10 +159,7 @@ fn boringtuns_initiation_is_answered_by_us_and_data_flows() {
 
 #[test]
 fn a_mismatched_psk_fails_the_response() {
-    let us = Identity::new(StaticSecret::from(OURS));
-    let them_secret = StaticSecret::from(THEIRS);
-    let peer = Peer::new(&us, PublicKey::from(&them_secret), Some([1; 32]));
-    let mut tunn = Tunn::new(them_secret, *us.public(), Some([2; 32]), None, 7, None);
+    let (us, peer, mut tunn) = parties(Some([1; 32]), Some([2; 32]), false);
     let (init, initiated) = initiate(&us, &peer, 1, ephemeral(3), now(), None).unwrap();
     let mut buf = vec![0u8; 2048];
     // The initiation carries no PSK yet: boringtun answers; the response does not open.
@@ -162,13 +172,7 @@ fn a_mismatched_psk_fails_the_response() {
 
 #[test]
 fn boringtun_under_load_sends_a_cookie_we_open_and_then_accepts_our_mac2() {
-    let us = Identity::new(StaticSecret::from(OURS));
-    let them_secret = StaticSecret::from(THEIRS);
-    let them_public = PublicKey::from(&them_secret);
-    let peer = Peer::new(&us, them_public, None);
-    // A limit of zero handshakes per second: always under load.
-    let limiter = Arc::new(RateLimiter::new(&them_public, 0));
-    let mut tunn = Tunn::new(them_secret, *us.public(), None, None, 7, Some(limiter));
+    let (us, peer, mut tunn) = parties(None, None, true);
     let mut buf = vec![0u8; 2048];
     let (init, initiated) = initiate(&us, &peer, 9, ephemeral(3), now(), None).unwrap();
     let reply = match tunn.decapsulate(Some(SOURCE), &init, &mut buf) {
@@ -193,10 +197,7 @@ fn boringtun_under_load_sends_a_cookie_we_open_and_then_accepts_our_mac2() {
 
 #[test]
 fn boringtun_takes_our_cookie_and_proves_its_address_with_mac2() {
-    let us = Identity::new(StaticSecret::from(OURS));
-    let them_secret = StaticSecret::from(THEIRS);
-    let peer = Peer::new(&us, PublicKey::from(&them_secret), None);
-    let mut tunn = Tunn::new(them_secret, *us.public(), None, None, 7, None);
+    let (us, peer, mut tunn) = parties(None, None, false);
     let mut buf = vec![0u8; 2048];
     let init = match tunn.format_handshake_initiation(&mut buf, false) {
         TunnResult::WriteToNetwork(m) => m.to_vec(),
@@ -231,31 +232,13 @@ fn boringtun_takes_our_cookie_and_proves_its_address_with_mac2() {
     }
 }
 
-/// A session with boringtun as responder, and the boringtun side.
-fn session_with_boringtun() -> (Session, Tunn) {
-    let us = Identity::new(StaticSecret::from(OURS));
-    let them_secret = StaticSecret::from(THEIRS);
-    let peer = Peer::new(&us, PublicKey::from(&them_secret), None);
-    let mut tunn = Tunn::new(them_secret, *us.public(), None, None, 7, None);
-    let (init, initiated) = initiate(&us, &peer, 0x4321, ephemeral(3), now(), None).unwrap();
-    let mut buf = vec![0u8; 2048];
-    let response = match tunn.decapsulate(Some(SOURCE), &init, &mut buf) {
-        TunnResult::WriteToNetwork(r) => r.to_vec(),
-        _ => panic!("boringtun did not answer"),
-    };
-    (
-        consume_response(&us, &peer, &initiated, &response).unwrap(),
-        tunn,
-    )
-}
-
 #[test]
 fn transport_seals_in_place_for_boringtun_and_opens_its_messages_in_an_8128_window() {
     use std::time::Instant;
     use tailsk8s_noise::replay::{ReplayError, WINDOW};
     use tailsk8s_noise::transport::{Transport, TransportError, HEADER_LEN};
 
-    let (session, mut tunn) = session_with_boringtun();
+    let (session, mut tunn) = we_initiate(None);
     let transport = Transport::new(&session, Instant::now());
     let mut out = vec![0u8; 2048];
     // Ours to boringtun: the packet is written where it will be sealed, no copy.
