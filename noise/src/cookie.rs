@@ -46,7 +46,8 @@ pub fn reply(
 
 /// Opens a cookie reply from `peer` to the message whose MAC1 was `mac1`.
 pub fn consume_reply(peer: &Peer, mac1: &[u8; 16], msg: &[u8]) -> Result<[u8; 16], HandshakeError> {
-    let msg: &[u8; COOKIE_REPLY_LEN] = message::exact(msg, COOKIE_REPLY)?;
+    let msg: &[u8; COOKIE_REPLY_LEN] =
+        message::exact(msg, COOKIE_REPLY).ok_or(HandshakeError::Malformed)?;
     let mut nonce = [0u8; 24];
     nonce.copy_from_slice(&msg[8..32]);
     let mut sealed = [0u8; 32];

@@ -9,7 +9,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::message::{self, Initiation, Response};
-use crate::primitives::{hash, kdf, mac, open, seal, TAG_LEN};
+use crate::primitives::{hash, kdf, mac, open, seal};
 
 /// The protocol name the chaining key starts from.
 const CONSTRUCTION: &[u8] = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
@@ -51,12 +51,21 @@ pub struct Identity {
     pub(crate) cookie_key: [u8; 32],
 }
 
+/// The MAC1 key and the cookie key that derive from a static public key.
+fn mac_keys(public: &PublicKey) -> ([u8; 32], [u8; 32]) {
+    (
+        hash(&[LABEL_MAC1, public.as_bytes()]),
+        hash(&[LABEL_COOKIE, public.as_bytes()]),
+    )
+}
+
 impl Identity {
     pub fn new(secret: StaticSecret) -> Identity {
         let public = PublicKey::from(&secret);
+        let (mac1_key, cookie_key) = mac_keys(&public);
         Identity {
-            mac1_key: hash(&[LABEL_MAC1, public.as_bytes()]),
-            cookie_key: hash(&[LABEL_COOKIE, public.as_bytes()]),
+            mac1_key,
+            cookie_key,
             secret,
             public,
         }
@@ -84,11 +93,11 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(identity: &Identity, public: PublicKey, psk: Option<[u8; 32]>) -> Peer {
-        let shared = identity.secret.diffie_hellman(&public);
+        let (mac1_key, cookie_key) = mac_keys(&public);
         Peer {
-            static_static: shared.was_contributory().then(|| shared.to_bytes()),
-            mac1_key: hash(&[LABEL_MAC1, public.as_bytes()]),
-            cookie_key: hash(&[LABEL_COOKIE, public.as_bytes()]),
+            static_static: dh(&identity.secret, &public).ok(),
+            mac1_key,
+            cookie_key,
             psk: psk.unwrap_or([0; 32]),
             public,
         }
@@ -181,22 +190,17 @@ pub fn initiate(
     let [ck] = kdf::<1>(&ck, e_pub.as_bytes());
     let h = hash(&[&h, e_pub.as_bytes()]);
     let [ck, key] = kdf::<2>(&ck, &dh(&ephemeral, &peer.public)?);
-    {
-        let m = Initiation::fields(&mut msg);
-        *m.kind = message::INITIATION;
-        m.sender.copy_from_slice(&sender_index.to_le_bytes());
-        m.ephemeral.copy_from_slice(e_pub.as_bytes());
-        m.encrypted_static[..32].copy_from_slice(identity.public.as_bytes());
-        seal(&key, 0, &h, m.encrypted_static, 32);
-    }
-    let h = hash(&[&h, Initiation::encrypted_static(&msg)]);
+    let m = Initiation::fields(&mut msg);
+    *m.kind = message::INITIATION;
+    m.sender.copy_from_slice(&sender_index.to_le_bytes());
+    m.ephemeral.copy_from_slice(e_pub.as_bytes());
+    m.encrypted_static[..32].copy_from_slice(identity.public.as_bytes());
+    seal(&key, 0, &h, m.encrypted_static, 32);
+    let h = hash(&[&h, m.encrypted_static]);
     let [ck, key] = kdf::<2>(&ck, &static_static);
-    {
-        let m = Initiation::fields(&mut msg);
-        m.encrypted_timestamp[..12].copy_from_slice(&timestamp);
-        seal(&key, 0, &h, m.encrypted_timestamp, 12);
-    }
-    let h = hash(&[&h, Initiation::encrypted_timestamp(&msg)]);
+    m.encrypted_timestamp[..12].copy_from_slice(&timestamp);
+    seal(&key, 0, &h, m.encrypted_timestamp, 12);
+    let h = hash(&[&h, m.encrypted_timestamp]);
     let mac1 = add_macs(&mut msg, &peer.mac1_key, cookie);
     Ok((
         msg,
@@ -217,7 +221,8 @@ pub fn consume_initiation<'p>(
     msg: &[u8],
     lookup: impl FnOnce(&PublicKey) -> Option<&'p Peer>,
 ) -> Result<(InitiationSeen, &'p Peer), HandshakeError> {
-    let msg: &[u8; message::INITIATION_LEN] = message::exact(msg, message::INITIATION)?;
+    let msg: &[u8; message::INITIATION_LEN] =
+        message::exact(msg, message::INITIATION).ok_or(HandshakeError::Malformed)?;
     check_mac1(msg, &identity.mac1_key)?;
     let mut m = *msg;
     let f = Initiation::fields(&mut m);
@@ -227,22 +232,23 @@ pub fn consume_initiation<'p>(
     let [ck] = kdf::<1>(&ck, e_pub.as_bytes());
     let h = hash(&[&h, e_pub.as_bytes()]);
     let [ck, key] = kdf::<2>(&ck, &dh(&identity.secret, &e_pub)?);
-    let sealed_static = *f.encrypted_static;
+    // The transcript takes each sealed field as sent: hashed before it is opened in place.
+    let h_next = hash(&[&h, f.encrypted_static]);
     if !open(&key, 0, &h, f.encrypted_static, 32) {
         return Err(HandshakeError::StaticDecrypt);
     }
-    let h = hash(&[&h, &sealed_static]);
+    let h = h_next;
     let mut static_bytes = [0u8; 32];
     static_bytes.copy_from_slice(&f.encrypted_static[..32]);
     let peer_public = PublicKey::from(static_bytes);
     let peer = lookup(&peer_public).ok_or(HandshakeError::UnknownPeer)?;
     let static_static = peer.static_static.ok_or(HandshakeError::LowOrderKey)?;
     let [ck, key] = kdf::<2>(&ck, &static_static);
-    let sealed_timestamp = *f.encrypted_timestamp;
+    let h_next = hash(&[&h, f.encrypted_timestamp]);
     if !open(&key, 0, &h, f.encrypted_timestamp, 12) {
         return Err(HandshakeError::TimestampDecrypt);
     }
-    let h = hash(&[&h, &sealed_timestamp]);
+    let h = h_next;
     let mut timestamp = [0u8; 12];
     timestamp.copy_from_slice(&f.encrypted_timestamp[..12]);
     Ok((
@@ -303,7 +309,8 @@ pub fn consume_response(
     initiated: &Initiated,
     msg: &[u8],
 ) -> Result<Session, HandshakeError> {
-    let msg: &[u8; message::RESPONSE_LEN] = message::exact(msg, message::RESPONSE)?;
+    let msg: &[u8; message::RESPONSE_LEN] =
+        message::exact(msg, message::RESPONSE).ok_or(HandshakeError::Malformed)?;
     check_mac1(msg, &identity.mac1_key)?;
     let mut m = *msg;
     let f = Response::fields(&mut m);
@@ -352,8 +359,6 @@ fn check_mac1<const N: usize>(msg: &[u8; N], mac1_key: &[u8; 32]) -> Result<(), 
         Err(HandshakeError::Mac1)
     }
 }
-
-const _: () = assert!(TAG_LEN == 16);
 
 #[cfg(test)]
 mod tests {

@@ -1,9 +1,9 @@
 //! The wire layout of WireGuard's handshake messages (whitepaper §5.4): their types, lengths
 //! and fields as views into fixed-size arrays. All integers are little-endian.
 
-use crate::handshake::HandshakeError;
-
-/// Message types (the first byte; the next three are zero).
+/// Message types (the first byte; the next three are zero). The engine's own copy of the
+/// layout (`tailsk8s_dataplane::engine::messages`, routing a datagram before any crypto) is
+/// to take these once the router runs this crate.
 pub const INITIATION: u8 = 1;
 pub const RESPONSE: u8 = 2;
 pub const COOKIE_REPLY: u8 = 3;
@@ -13,13 +13,10 @@ pub const INITIATION_LEN: usize = 148;
 pub const RESPONSE_LEN: usize = 92;
 pub const COOKIE_REPLY_LEN: usize = 64;
 
-/// `msg` as a message of type `kind` and exactly `N` bytes, or `Malformed`.
-pub(crate) fn exact<const N: usize>(msg: &[u8], kind: u8) -> Result<&[u8; N], HandshakeError> {
-    let msg: &[u8; N] = msg.try_into().map_err(|_| HandshakeError::Malformed)?;
-    if msg[..4] != [kind, 0, 0, 0] {
-        return Err(HandshakeError::Malformed);
-    }
-    Ok(msg)
+/// `msg` as a message of type `kind` and exactly `N` bytes, if it is one.
+pub(crate) fn exact<const N: usize>(msg: &[u8], kind: u8) -> Option<&[u8; N]> {
+    let msg: &[u8; N] = msg.try_into().ok()?;
+    (msg[..4] == [kind, 0, 0, 0]).then_some(msg)
 }
 
 /// Splits `m` at the given field lengths (which add up to at most its length).
@@ -59,14 +56,6 @@ impl Initiation {
             encrypted_timestamp: array(ts),
         }
     }
-
-    pub(crate) fn encrypted_static(m: &[u8; INITIATION_LEN]) -> &[u8] {
-        &m[40..88]
-    }
-
-    pub(crate) fn encrypted_timestamp(m: &[u8; INITIATION_LEN]) -> &[u8] {
-        &m[88..116]
-    }
 }
 
 /// Type 2: type, sender index, receiver index, ephemeral, sealed empty payload, MAC1, MAC2.
@@ -93,18 +82,6 @@ impl Response {
     }
 }
 
-/// The receiver index of a handshake response, cookie reply or data message (where a
-/// datagram is routed before anything is decrypted); `None` for anything else.
-pub fn receiver_index(msg: &[u8]) -> Option<u32> {
-    let at = match (*msg.first()?, msg.len()) {
-        (RESPONSE, RESPONSE_LEN) => 8,
-        (COOKIE_REPLY, COOKIE_REPLY_LEN) => 4,
-        (DATA, n) if n >= 32 => 4,
-        _ => return None,
-    };
-    Some(u32::from_le_bytes(msg.get(at..at + 4)?.try_into().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,8 +97,8 @@ mod tests {
         f.encrypted_timestamp.fill(5);
         assert_eq!(m[0], 1);
         assert_eq!(&m[4..8], &[2; 4]);
-        assert_eq!(Initiation::encrypted_static(&m), &[4; 48][..]);
-        assert_eq!(Initiation::encrypted_timestamp(&m), &[5; 28][..]);
+        assert_eq!(&m[40..88], &[4; 48][..]);
+        assert_eq!(&m[88..116], &[5; 28][..]);
         assert_eq!(&m[116..], &[0; 32][..]);
         let mut r = [0u8; RESPONSE_LEN];
         Response::fields(&mut r).encrypted_nothing.fill(6);
@@ -133,15 +110,10 @@ mod tests {
     fn exact_wants_type_reserved_zeros_and_length() {
         let mut m = [0u8; RESPONSE_LEN];
         m[0] = RESPONSE;
-        assert!(exact::<RESPONSE_LEN>(&m, RESPONSE).is_ok());
-        assert!(exact::<RESPONSE_LEN>(&m, INITIATION).is_err());
-        assert!(exact::<RESPONSE_LEN>(&m[..91], RESPONSE).is_err());
+        assert!(exact::<RESPONSE_LEN>(&m, RESPONSE).is_some());
+        assert!(exact::<RESPONSE_LEN>(&m, INITIATION).is_none());
+        assert!(exact::<RESPONSE_LEN>(&m[..91], RESPONSE).is_none());
         m[2] = 1;
-        assert!(exact::<RESPONSE_LEN>(&m, RESPONSE).is_err());
-        assert_eq!(receiver_index(&[4, 0, 0, 0, 7, 0, 0, 0]), None);
-        let mut d = [0u8; 32];
-        d[0] = DATA;
-        d[4] = 7;
-        assert_eq!(receiver_index(&d), Some(7));
+        assert!(exact::<RESPONSE_LEN>(&m, RESPONSE).is_none());
     }
 }

@@ -5,6 +5,7 @@
 
 use blake2::digest::{FixedOutput, Mac as _, Update};
 use blake2::{Blake2s256, Blake2sMac, Digest};
+use chacha20poly1305::aead::generic_array::GenericArray;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, XChaCha20Poly1305};
 use hmac::SimpleHmac;
@@ -61,40 +62,61 @@ pub fn counter_nonce(counter: u64) -> [u8; 12] {
     n
 }
 
-/// Seals `buf[..len]` in place with `aad`, the tag at `buf[len..len + 16]`.
-pub fn seal(key: &[u8; 32], counter: u64, aad: &[u8], buf: &mut [u8], len: usize) {
+/// Seals `buf[..len]` in place with `aad` under AEAD `A`, the tag at `buf[len..len + 16]`.
+fn seal_with<A: KeyInit + AeadInPlace>(
+    key: &[u8; 32],
+    nonce: &[u8],
+    aad: &[u8],
+    buf: &mut [u8],
+    len: usize,
+) {
     let (data, rest) = buf.split_at_mut(len);
-    let tag = ChaCha20Poly1305::new(key.into())
-        .encrypt_in_place_detached(&counter_nonce(counter).into(), aad, data)
+    let tag = A::new_from_slice(key)
+        .expect("a 32-byte key")
+        .encrypt_in_place_detached(GenericArray::from_slice(nonce), aad, data)
         .expect("a handshake field is far below the AEAD's limit");
     rest[..TAG_LEN].copy_from_slice(&tag);
 }
 
-/// Opens `buf[..len + 16]` in place; `false` (and `buf` unspecified) when it is forged.
-pub fn open(key: &[u8; 32], counter: u64, aad: &[u8], buf: &mut [u8], len: usize) -> bool {
+/// Opens `buf[..len + 16]` in place under AEAD `A`; `false` (and `buf` unspecified) when it is
+/// forged.
+fn open_with<A: KeyInit + AeadInPlace>(
+    key: &[u8; 32],
+    nonce: &[u8],
+    aad: &[u8],
+    buf: &mut [u8],
+    len: usize,
+) -> bool {
     let (data, rest) = buf.split_at_mut(len);
-    let tag = chacha20poly1305::Tag::clone_from_slice(&rest[..TAG_LEN]);
-    ChaCha20Poly1305::new(key.into())
-        .decrypt_in_place_detached(&counter_nonce(counter).into(), aad, data, &tag)
+    A::new_from_slice(key)
+        .expect("a 32-byte key")
+        .decrypt_in_place_detached(
+            GenericArray::from_slice(nonce),
+            aad,
+            data,
+            GenericArray::from_slice(&rest[..TAG_LEN]),
+        )
         .is_ok()
+}
+
+/// AEAD: seals `buf[..len]` in place with `aad`, the tag at `buf[len..len + 16]`.
+pub fn seal(key: &[u8; 32], counter: u64, aad: &[u8], buf: &mut [u8], len: usize) {
+    seal_with::<ChaCha20Poly1305>(key, &counter_nonce(counter), aad, buf, len)
+}
+
+/// AEAD: opens `buf[..len + 16]` in place; `false` (and `buf` unspecified) when it is forged.
+pub fn open(key: &[u8; 32], counter: u64, aad: &[u8], buf: &mut [u8], len: usize) -> bool {
+    open_with::<ChaCha20Poly1305>(key, &counter_nonce(counter), aad, buf, len)
 }
 
 /// XAEAD seal of `buf[..len]` with a 24-byte nonce (cookie replies).
 pub fn xseal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], buf: &mut [u8], len: usize) {
-    let (data, rest) = buf.split_at_mut(len);
-    let tag = XChaCha20Poly1305::new(key.into())
-        .encrypt_in_place_detached(nonce.into(), aad, data)
-        .expect("a cookie is far below the AEAD's limit");
-    rest[..TAG_LEN].copy_from_slice(&tag);
+    seal_with::<XChaCha20Poly1305>(key, nonce, aad, buf, len)
 }
 
 /// XAEAD open; `false` when forged.
 pub fn xopen(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], buf: &mut [u8], len: usize) -> bool {
-    let (data, rest) = buf.split_at_mut(len);
-    let tag = chacha20poly1305::Tag::clone_from_slice(&rest[..TAG_LEN]);
-    XChaCha20Poly1305::new(key.into())
-        .decrypt_in_place_detached(nonce.into(), aad, data, &tag)
-        .is_ok()
+    open_with::<XChaCha20Poly1305>(key, nonce, aad, buf, len)
 }
 
 /// TAI64N: seconds since 1970 on the TAI64 scale (2^62 + 10, as wireguard-go labels them),

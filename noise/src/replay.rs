@@ -68,27 +68,15 @@ impl ReplayWindow {
     pub fn accept(&mut self, counter: u64) -> Result<(), ReplayError> {
         self.check(counter)?;
         let (word, bit) = position(counter);
-        match self.greatest {
-            Some(greatest) if counter <= greatest => {}
-            previous => {
-                // Moving up: clear the words between the old greatest's and the new one's (all
-                // of them after a jump of a whole window), so their old bits are not taken for
-                // accepted counters of the new range.
-                let new_word = counter / 64;
-                let first_clear = match previous {
-                    Some(g) => g / 64 + 1,
-                    None => 0,
-                };
-                let span = new_word.saturating_sub(first_clear).saturating_add(1);
-                if previous.is_none() || span >= WORDS as u64 {
-                    self.bits = [0; WORDS];
-                } else {
-                    for w in first_clear..=new_word {
-                        self.bits[(w % WORDS as u64) as usize] = 0;
-                    }
-                }
-                self.greatest = Some(counter);
+        if self.greatest.is_none_or(|g| counter > g) {
+            // Moving up: clear the words after the old greatest's up to the new one's (at most
+            // the whole ring), so their old bits are not taken for counters of the new range.
+            let to = counter / 64;
+            let from = self.greatest.map_or(to, |g| g / 64 + 1);
+            for w in from..=to.min(from + WORDS as u64 - 1) {
+                self.bits[(w % WORDS as u64) as usize] = 0;
             }
+            self.greatest = Some(counter);
         }
         self.bits[word] |= bit;
         Ok(())

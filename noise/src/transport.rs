@@ -123,17 +123,13 @@ impl Transport {
         let mut c = [0u8; 8];
         c.copy_from_slice(&msg[8..16]);
         let counter = u64::from_le_bytes(c);
-        self.lock_window().check(counter)?;
+        self.window.lock().check(counter)?;
         let plain = self
             .receive
             .open(counter, &mut msg[HEADER_LEN..])
             .ok_or(TransportError::Forged)?;
-        self.lock_window().accept(counter)?;
+        self.window.lock().accept(counter)?;
         Ok((counter, plain))
-    }
-
-    fn lock_window(&self) -> parking_lot::MutexGuard<'_, ReplayWindow> {
-        self.window.lock()
     }
 }
 

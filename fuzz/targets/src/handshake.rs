@@ -213,7 +213,6 @@ pub fn run(data: &[u8]) {
             check_response(f, raw);
             check_cookie_reply(f, raw);
             check_data(f, raw);
-            let _ = message::receiver_index(raw);
             let _ = cookie::mac2_valid(raw, &f.cookie);
             let _ = cookie::reply(&f.us, raw, &f.cookie, [0; 24]);
         }
