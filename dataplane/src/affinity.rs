@@ -16,6 +16,7 @@
 //! old kernels or in a cpuset that cannot be read, the device stays spread.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -120,6 +121,15 @@ impl Adaptive {
         }
         None
     }
+
+    /// Takes the packet count of the tick so far: a pinned device that is already busy
+    /// spreads now instead of at the tick's end. Returns `Some(false)` when it spreads.
+    pub fn observe_so_far(&mut self, packets: u64) -> Option<bool> {
+        if self.pinned && packets > SPREAD_ABOVE_PER_TICK {
+            return self.observe(packets);
+        }
+        None
+    }
 }
 
 /// The placement of one device's workers.
@@ -131,6 +141,10 @@ pub(crate) struct Placement {
     /// Any TUN queue: the steering program is the device's, not the queue's.
     tun_queue: RawFd,
     state: Mutex<State>,
+    /// Mirrors of `state.adaptive.pinned()` and `state.last_packets`, so the data threads
+    /// can see without the lock whether the current tick already calls for spreading.
+    pinned: AtomicBool,
+    tick_start: AtomicU64,
 }
 
 struct State {
@@ -161,6 +175,8 @@ impl Placement {
                 threads: Vec::new(),
                 last_packets: 0,
             }),
+            pinned: AtomicBool::new(true),
+            tick_start: AtomicU64::new(0),
         })
     }
 
@@ -209,21 +225,54 @@ impl Placement {
         let mut state = self.state.lock();
         let delta = packets.saturating_sub(state.last_packets);
         state.last_packets = packets;
+        self.tick_start.store(packets, Relaxed);
         let Some(pinned) = state.adaptive.observe(delta) else {
             return;
         };
-        let sockets = sockets();
+        self.apply(&state, pinned, delta, &sockets());
+    }
+
+    /// Called by the data threads after each batch with the same running count as
+    /// [`Placement::tick`]: a pinned adaptive device whose tick is already busy spreads now.
+    /// Why not wait for the tick: while pinned, a busy flow's packets follow the CPU its
+    /// sender runs on, so the scheduler moving the sender splits one peer's packets between
+    /// two workers and their queues; the longer that lasts, the further they are reordered —
+    /// a whole tick at full rate is tens of thousands of packets, beyond any replay window.
+    /// Never waits: when another thread holds the placement, that one decides.
+    pub(crate) fn burst(&self, packets: u64, sockets: impl Fn() -> Arc<UdpSockets>) {
+        if self.mode != WorkerAffinity::Adaptive || !self.pinned.load(Relaxed) {
+            return;
+        }
+        let so_far = packets.saturating_sub(self.tick_start.load(Relaxed));
+        if so_far <= SPREAD_ABOVE_PER_TICK {
+            return;
+        }
+        let Some(mut state) = self.state.try_lock() else {
+            return;
+        };
+        if let Some(pinned) = state.adaptive.observe_so_far(so_far) {
+            self.apply(&state, pinned, so_far, &sockets());
+        }
+        // The tick's own count starts where the spread happened, as if the tick ended here.
+        state.last_packets = packets;
+        self.tick_start.store(packets, Relaxed);
+    }
+
+    /// Moves the threads and the steering to the new placement; `packets` is the load that
+    /// decided it, for the log.
+    fn apply(&self, state: &State, pinned: bool, packets: u64, sockets: &UdpSockets) {
+        self.pinned.store(pinned, Relaxed);
         if pinned {
             // Threads first, then the steering: packets never go to a worker whose threads
             // still run elsewhere.
             for &(worker, tid) in &state.threads {
                 self.place(worker, tid, true);
             }
-            if let Err(e) = self.steer(&sockets, true) {
+            if let Err(e) = self.steer(sockets, true) {
                 tracing::warn!(error = %e, "could not steer packets to pinned workers");
             }
         } else {
-            if let Err(e) = self.steer(&sockets, false) {
+            if let Err(e) = self.steer(sockets, false) {
                 tracing::warn!(error = %e, "could not give packets back to the kernel's hash");
             }
             for &(worker, tid) in &state.threads {
@@ -233,12 +282,12 @@ impl Placement {
         // Rare by design (a second of quiet before pinning again): worth a line each.
         if pinned {
             tracing::info!(
-                packets_per_tick = delta,
+                packets_per_tick = packets,
                 "workers pinned: the device is quiet"
             );
         } else {
             tracing::info!(
-                packets_per_tick = delta,
+                packets_per_tick = packets,
                 "workers spread: the device is busy"
             );
         }
@@ -286,6 +335,18 @@ mod tests {
         }
         assert_eq!(a.observe(0), Some(true));
         assert!(a.pinned());
+    }
+
+    #[test]
+    fn a_busy_tick_spreads_before_it_ends_but_never_pins() {
+        let mut a = Adaptive::default();
+        assert_eq!(a.observe_so_far(SPREAD_ABOVE_PER_TICK), None);
+        assert_eq!(a.observe_so_far(SPREAD_ABOVE_PER_TICK + 1), Some(false));
+        // Spread: a part of a tick says nothing about quiet, whatever its count.
+        for _ in 0..2 * QUIET_TICKS_TO_PIN {
+            assert_eq!(a.observe_so_far(0), None);
+        }
+        assert!(!a.pinned());
     }
 
     #[test]

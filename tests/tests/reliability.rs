@@ -516,10 +516,6 @@ fn replay_drops_under_multi_worker_full_load() {
     let options = with_metrics();
     let mesh = mesh_with_session(&topo, &options);
     let (from, to) = pods(&topo);
-    // Warm-up, not counted: a fresh device is pinned until its first busy tick, and that
-    // start-up transient can push one flow past boringtun's 1,024 window (README, RELIABILITY.md
-    // record it: 98–141 drops in the first second); measured here is full load after it.
-    iperf::mbit_parallel(from, to, 2, 1).unwrap();
     let mut within_kernel_window = 0;
     for streams in [1, 4, 1, 4] {
         let before = drops_of(&topo);

@@ -223,10 +223,23 @@ impl Shared {
     /// Lets an adaptive placement follow the load; called once per timer tick.
     pub(crate) fn follow_load(&self) {
         if let Some(placement) = &self.placement {
-            let stats = self.engine.stats();
-            let packets = stats.tun_packets_in.load(Relaxed) + stats.datagrams_in.load(Relaxed);
-            placement.tick(packets, || self.sockets());
+            placement.tick(self.packets_in(), || self.sockets());
         }
+    }
+
+    /// Lets a pinned adaptive placement spread as soon as the load calls for it; called by
+    /// the data threads after each batch (see `Placement::burst`).
+    #[inline]
+    pub(crate) fn follow_burst(&self) {
+        if let Some(placement) = &self.placement {
+            placement.burst(self.packets_in(), || self.sockets());
+        }
+    }
+
+    /// The load the placement follows: TUN reads plus datagrams received, so far.
+    fn packets_in(&self) -> u64 {
+        let stats = self.engine.stats();
+        stats.tun_packets_in.load(Relaxed) + stats.datagrams_in.load(Relaxed)
     }
 
     pub(crate) fn tick(&self, outbox: &mut Outbox, scratch: &mut [u8; SCRATCH_LEN]) {

@@ -9,6 +9,8 @@
 //!                handshake queue (see `handshakes`) ─► the rest: engine (decrypt) ─► outbox
 //!                ─► GRO-coalesced TUN writes
 //!  handshake     handshake queue ─► engine (MAC, cookie, DH) ─► UDP sends (see `handshakes`)
+//!  (tun and udp threads, after each batch: a pinned adaptive device whose tick is already
+//!  busy spreads now)
 //!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; the adaptive placement follows
 //!                the load; every second: follow the TUN's MTU (or, configured, say
 //!                when it differs), notice a deleted TUN
@@ -141,6 +143,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         if !batch.hand_over(&mut deliver) {
             return;
         }
+        shared.follow_burst();
     }
 }
 
@@ -236,6 +239,7 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                         return;
                     }
                 }
+                shared.follow_burst();
                 if count < UDP_BATCH {
                     break;
                 }
