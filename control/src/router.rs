@@ -137,12 +137,6 @@ pub fn run(args: &RouterArgs) -> anyhow::Result<()> {
 
 /// Like [`run`], calling `ready` once the device is up and the UAPI socket serves.
 pub fn run_with(args: &RouterArgs, ready: impl FnOnce()) -> anyhow::Result<()> {
-    if tailsk8s_dataplane::engine::BORINGTUN_CLOCK_DRIVEN_BY_TESTS {
-        anyhow::bail!(
-            "this binary was built with the data plane's boringtun-mock-clock feature, a test \
-             build whose WireGuard timers run on a test clock; build without it"
-        );
-    }
     let config = match &args.config {
         Some(path) => Some(RouterConfig::load(path)?),
         None => None,

@@ -3,7 +3,8 @@
 //! The heart is [`engine::Engine`], a sans-IO WireGuard router: it is fed "a packet came
 //! from the TUN", "a datagram came from that address" and "time passed", and it hands back
 //! what to write where through a [`engine::Transmit`] sink. No sockets, threads or clocks
-//! live inside it (boringtun's Noise state reads its own clock: see `engine::timers`).
+//! live inside it (only the wall clock is read, once, to date handshakes). Each peer's Noise
+//! state (`noise`: handshake, sessions, timer rules) is built on `tailsk8s-noise`.
 //! Around it sit thin Linux drivers (`tun`, `udp`, `outbox`, on the OS calls in `sys`), the
 //! device that ties them together with its worker threads (`device`, placed by `affinity`
 //! through `steering`), and the UAPI server that `wg` talks to (`uapi`). `testing` (unit

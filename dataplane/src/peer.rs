@@ -1,13 +1,11 @@
-//! A peer: one remote node, its Noise state (boringtun's `Tunn`, built on first use: see
-//! [`crate::noise`]), its endpoint, its traffic counters and its share of the drops. The
-//! engine locks a peer only around one `Tunn` call and the copy of its output, never across
-//! a syscall.
+//! A peer: one remote node, its Noise state (built on first use: see [`crate::noise`]), its
+//! endpoint, its traffic counters and its share of the drops. The engine locks a peer only
+//! around one call into its Noise state and the copy of its output, never across a syscall.
 
 use std::net::{IpAddr, SocketAddr};
 
 use parking_lot::Mutex;
 
-use crate::engine::replay::CountersSeen;
 use crate::key::Key;
 use crate::noise::{Noise, PeerKeys};
 use crate::stats::DropCounters;
@@ -29,8 +27,8 @@ impl Endpoint {
     }
 }
 
-/// One peer. `slot` doubles as boringtun's 24-bit peer index, so incoming messages find their
-/// peer from the receiver index alone.
+/// One peer. `slot` is the high 24 bits of its sessions' receiver indices, so incoming
+/// messages find their peer from the receiver index alone.
 pub struct Peer {
     pub public_key: Key,
     pub slot: u32,
@@ -46,7 +44,8 @@ pub(crate) struct PeerState {
     pub noise: Noise,
     pub endpoint: Option<Endpoint>,
     pub preshared_key: Option<Key>,
-    /// Seconds; 0 = off. Kept here rather than in `Tunn` so that changing it keeps the session.
+    /// Seconds; 0 = off. Kept here rather than in the Noise state so that changing it keeps
+    /// the session.
     pub persistent_keepalive: u16,
     /// Engine ticks (milliseconds of engine time) when we last sent anything to this peer.
     pub last_sent_ms: u64,
@@ -56,9 +55,6 @@ pub(crate) struct PeerState {
     pub last_handshake_ms: Option<u64>,
     /// What went over the wire to and from this peer.
     pub traffic: Traffic,
-    /// The highest authenticated data counter of the last two sessions: tells a too-old
-    /// replay drop the kernel would have taken from one it would not.
-    pub counters_seen: CountersSeen,
     pub low_order: bool,
 }
 
@@ -77,7 +73,6 @@ impl Peer {
                 keepalive_due: false,
                 last_handshake_ms: None,
                 traffic: Traffic::default(),
-                counters_seen: CountersSeen::default(),
                 low_order: public_key.is_low_order_public(),
             }),
         }

@@ -26,11 +26,8 @@ pub enum DropReason {
     DecryptFailed,
     /// A data message whose counter was seen before (a duplicate).
     Replay,
-    /// A data message older than boringtun's 1,024-packet replay window but inside the
-    /// kernel's 8,128: the kernel would have taken it (see `engine::replay`).
-    ReplayWindow,
-    /// A data message older than the kernel's replay window too (or of a session older
-    /// than the previous one).
+    /// A data message more than 8,128 behind the session's newest (the kernel's replay
+    /// window), or past the session's last counter.
     ReplayTooOld,
     /// A handshake message that failed (stale timestamp, wrong state, bad index).
     HandshakeFailed,
@@ -53,12 +50,13 @@ pub enum DropReason {
     /// A handshake message that found the handshake queue full (a flood beyond what the
     /// handshake thread keeps up with).
     HandshakeQueueFull,
-    /// A handshake message with a valid cookie under load, beyond its source's rate.
+    /// A handshake message with a valid cookie under load, beyond its source's rate; or an
+    /// initiation from a peer less than 20 ms after the last one accepted from it.
     RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::NoRoute,
         DropReason::NotAllowed,
         DropReason::MalformedPacket,
@@ -66,7 +64,6 @@ impl DropReason {
         DropReason::UnknownPeer,
         DropReason::DecryptFailed,
         DropReason::Replay,
-        DropReason::ReplayWindow,
         DropReason::ReplayTooOld,
         DropReason::HandshakeFailed,
         DropReason::NoSession,
@@ -91,7 +88,6 @@ impl DropReason {
             DropReason::UnknownPeer => "unknown_peer",
             DropReason::DecryptFailed => "decrypt_failed",
             DropReason::Replay => "replay",
-            DropReason::ReplayWindow => "replay_window",
             DropReason::ReplayTooOld => "replay_too_old",
             DropReason::HandshakeFailed => "handshake_failed",
             DropReason::NoSession => "no_session",

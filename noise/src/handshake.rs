@@ -140,6 +140,13 @@ pub struct Initiated {
     pub mac1: [u8; 16],
 }
 
+impl Initiated {
+    /// The index the initiation names us by: the response's (and a cookie reply's) receiver.
+    pub fn sender_index(&self) -> u32 {
+        self.sender_index
+    }
+}
+
 /// A valid initiation from a configured peer, before the caller's replay and load checks.
 #[derive(ZeroizeOnDrop)]
 pub struct InitiationSeen {
@@ -221,6 +228,32 @@ pub fn consume_initiation<'p>(
     msg: &[u8],
     lookup: impl FnOnce(&PublicKey) -> Option<&'p Peer>,
 ) -> Result<(InitiationSeen, &'p Peer), HandshakeError> {
+    let opened = open_initiation(identity, msg)?;
+    let peer = lookup(opened.initiator()).ok_or(HandshakeError::UnknownPeer)?;
+    Ok((opened.finish(peer)?, peer))
+}
+
+/// An initiation whose MAC1 checked and whose initiator's static key decrypted: the first
+/// half of [`consume_initiation`], for callers whose peer is not at hand as a reference (it
+/// sits behind the caller's own lock).
+#[derive(ZeroizeOnDrop)]
+pub struct OpenedInitiation {
+    #[zeroize(skip)]
+    initiator: PublicKey,
+    chaining_key: [u8; 32],
+    hash: [u8; 32],
+    #[zeroize(skip)]
+    ephemeral: PublicKey,
+    sender_index: u32,
+    encrypted_timestamp: [u8; 28],
+}
+
+/// Checks MAC1 of an initiation sent to `identity` and decrypts its initiator's static key
+/// (one Diffie-Hellman): who claims to send it.
+pub fn open_initiation(
+    identity: &Identity,
+    msg: &[u8],
+) -> Result<OpenedInitiation, HandshakeError> {
     let msg: &[u8; message::INITIATION_LEN] =
         message::exact(msg, message::INITIATION).ok_or(HandshakeError::Malformed)?;
     check_mac1(msg, &identity.mac1_key)?;
@@ -240,28 +273,61 @@ pub fn consume_initiation<'p>(
     let h = h_next;
     let mut static_bytes = [0u8; 32];
     static_bytes.copy_from_slice(&f.encrypted_static[..32]);
-    let peer_public = PublicKey::from(static_bytes);
-    let peer = lookup(&peer_public).ok_or(HandshakeError::UnknownPeer)?;
-    let static_static = peer.static_static.ok_or(HandshakeError::LowOrderKey)?;
-    let [ck, key] = kdf::<2>(&ck, &static_static);
-    let h_next = hash(&[&h, f.encrypted_timestamp]);
-    if !open(&key, 0, &h, f.encrypted_timestamp, 12) {
-        return Err(HandshakeError::TimestampDecrypt);
+    let mut encrypted_timestamp = [0u8; 28];
+    encrypted_timestamp.copy_from_slice(f.encrypted_timestamp);
+    Ok(OpenedInitiation {
+        initiator: PublicKey::from(static_bytes),
+        chaining_key: ck,
+        hash: h,
+        ephemeral: e_pub,
+        sender_index: u32::from_le_bytes(*f.sender),
+        encrypted_timestamp,
+    })
+}
+
+impl OpenedInitiation {
+    /// The static key the initiation claims to come from (proven by [`Self::finish`]).
+    pub fn initiator(&self) -> &PublicKey {
+        &self.initiator
     }
-    let h = h_next;
-    let mut timestamp = [0u8; 12];
-    timestamp.copy_from_slice(&f.encrypted_timestamp[..12]);
-    Ok((
-        InitiationSeen {
-            peer: peer_public,
+
+    /// Completes the initiation with `peer`, the one [`Self::initiator`] names: the
+    /// static-static Diffie-Hellman proves the claim, and the timestamp decrypts.
+    pub fn finish(mut self, peer: &Peer) -> Result<InitiationSeen, HandshakeError> {
+        if peer.public != self.initiator {
+            return Err(HandshakeError::UnknownPeer);
+        }
+        let static_static = peer.static_static.ok_or(HandshakeError::LowOrderKey)?;
+        let [ck, key] = kdf::<2>(&self.chaining_key, &static_static);
+        let h_next = hash(&[&self.hash, &self.encrypted_timestamp]);
+        if !open(&key, 0, &self.hash, &mut self.encrypted_timestamp, 12) {
+            return Err(HandshakeError::TimestampDecrypt);
+        }
+        let mut timestamp = [0u8; 12];
+        timestamp.copy_from_slice(&self.encrypted_timestamp[..12]);
+        Ok(InitiationSeen {
+            peer: self.initiator,
             timestamp,
-            sender_index: u32::from_le_bytes(*f.sender),
+            sender_index: self.sender_index,
             chaining_key: ck,
-            hash: h,
-            ephemeral: e_pub,
-        },
-        peer,
-    ))
+            hash: h_next,
+            ephemeral: self.ephemeral,
+        })
+    }
+}
+
+/// Whether handshake message `msg` (an initiation or a response, by its length) carries a
+/// valid MAC1 for `identity`: the check that costs no Diffie-Hellman, made before anything
+/// else (and before deciding on a cookie reply under load).
+pub fn mac1_valid(identity: &Identity, msg: &[u8]) -> bool {
+    let ok = |r: Result<(), HandshakeError>| r.is_ok();
+    if let Some(m) = message::exact::<{ message::INITIATION_LEN }>(msg, message::INITIATION) {
+        return ok(check_mac1(m, &identity.mac1_key));
+    }
+    if let Some(m) = message::exact::<{ message::RESPONSE_LEN }>(msg, message::RESPONSE) {
+        return ok(check_mac1(m, &identity.mac1_key));
+    }
+    false
 }
 
 /// Answers an initiation the caller accepted; returns the response and the session (this

@@ -20,6 +20,6 @@ pub mod replay;
 pub mod transport;
 
 pub use handshake::{
-    consume_initiation, consume_response, initiate, respond, HandshakeError, Identity, Initiated,
-    InitiationSeen, Peer, Session,
+    consume_initiation, consume_response, initiate, mac1_valid, open_initiation, respond,
+    HandshakeError, Identity, Initiated, InitiationSeen, OpenedInitiation, Peer, Session,
 };

@@ -48,7 +48,7 @@ mod tests {
     fn drops_are_read_by_reason_and_differenced() {
         let text = "# HELP tailsk8s_drops Packets dropped\n\
                     tailsk8s_drops_total{reason=\"replay\"} 3\n\
-                    tailsk8s_drops_total{reason=\"replay_window\"} 0\n\
+                    tailsk8s_drops_total{reason=\"replay_too_old\"} 0\n\
                     tailsk8s_peer_receive_bytes_total{public_key=\"k\"} 9\n";
         let before = drops_by_reason(text);
         assert_eq!(before.len(), 2);
@@ -56,7 +56,7 @@ mod tests {
         let after = drops_by_reason(&text.replace("} 0", "} 5"));
         assert_eq!(
             grown(&before, &after),
-            BTreeMap::from([("replay_window".to_string(), 5)])
+            BTreeMap::from([("replay_too_old".to_string(), 5)])
         );
     }
 }

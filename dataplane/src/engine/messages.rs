@@ -1,6 +1,6 @@
 //! WireGuard's wire format as far as the engine reads it itself: the four message types,
 //! their sizes, where each carries the receiver index, and how a receiver index names a
-//! peer. boringtun parses and builds the messages; the engine only needs enough to route a
+//! peer. `tailsk8s-noise` parses and builds the messages; the engine only needs enough to route a
 //! datagram to the right peer before any cryptography runs.
 //!
 //! ```text
@@ -45,28 +45,14 @@ const RESPONSE_RECEIVER_AT: usize = 8;
 /// Where a cookie reply and a data message carry the receiver index (right after the type).
 const RECEIVER_AT: usize = 4;
 
-/// Bits of a receiver index below the peer's slot. boringtun makes a peer's session indices
-/// from the index it was created with (the engine passes the peer's slot) shifted left by 8,
-/// with a counter in the low byte that changes with every handshake, so the current and the
-/// previous session of one peer have different indices. Shifting right by 8 gives the slot
-/// back — which is also why a device holds at most 2^24 peers.
+/// Bits of a receiver index below the peer's slot. A peer's session indices are its slot
+/// shifted left by 8, with a byte below that changes with every handshake, so the current,
+/// previous and next session of one peer have different indices (`crate::noise`). Shifting
+/// right by 8 gives the slot back — which is also why a device holds at most 2^24 peers.
 const SESSION_BITS: u32 = 8;
 
 /// Most peers a device holds: the slot must fit the 24 bits above the session counter.
 pub const MAX_PEERS: usize = 1 << (32 - SESSION_BITS);
-
-/// Where a data message carries its 64-bit little-endian counter (in clear).
-const COUNTER_AT: usize = 8;
-
-/// The receiver index and counter of a data message (type already known to be data).
-pub(crate) fn data_counter(datagram: &[u8]) -> Option<(u32, u64)> {
-    let index: [u8; 4] = datagram
-        .get(RECEIVER_AT..RECEIVER_AT + 4)?
-        .try_into()
-        .ok()?;
-    let counter: [u8; 8] = datagram.get(COUNTER_AT..COUNTER_AT + 8)?.try_into().ok()?;
-    Some((u32::from_le_bytes(index), u64::from_le_bytes(counter)))
-}
 
 /// The peer slot a receiver index names.
 pub(crate) fn slot_of(receiver_index: u32) -> u32 {

@@ -8,15 +8,15 @@
 //!   cryptokey check → TUN;
 //! - [`timers`] — time passing: retransmits, rekeying, keepalives, expiry;
 //! - [`messages`] — the wire format's sizes and offsets;
-//! - [`replay`] — replay drops told apart: duplicates, and too-old messages inside or
-//!   beyond the kernel's window;
+//! - `cookies` — the responder's cookies under load: the secret, MAC2's check, the reply;
 //! - [`source_limit`] — per-source token buckets for cookie-carrying handshakes under load;
 //! - this module — the configuration (keys, peer set, allowed IPs) and how an update
 //!   changes it ([`Engine::apply`]).
 //!
 //! Time is an input: the caller gives the engine its start ([`Engine::new`]) and every later
 //! instant ([`Engine::tick`]); the packet path uses the time of the last tick. The engine
-//! itself reads no clock. boringtun's `Tunn` does read its own (see [`timers`]).
+//! reads no clock but the wall clock, once, when it is made: initiations carry a TAI64N
+//! timestamp (see `crate::noise::Clock`).
 //!
 //! Load is an input too: the driver that queues handshake messages knows how loaded it is
 //! and says so per message ([`Batch::handle_handshake`]); under load, an initiation or
@@ -24,12 +24,12 @@
 //!
 //! Concurrency: the configuration sits behind one `RwLock` that the packet path takes for
 //! reading once per batch ([`Engine::batch`]); each peer has its own mutex held only for one
-//! `Tunn` call and the copy of its output into the sink. The sink only copies; drivers make
+//! call into its Noise state and the copy of its output into the sink. The sink only copies; drivers make
 //! their syscalls after the batch is released, so no lock is ever held across a syscall.
 
+mod cookies;
 pub mod messages;
 pub mod receive;
-pub(crate) mod replay;
 pub mod send;
 pub mod source_limit;
 pub mod timers;
@@ -39,16 +39,16 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::rate_limiter::RateLimiter;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use tailsk8s_noise::Identity;
 
 use crate::allowed_ips::AllowedIps;
 use crate::config::{AllowedIpChange, DeviceUpdate, PeerSnapshot, PeerUpdate, SetError};
 use crate::key::Key;
-use crate::noise::DeviceKeys;
+use crate::noise::{Clock, DeviceKeys};
 use crate::peer::{Endpoint, Peer, Traffic};
 use crate::stats::{DropReason, Stats};
+use cookies::Cookies;
 use source_limit::SourceLimit;
 
 pub use messages::{DATA_OVERHEAD, MAX_PEERS};
@@ -65,10 +65,6 @@ const _: () = assert!(
     DEFAULT_MTU <= u16::MAX as usize,
     "an MTU fits the TUN's u16"
 );
-
-/// True in a build whose boringtun runs on the test clock (`boringtun-mock-clock`, see
-/// [`timers`]): such a build must not route, and the router refuses to start.
-pub const BORINGTUN_CLOCK_DRIVEN_BY_TESTS: bool = cfg!(feature = "boringtun-mock-clock");
 
 /// Where the engine puts its output. Implementations copy into their own buffers; they must
 /// not block or make syscalls (the engine may hold a peer lock while calling them).
@@ -99,6 +95,10 @@ pub struct Engine {
     /// Handshakes with a valid cookie under load, per source. Only the handshake path
     /// takes it, for one lookup.
     source_limit: Mutex<SourceLimit>,
+    /// The secret our cookies come from. Only the handshake path under load takes it.
+    cookies: Mutex<Cookies>,
+    /// Engine time for the peers' Noise states.
+    clock: Clock,
 }
 
 struct Config {
@@ -109,19 +109,14 @@ struct Config {
     free_slots: Vec<u32>,
     by_key: HashMap<Key, u32>,
     allowed_ips: AllowedIps<u32>,
-    /// Checks MAC1 only (boringtun's limiter, never under load): the peers' `Tunn`s and
-    /// handshakes while not loaded.
-    rate_limiter: Arc<RateLimiter>,
-    /// Checks MAC1 and then MAC2 against the sender's cookie, answering with a cookie reply
-    /// when it is missing (boringtun's limiter, always under load): handshakes under load.
-    cookie_checker: Arc<RateLimiter>,
+    /// The private key and what derives from it (MAC1 and cookie keys), with it.
+    identity: Option<Arc<Identity>>,
 }
 
 impl Engine {
     /// An engine with no private key and no peers; `now` is its time 0 (later instants come
-    /// through [`Engine::tick`]).
+    /// through [`Engine::tick`]). Reads the wall clock once (initiations' timestamps).
     pub fn new(mtu: usize, now: Instant) -> Engine {
-        timers::set_boringtun_clock(0);
         Engine {
             config: RwLock::new(Config {
                 private_key: None,
@@ -131,13 +126,14 @@ impl Engine {
                 free_slots: Vec::new(),
                 by_key: HashMap::new(),
                 allowed_ips: AllowedIps::new(),
-                rate_limiter: Arc::new(new_rate_limiter(&Key::ZERO)),
-                cookie_checker: Arc::new(new_cookie_checker(&Key::ZERO)),
+                identity: None,
             }),
             stats: Stats::default(),
             now_ms: AtomicU64::new(0),
             epoch: now,
             source_limit: Mutex::new(SourceLimit::new()),
+            cookies: Mutex::new(Cookies::default()),
+            clock: Clock::new(now, SystemTime::now()),
         }
     }
 
@@ -171,8 +167,6 @@ impl Engine {
     /// wants a packet sent right away (a keepalive just switched on): call [`Engine::tick`].
     pub fn apply(&self, update: &DeviceUpdate) -> Result<bool, SetError> {
         let mut config = self.config.write();
-        // New Noise states start their timers at engine time.
-        timers::set_boringtun_clock(self.now_ms.load(Relaxed));
         if let Some(key) = update.private_key {
             config.set_private_key(key);
         }
@@ -248,7 +242,6 @@ impl Engine {
     /// engine produces output; release it before any syscall.
     pub fn batch(&self) -> Batch<'_> {
         let now_ms = self.now_ms.load(Relaxed);
-        timers::set_boringtun_clock(now_ms);
         Batch {
             engine: self,
             config: self.config.read(),
@@ -274,11 +267,10 @@ impl Config {
 
     /// What the device lends to its peers' Noise states; `None` without a private key.
     #[inline]
-    fn device_keys(&self) -> Option<DeviceKeys<'_>> {
-        self.private_key.as_ref().map(|private_key| DeviceKeys {
-            private_key,
-            rate_limiter: &self.rate_limiter,
-        })
+    fn device_keys<'a>(&'a self, clock: &'a Clock) -> Option<DeviceKeys<'a>> {
+        self.identity
+            .as_deref()
+            .map(|identity| DeviceKeys { identity, clock })
     }
 
     fn peer_count(&self) -> usize {
@@ -323,11 +315,10 @@ impl Config {
         }
         self.private_key = key;
         self.public_key = key.map(|k| k.public_key());
+        self.identity = key.map(|k| Arc::new(Identity::new(x25519_dalek::StaticSecret::from(k.0))));
         if let Some(public) = self.public_key {
             // A peer with our own public key makes no sense; the kernel drops it.
             self.remove_peer(&public);
-            self.rate_limiter = Arc::new(new_rate_limiter(&public));
-            self.cookie_checker = Arc::new(new_cookie_checker(&public));
         }
         for peer in self.peers.iter().flatten() {
             // Sessions end; the next use builds a fresh state, and a handshake may start at once.
@@ -394,17 +385,6 @@ impl Config {
     }
 }
 
-/// boringtun's limiter counts handshakes and goes under load past a limit; the engine
-/// decides load itself ([`Batch::handle_handshake`]), so it keeps one that never is...
-fn new_rate_limiter(public: &Key) -> RateLimiter {
-    RateLimiter::new(&x25519_dalek::PublicKey::from(public.0), u64::MAX)
-}
-
-/// ... and one that always is, for handshakes while the driver says the device is loaded.
-fn new_cookie_checker(public: &Key) -> RateLimiter {
-    RateLimiter::new(&x25519_dalek::PublicKey::from(public.0), 0)
-}
-
 /// Counts one datagram out — on the device, and on the peer's `wg show` counter when it
 /// belongs to a peer's session (cookie replies do not) — and hands it to the sink, naming
 /// the peer (its public key) so that a failed send can be counted against it. Every
@@ -427,31 +407,6 @@ fn send_counted(
             tx.send_for_peer(key, to, datagram);
         }
         None => tx.send(to, datagram),
-    }
-}
-
-/// The drop reason for an error boringtun reports.
-fn drop_reason(e: &WireGuardError) -> DropReason {
-    match e {
-        WireGuardError::InvalidMac | WireGuardError::InvalidAeadTag => DropReason::DecryptFailed,
-        // `receive` measures a too-old counter against the peer's highest (`replay`); one
-        // that reaches here had no data header to read.
-        WireGuardError::DuplicateCounter => DropReason::Replay,
-        WireGuardError::InvalidCounter => DropReason::ReplayTooOld,
-        WireGuardError::NoCurrentSession | WireGuardError::ConnectionExpired => {
-            DropReason::NoSession
-        }
-        WireGuardError::UnderLoad => DropReason::UnderLoad,
-        WireGuardError::InvalidPacket
-        | WireGuardError::IncorrectPacketLength
-        | WireGuardError::WrongPacketType => DropReason::MalformedDatagram,
-        WireGuardError::DestinationBufferTooSmall
-        | WireGuardError::UnexpectedPacket
-        | WireGuardError::WrongIndex
-        | WireGuardError::WrongKey
-        | WireGuardError::InvalidTai64nTimestamp
-        | WireGuardError::WrongTai64nTimestamp
-        | WireGuardError::LockFailed => DropReason::HandshakeFailed,
     }
 }
 

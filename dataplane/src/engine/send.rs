@@ -2,19 +2,18 @@
 //!
 //! ```text
 //!  TUN packet ─► destination ─► allowed IPs (LPM) ─► peer ─► MTU check ─► pad to 16 ─►
-//!      peer usable? (key, not low-order, endpoint) ─► its Tunn (built on first use)
-//!      ─► Tunn::encapsulate ─► send(endpoint, datagram)
+//!      peer usable? (key, not low-order, endpoint) ─► its Noise state (built on first use)
+//!      ─► sealed with the current session ─► send(endpoint, datagram)
 //!
 //!  no peer:   ICMP host unreachable  ─► write_tun
 //!  too big:   ICMP fragmentation needed (IPv4 with DF) / packet too big (IPv6) ─► write_tun
-//!  no session: boringtun queues the packet and a handshake initiation goes out instead
+//!  no session: the packet waits (up to 128 per peer) and a handshake initiation goes out
 //! ```
 //!
 //! Every drop after the peer is found counts against that peer too.
 
-use boringtun::noise::TunnResult;
-
-use super::{drop_reason, send_counted, Batch, Transmit, SCRATCH_LEN};
+use super::{send_counted, Batch, Transmit, SCRATCH_LEN};
+use crate::noise::Outgoing;
 use crate::packet;
 use crate::stats::{DropReason, Stats};
 
@@ -74,29 +73,30 @@ impl Batch<'_> {
             return;
         }
         // The peer's first use builds its Noise state (`crate::noise`).
-        let Some(tunn) = state
-            .noise
-            .get_or_build(state.noise_keys(peer), config.device_keys())
-        else {
+        let device = config.device_keys(&self.engine.clock);
+        let Some(noise) = state.noise.get_or_build(state.noise_keys(peer), device) else {
             stats.peer_drop(&peer.drops, DropReason::NoPrivateKey);
             return;
         };
-        let Some(endpoint) = state.endpoint else {
+        let (Some(device), Some(endpoint)) = (device, state.endpoint) else {
             stats.peer_drop(&peer.drops, DropReason::NoEndpoint);
             return;
         };
-        match tunn.encapsulate(&buf[..padded], &mut scratch[..]) {
-            TunnResult::WriteToNetwork(datagram) => {
-                // A data message, or the initiation of the handshake it waits for.
+        let outgoing = noise.send(device, self.now_ms, &buf[..padded], &mut scratch[..]);
+        let dropped_waiting = noise.take_queue_drops();
+        match outgoing {
+            // A data message, or the initiation of the handshake the packet waits for.
+            Outgoing::Data(n) | Outgoing::Initiation(n) => {
                 Stats::add(&stats.tun_packets_in, 1);
                 state.last_sent_ms = self.now_ms;
                 let traffic = Some((&peer.public_key, &mut state.traffic));
-                send_counted(stats, traffic, tx, &endpoint, datagram);
+                send_counted(stats, traffic, tx, &endpoint, &scratch[..n]);
             }
-            // Queued inside boringtun until the handshake completes.
-            TunnResult::Done => {}
-            TunnResult::Err(e) => stats.peer_drop(&peer.drops, drop_reason(&e)),
-            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+            Outgoing::Queued => {}
+            Outgoing::Dropped(reason) => stats.peer_drop(&peer.drops, reason),
+        }
+        for _ in 0..dropped_waiting {
+            stats.peer_drop(&peer.drops, DropReason::NoSession);
         }
     }
 }
