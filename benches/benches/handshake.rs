@@ -1,6 +1,6 @@
-//! Criterion microbenchmarks of WireGuard's handshake: boringtun 0.7.1's (what the router
-//! runs) against `tailsk8s-noise`'s (issue 9's first step to owning transport data), for each
-//! role on the same messages:
+//! Criterion microbenchmarks of WireGuard's handshake: boringtun 0.7.1's (what the router ran
+//! until session 6) against `tailsk8s-noise`'s (what it runs now), for each role on the same
+//! messages:
 //!
 //! - `initiate`: build an initiation (fresh ephemeral key from the OS, two DH, sealing);
 //! - `respond`: take an initiation from boringtun's initiator and answer it (MAC1, three DH

@@ -1,10 +1,10 @@
 //! Criterion microbenchmarks of transport data per packet (seal, then open: both routers'
-//! crypto work for one packet): boringtun 0.7.1's `Tunn` (what the router runs: the packet
+//! crypto work for one packet): boringtun 0.7.1's `Tunn` (what the router ran until session 6: the packet
 //! copied into the datagram buffer, sealed with ring, timers ticked; decapsulation copies the
 //! ciphertext out, opens it and checks the replay window under a mutex) against
 //! `tailsk8s-noise`'s `Transport` (sealed where the packet lies, opened in place, the same
 //! window check) with ring's AEAD — what owning transport data saves by itself — and with the
-//! AEAD it picks for this CPU (`avx512` where it runs). `cargo bench -p tailsk8s-benches
+//! AEAD it picks for this CPU (`avx512` where it runs: what the router runs now). `cargo bench -p tailsk8s-benches
 //! --bench transport`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -8,8 +8,9 @@
 //!
 //! Why it exists (issue 9): boringtun keeps the transport keys a handshake agrees on inside
 //! its `Tunn`, so the data path cannot choose its AEAD or avoid boringtun's copy. With the
-//! handshake here, the keys are ours. The router does not use this crate yet; it is checked
-//! against boringtun 0.7.1 in both roles (`tests/boringtun.rs`), down to data messages.
+//! handshake here, the keys are ours. The router runs it (each peer's Noise state in
+//! `tailsk8s-dataplane`'s `noise` keeps the policies); it is checked against boringtun 0.7.1
+//! in both roles (`tests/boringtun.rs`), down to data messages.
 
 pub mod aead;
 pub mod cookie;
