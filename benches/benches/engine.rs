@@ -157,7 +157,7 @@ fn roundtrip(a: &mut Side, b: &mut Side, buf: &mut [u8], len: usize) -> usize {
     b.out.clear();
     let (from, local) = (a.node.addr, Some(b.node.addr.ip()));
     let mut batch = b.node.engine.batch();
-    for (_, datagram) in &a.out.sent {
+    for (_, datagram) in &mut a.out.sent {
         batch.handle_datagram(from, local, datagram, &mut b.node.scratch, &mut b.out);
     }
     b.out.tun.len()
@@ -213,7 +213,7 @@ fn superpacket_pipeline(
     {
         let (from, local) = (a.node.addr, Some(b.node.addr.ip()));
         let mut batch = b.node.engine.batch();
-        for (_, datagram) in &a.out.sent {
+        for (_, datagram) in &mut a.out.sent {
             batch.handle_datagram(from, local, datagram, &mut b.node.scratch, &mut b.out);
         }
     }

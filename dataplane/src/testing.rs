@@ -71,6 +71,8 @@ pub struct Node {
     pub addr: SocketAddr,
     pub start: Instant,
     pub scratch: Box<[u8; SCRATCH_LEN]>,
+    /// Where a datagram is copied to be handed over (the engine opens data in place).
+    received: Vec<u8>,
 }
 
 impl Node {
@@ -84,6 +86,7 @@ impl Node {
             addr: parse(addr),
             start,
             scratch: new_scratch(),
+            received: Vec::new(),
         };
         node.apply(&DeviceUpdate {
             private_key: Some(Some(private)),
@@ -124,7 +127,8 @@ impl Node {
             .handle_tun_packet(buf, len, &mut self.scratch, tx);
     }
 
-    /// A datagram from `from`, received on `local_ip`.
+    /// A datagram from `from`, received on `local_ip` (copied, as a driver would receive
+    /// it into its own buffer).
     pub fn datagram(
         &mut self,
         from: SocketAddr,
@@ -132,9 +136,15 @@ impl Node {
         datagram: &[u8],
         tx: &mut impl Transmit,
     ) {
-        self.engine
-            .batch()
-            .handle_datagram(from, local_ip, datagram, &mut self.scratch, tx);
+        self.received.clear();
+        self.received.extend_from_slice(datagram);
+        self.engine.batch().handle_datagram(
+            from,
+            local_ip,
+            &mut self.received,
+            &mut self.scratch,
+            tx,
+        );
     }
 
     /// `packet` read from the TUN (copied with room to pad); returns what the engine did.

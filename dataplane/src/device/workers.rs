@@ -206,14 +206,15 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                 }
                 // Decrypted packets wait in the outbox for GRO; flush every
                 // `TUN_FLUSH_PACKETS` so its buffers stay few (memory) and writes stay timely.
+                // Data messages are opened where they lie in `bufs`.
                 let mut datagrams = metas
                     .iter()
-                    .zip(bufs.iter())
+                    .zip(bufs.iter_mut())
                     .take(count)
                     .flat_map(|(meta, buf)| {
                         let from = canonical(meta.addr);
                         buf[..meta.len]
-                            .chunks(meta.stride.max(1))
+                            .chunks_mut(meta.stride.max(1))
                             .map(move |d| (from, meta.dst_ip, d))
                     })
                     .filter(|(_, _, d)| !handshakes::belongs_here(d))

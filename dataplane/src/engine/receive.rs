@@ -44,6 +44,21 @@ use crate::packet;
 use crate::peer::{Endpoint, Peer, PeerState};
 use crate::stats::{DropCounters, DropReason, Stats};
 
+/// A datagram as the driver hands it over: lent for opening in place, or only to read.
+enum Datagram<'d> {
+    Mutable(&'d mut [u8]),
+    Shared(&'d [u8]),
+}
+
+impl Datagram<'_> {
+    fn bytes(&mut self) -> &[u8] {
+        match self {
+            Datagram::Mutable(buf) => buf,
+            Datagram::Shared(bytes) => bytes,
+        }
+    }
+}
+
 /// The peer a datagram belongs to, and what was learnt finding it.
 enum Found {
     /// An initiation, opened as far as its sender's static key.
@@ -53,15 +68,17 @@ enum Found {
 }
 
 impl Batch<'_> {
-    /// A datagram received on the listen socket from `from`, addressed to our `local_ip`.
+    /// A datagram received on the listen socket from `from`, addressed to our `local_ip`. A
+    /// data message is opened where it lies: what `datagram` holds afterwards is unspecified.
     pub fn handle_datagram(
         &mut self,
         from: SocketAddr,
         local_ip: Option<IpAddr>,
-        datagram: &[u8],
+        datagram: &mut [u8],
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) {
+        let datagram = Datagram::Mutable(datagram);
         self.receive(from, local_ip, datagram, false, scratch, tx);
     }
 
@@ -78,6 +95,7 @@ impl Batch<'_> {
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) {
+        let datagram = Datagram::Shared(datagram);
         self.receive(from, local_ip, datagram, under_load, scratch, tx);
     }
 
@@ -85,11 +103,12 @@ impl Batch<'_> {
         &mut self,
         from: SocketAddr,
         local_ip: Option<IpAddr>,
-        datagram: &[u8],
+        mut whole: Datagram<'_>,
         under_load: bool,
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) {
+        let datagram = whole.bytes();
         let stats = &self.engine.stats;
         Stats::add(&stats.datagrams_in, 1);
         let source = Endpoint {
@@ -159,9 +178,9 @@ impl Batch<'_> {
                     .consume_cookie_reply(now_ms, datagram)
                     .map(|()| state.traffic.received(datagram.len()))
             }
-            Found::Indexed(_, receiver) => self.receive_data(
-                &peer, state, device, source, receiver, datagram, scratch, tx,
-            ),
+            Found::Indexed(_, receiver) => {
+                self.receive_data(&peer, state, device, source, receiver, whole, scratch, tx)
+            }
         };
         if let Err(reason) = result {
             stats.peer_drop(&peer.drops, reason);
@@ -177,7 +196,7 @@ impl Batch<'_> {
         device: DeviceKeys<'_>,
         source: Endpoint,
         receiver: u32,
-        datagram: &[u8],
+        datagram: Datagram<'_>,
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) -> Result<(), DropReason> {
@@ -186,23 +205,31 @@ impl Batch<'_> {
         let Some(noise) = state.noise.built() else {
             return Err(DropReason::NoSession);
         };
-        let buf = scratch
-            .get_mut(..datagram.len())
-            .ok_or(DropReason::MalformedDatagram)?;
-        buf.copy_from_slice(datagram);
+        // Opened where it lies when the driver lent it; else in a copy in `scratch`.
+        let buf: &mut [u8] = match datagram {
+            Datagram::Mutable(buf) => buf,
+            Datagram::Shared(bytes) => {
+                let buf = scratch
+                    .get_mut(..bytes.len())
+                    .ok_or(DropReason::MalformedDatagram)?;
+                buf.copy_from_slice(bytes);
+                buf
+            }
+        };
+        let wire_len = buf.len();
         let opened = noise.open(device, now_ms, receiver, buf)?;
         if opened.confirmed {
             state.last_handshake_ms = Some(now_ms);
         }
         // Authentic: count it and roam, even if the checks below drop it.
-        state.traffic.received(datagram.len());
+        state.traffic.received(wire_len);
         state.endpoint = Some(source);
         if !opened.plaintext.is_empty() {
             deliver(
                 &self.config,
                 stats,
                 peer,
-                &scratch[opened.plaintext.clone()],
+                &buf[opened.plaintext.clone()],
                 tx,
             );
         }

@@ -190,7 +190,7 @@ fn endpoint_roams_and_replies_leave_from_the_address_used() {
     a.engine.batch().handle_datagram(
         new_addr,
         Some("fd00:18::1".parse().unwrap()),
-        &out.sent[0].1,
+        &mut out.sent[0].1.clone(),
         &mut a.scratch,
         &mut got,
     );
