@@ -769,3 +769,56 @@ fn a_new_preshared_key_forgets_the_noise_state() {
     });
     assert!(built_noise_states(&a).is_empty());
 }
+
+/// A replayed initiation (the same timestamp) gets no second response, and changes nothing.
+#[test]
+fn a_replayed_initiation_is_refused() {
+    let (mut a, mut b) = pair();
+    let init = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    assert!(messages::is_handshake(&init.sent[0].1));
+    let first = b.net_in(a.addr, &init.sent[0].1);
+    assert_eq!(first.sent[0].1.len(), messages::RESPONSE_LEN);
+    b.tick(Duration::from_secs(1));
+    let again = b.net_in(a.addr, &init.sent[0].1);
+    assert!(again.sent.is_empty(), "no second response");
+    assert_eq!(b.drops(DropReason::HandshakeFailed), 1);
+    // The session the first one began still completes.
+    let (_, b_tun) = pump(&mut a, &mut b, first, false);
+    assert_eq!(b_tun.len(), 1, "the queued ping arrives");
+}
+
+/// At most one initiation per peer every 20 ms is answered (whitepaper: 50 a second).
+#[test]
+fn initiations_from_one_peer_are_answered_at_most_every_20_ms() {
+    let (mut a, b) = pair();
+    let mut tunn = initiator(&a, &b);
+    a.tick(Duration::from_millis(100));
+    let answered = |out: &Capture| out.sent.len();
+    assert_eq!(answered(&a.net_in(b.addr, &initiation(&mut tunn))), 1);
+    a.tick(Duration::from_millis(119));
+    assert_eq!(answered(&a.net_in(b.addr, &initiation(&mut tunn))), 0);
+    assert_eq!(a.drops(DropReason::RateLimited), 1);
+    a.tick(Duration::from_millis(120));
+    assert_eq!(answered(&a.net_in(b.addr, &initiation(&mut tunn))), 1);
+}
+
+/// Our side of cookies: a responder under load answers our initiation with a cookie reply;
+/// the retry carries MAC2 under that cookie and gets through.
+#[test]
+fn a_cookie_reply_lets_our_retried_initiation_through_a_loaded_responder() {
+    let (mut a, mut b) = pair();
+    let init = a.tun_in(&ping_v4("198.19.1.2", "198.19.2.2", 0, 56));
+    let cookie = handshake_in(&mut b, a.addr, &init.sent[0].1, true);
+    assert_eq!(cookie.sent[0].1.len(), messages::COOKIE_REPLY_LEN);
+    assert!(a.net_in(b.addr, &cookie.sent[0].1).sent.is_empty());
+    // The retry, REKEY_TIMEOUT (plus jitter) later.
+    let retry = a.tick(Duration::from_secs(6));
+    let retry = &retry.sent[0].1;
+    assert_eq!(retry.len(), messages::INITIATION_LEN);
+    assert_ne!(&retry[retry.len() - 16..], &[0u8; 16], "MAC2 is set");
+    b.tick(Duration::from_secs(6));
+    let response = handshake_in(&mut b, a.addr, retry, true);
+    assert_eq!(response.sent[0].1.len(), messages::RESPONSE_LEN);
+    let (_, b_tun) = pump(&mut a, &mut b, response, false);
+    assert_eq!(b_tun.len(), 1, "the queued ping arrives");
+}
