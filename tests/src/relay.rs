@@ -59,6 +59,9 @@ pub fn run(
         .enter(|| UdpSocket::bind(bind))?
         .with_context(|| format!("cannot bind the relay to {bind} in {}", ns.name()))?;
     socket.set_read_timeout(Some(IDLE_FLUSH))?;
+    // The relay stands in for the underlay, which does not lose what the test did not ask
+    // for: room for a few seconds of the tests' streams should its thread be descheduled.
+    set_receive_buffer(&socket, RECEIVE_BUFFER)?;
     let mut report = RelayReport::default();
     // Per direction: [towards b, towards a].
     let mut delayed: [Delayed; 2] = [VecDeque::new(), VecDeque::new()];
@@ -119,4 +122,26 @@ pub fn run(
         }
     }
     Ok(report)
+}
+
+/// The relay socket's receive buffer (the kernel doubles it, capped by `rmem_max` unless
+/// forced: the relay runs as root, so `SO_RCVBUFFORCE`).
+const RECEIVE_BUFFER: libc::c_int = 4 << 20;
+
+fn set_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor, a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting the relay's receive buffer");
+    }
+    Ok(())
 }
