@@ -188,13 +188,27 @@ pub fn tcp_transfer_with_mss(
 
 /// Sets TCP_MAXSEG on a socket.
 fn set_mss(socket: &impl AsRawFd, mss: u16) -> std::io::Result<()> {
-    let value = libc::c_int::from(mss);
+    set_int_option(
+        socket,
+        libc::IPPROTO_TCP,
+        libc::TCP_MAXSEG,
+        libc::c_int::from(mss),
+    )
+}
+
+/// Sets an int-valued socket option (`setsockopt(level, name)`).
+pub fn set_int_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     // SAFETY: an int option on a descriptor the caller owns; pointer and length describe it.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MAXSEG,
+            level,
+            name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )

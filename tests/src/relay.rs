@@ -129,19 +129,6 @@ pub fn run(
 const RECEIVE_BUFFER: libc::c_int = 4 << 20;
 
 fn set_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid descriptor, a c_int option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setting the relay's receive buffer");
-    }
-    Ok(())
+    tailsk8s_lab::traffic::set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+        .context("setting the relay's receive buffer")
 }

@@ -96,26 +96,17 @@ impl Sessions {
         receiver: u32,
         buf: &mut [u8],
     ) -> Result<Opened, DropReason> {
-        let in_slot = |slot: &Option<Box<Keypair>>| {
-            slot.as_ref()
-                .is_some_and(|k| k.transport.local_index == receiver)
+        fn named(slot: &Option<Box<Keypair>>, receiver: u32) -> Option<&Keypair> {
+            slot.as_deref()
+                .filter(|k| k.transport.local_index == receiver)
+        }
+        let named = |slot| named(slot, receiver);
+        let (keypair, is_next) = match (named(&self.current), named(&self.previous)) {
+            (Some(k), _) | (None, Some(k)) => (k, false),
+            (None, None) => (named(&self.next).ok_or(DropReason::NoSession)?, true),
         };
-        let (keypair, is_next) = if in_slot(&self.current) {
-            (&self.current, false)
-        } else if in_slot(&self.previous) {
-            (&self.previous, false)
-        } else if in_slot(&self.next) {
-            (&self.next, true)
-        } else {
-            return Err(DropReason::NoSession);
-        };
-        let Some(keypair) = keypair.as_ref() else {
-            return Err(DropReason::NoSession);
-        };
-        let len = buf.len();
         let (_, plain) = keypair.transport.open(at, buf).map_err(drop_reason)?;
         let plaintext = HEADER_LEN..HEADER_LEN + plain.len();
-        debug_assert!(plaintext.end <= len);
         if is_next {
             // The initiator used the session we agreed to as responder: it is confirmed.
             self.previous = self.current.take();
