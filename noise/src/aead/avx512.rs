@@ -1,16 +1,19 @@
 //! ChaCha20-Poly1305 for CPUs with AVX-512 F and BW: ChaCha20 four blocks per vector (rows in
-//! the 128-bit lanes, rotations with `vprold`), three such groups computed side by side so the
-//! vector units have independent chains, and a scalar radix-2^64 Poly1305 interleaved into
-//! the rounds one step behind the keystream, so the multiplier works while the vector units
-//! do ("stitched", as ring's AVX2 assembly is). Masked byte loads and stores for a tail.
+//! the 128-bit lanes, rotations with `vprold`), up to three such groups computed side by side
+//! so the vector units have independent chains. The MAC is absorbed between the rounds, where
+//! its work overlaps theirs ("stitched", as ring's AVX2 assembly is): on CPUs with IFMA in
+//! eight vector lanes ([`super::poly_lanes`]), elsewhere as a scalar radix-2^64 Poly1305 one
+//! step behind the keystream. Masked byte loads and stores for a tail.
 //!
 //! Written here because no library offered it (issue 9: ring stops at AVX2; OpenSSL's AVX-512
 //! path costs more per call than it saves at WireGuard's sizes; RustCrypto's is slower than
-//! ring). It is checked against ring byte for byte by this crate's tests and by the `aead`
-//! fuzz target; its branches and memory accesses depend on lengths only, never on keys or
-//! data.
+//! ring). Both MAC paths are checked against ring byte for byte by this crate's tests and by
+//! the `aead` fuzz target; branches and memory accesses depend on lengths only, never on keys
+//! or data.
 
 use std::arch::x86_64::*;
+
+use super::poly_lanes::Lanes;
 
 /// "expand 32-byte k".
 const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
@@ -250,26 +253,96 @@ unsafe fn double_round(s: &mut [__m512i; 4]) {
     s[3] = _mm512_shuffle_epi32::<0x39>(s[3]);
 }
 
-/// The 20 rounds of `G` groups side by side (independent chains for the vector units),
-/// absorbing the full 16-byte blocks of `mac` into `poly` between the rounds (the scalar
-/// multiplier's work, overlapping); returns the groups' keystream blocks in order.
+/// MAC work done between ChaCha20's double rounds, where it overlaps the rounds' chains.
+trait BetweenRounds {
+    /// After each of a step's ten double rounds.
+    ///
+    /// # Safety
+    /// The CPU must have what the implementation's work needs.
+    unsafe fn after_double_round(&mut self);
+}
+
+/// Nothing between the rounds.
+struct Nothing;
+
+impl BetweenRounds for Nothing {
+    #[inline(always)]
+    unsafe fn after_double_round(&mut self) {}
+}
+
+/// The scalar chain over the whole 16-byte blocks of `blocks`, a tenth after each double round.
+struct ScalarBlocks<'a> {
+    poly: &'a mut Poly,
+    blocks: std::slice::ChunksExact<'a, u8>,
+    per_round: usize,
+}
+
+impl<'a> ScalarBlocks<'a> {
+    fn new(poly: &'a mut Poly, mac: &'a [u8]) -> Self {
+        ScalarBlocks {
+            poly,
+            blocks: mac.chunks_exact(16),
+            per_round: mac.len().div_ceil(16 * 10),
+        }
+    }
+}
+
+impl BetweenRounds for ScalarBlocks<'_> {
+    #[inline(always)]
+    unsafe fn after_double_round(&mut self) {
+        for b in self.blocks.by_ref().take(self.per_round) {
+            self.poly.block(b);
+        }
+    }
+}
+
+/// The MAC lanes over `message`'s next whole chunks until `until` are in, spread over the
+/// ten double rounds.
+struct LaneChunks<'a> {
+    lanes: &'a mut Lanes,
+    message: &'a [u8],
+    until: usize,
+    per_round: usize,
+}
+
+impl<'a> LaneChunks<'a> {
+    fn new(lanes: &'a mut Lanes, message: &'a [u8], until: usize) -> Self {
+        let per_round = until.saturating_sub(lanes.absorbed()).div_ceil(10);
+        LaneChunks {
+            lanes,
+            message,
+            until,
+            per_round,
+        }
+    }
+}
+
+impl BetweenRounds for LaneChunks<'_> {
+    #[inline(always)]
+    unsafe fn after_double_round(&mut self) {
+        for _ in 0..self.per_round {
+            if self.lanes.absorbed() < self.until {
+                self.lanes.absorb_next(self.message);
+            }
+        }
+    }
+}
+
+/// The 20 rounds of `G` groups side by side (independent chains for the vector units), with
+/// `between`'s MAC work after each double round (overlapping); returns the groups' keystream
+/// blocks in order.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn keystream<const G: usize>(
+unsafe fn keystream<const G: usize, M: BetweenRounds>(
     groups: [Group; G],
-    poly: &mut Poly,
-    mac: &[u8],
+    between: &mut M,
 ) -> [[__m512i; 4]; G] {
     let mut s: [[__m512i; 4]; G] = std::array::from_fn(|i| groups[i].0);
-    let mut blocks = mac.chunks_exact(16);
-    let per_round = mac.len().div_ceil(16 * 10);
     for _ in 0..10 {
         for g in s.iter_mut() {
             double_round(g);
         }
-        for b in blocks.by_ref().take(per_round) {
-            poly.block(b);
-        }
+        between.after_double_round();
     }
     std::array::from_fn(|i| {
         let (x, o) = (s[i], groups[i].0);
@@ -321,15 +394,14 @@ const GROUPS: usize = 3;
 /// `G` groups from block `block` on, flattened into keystream blocks (the rest zero).
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn stream<const G: usize>(
+unsafe fn stream<const G: usize, M: BetweenRounds>(
     key: &[u32; 8],
     n: [u32; 3],
     block: u32,
-    poly: &mut Poly,
-    mac: &[u8],
+    between: &mut M,
 ) -> [__m512i; 4 * GROUPS] {
     let groups = std::array::from_fn(|i| group(key, n, block + 4 * i as u32));
-    let k: [[__m512i; 4]; G] = keystream(groups, poly, mac);
+    let k: [[__m512i; 4]; G] = keystream(groups, between);
     let mut flat = [_mm512_setzero_si512(); 4 * GROUPS];
     for (f, b) in flat.iter_mut().zip(k.iter().flatten()) {
         *f = *b;
@@ -354,11 +426,11 @@ unsafe fn crypt(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bool) ->
         // Keystream still needed (the first step also makes Poly1305's key block).
         let needed = data.len() - at + if at == 0 { 64 } else { 0 };
         let groups = needed.div_ceil(256).clamp(1, GROUPS);
-        let mac = &data[behind.clone()];
+        let mut between = ScalarBlocks::new(&mut poly, &data[behind.clone()]);
         let flat = match groups {
-            1 => stream::<1>(key, n, block, &mut poly, mac),
-            2 => stream::<2>(key, n, block, &mut poly, mac),
-            _ => stream::<GROUPS>(key, n, block, &mut poly, mac),
+            1 => stream::<1, _>(key, n, block, &mut between),
+            2 => stream::<2, _>(key, n, block, &mut between),
+            _ => stream::<GROUPS, _>(key, n, block, &mut between),
         };
         let mut bytes = groups * 256;
         let stream = if at == 0 {
@@ -392,31 +464,44 @@ unsafe fn crypt(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bool) ->
     poly.finish(data.len())
 }
 
-/// Both directions with the eight-lane MAC: ChaCha20 in steps as in [`crypt`], the MAC in one
-/// pass over the ciphertext once the first step has made its key — before any XOR when
-/// opening, after the last when sealing.
+/// Both directions with the MAC in eight lanes, absorbed between the rounds of later steps:
+/// sealing, each step's rounds take the chunks already encrypted; opening, the second step's
+/// rounds take every chunk and nothing is decrypted before (the first step's keystream is
+/// kept meanwhile). The first step makes the MAC's key, so its rounds have nothing to take.
 #[target_feature(enable = "avx512f,avx512bw,avx512ifma")]
 unsafe fn crypt_lanes(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bool) -> [u8; 16] {
     let n = nonce(counter);
-    let mut unused = Poly::new(&[0; 32]);
-    let mut mac_key = [0u8; 32];
+    let mut poly = Poly::new(&[0; 32]);
+    let mut lanes: Option<Lanes> = None;
     let mut tag = None;
+    let mut kept = ([_mm512_setzero_si512(); 4 * GROUPS], 0..0);
     let (mut at, mut block) = (0, 0u32);
     loop {
         let needed = data.len() - at + if at == 0 { 64 } else { 0 };
         let groups = needed.div_ceil(256).clamp(1, GROUPS);
-        let flat = match groups {
-            1 => stream::<1>(key, n, block, &mut unused, &[]),
-            2 => stream::<2>(key, n, block, &mut unused, &[]),
-            _ => stream::<GROUPS>(key, n, block, &mut unused, &[]),
+        let flat = match lanes.as_mut() {
+            None => match groups {
+                1 => stream::<1, _>(key, n, block, &mut Nothing),
+                2 => stream::<2, _>(key, n, block, &mut Nothing),
+                _ => stream::<GROUPS, _>(key, n, block, &mut Nothing),
+            },
+            Some(lanes) => {
+                let until = if sealing { at / 128 } else { lanes.chunks() };
+                let mut between = LaneChunks::new(lanes, data, until);
+                match groups {
+                    1 => stream::<1, _>(key, n, block, &mut between),
+                    2 => stream::<2, _>(key, n, block, &mut between),
+                    _ => stream::<GROUPS, _>(key, n, block, &mut between),
+                }
+            }
         };
         let mut bytes = groups * 256;
         let stream = if at == 0 {
             let mut first_block = [0u8; 64];
             _mm512_storeu_si512(first_block.as_mut_ptr() as *mut _, flat[0]);
-            mac_key.copy_from_slice(&first_block[..32]);
-            if !sealing {
-                tag = Some(mac(&mac_key, data));
+            poly = Poly::new(&first_block[..32]);
+            if data.len() >= 128 {
+                lanes = Some(Lanes::new(&poly, data.len()));
             }
             bytes -= 64;
             &flat[1..]
@@ -424,7 +509,18 @@ unsafe fn crypt_lanes(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bo
             &flat[..]
         };
         let end = (at + bytes).min(data.len());
-        xor_blocks(stream, &mut data[at..end]);
+        if sealing || tag.is_some() {
+            xor_blocks(stream, &mut data[at..end]);
+        } else if at == 0 {
+            kept.0[..stream.len()].copy_from_slice(stream);
+            kept.1 = at..end;
+        } else {
+            // Opening: this step's rounds took every chunk; the MAC is done before any XOR.
+            let poly = std::mem::replace(&mut poly, Poly::new(&[0; 32]));
+            tag = Some(finish_mac(poly, lanes.as_mut(), data));
+            xor_blocks(&kept.0, &mut data[kept.1.clone()]);
+            xor_blocks(stream, &mut data[at..end]);
+        }
         at = end;
         block += 4 * groups as u32;
         if at >= data.len() {
@@ -433,15 +529,29 @@ unsafe fn crypt_lanes(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bo
     }
     match tag {
         Some(tag) => tag,
-        None => mac(&mac_key, data),
+        None if sealing => finish_mac(poly, lanes.as_mut(), data),
+        None => {
+            // Opening in one step: the MAC after it, then the XOR.
+            let tag = finish_mac(poly, lanes.as_mut(), data);
+            xor_blocks(&kept.0, &mut data[kept.1.clone()]);
+            tag
+        }
     }
 }
 
-/// Poly1305 of `ciphertext` under `mac_key`, eight lanes for the bulk.
+/// The tag of `ciphertext`: the lanes' remaining chunks, their sum into `poly`, the scalar
+/// chain over what follows the last whole chunk, the lengths.
 #[target_feature(enable = "avx512f,avx512ifma")]
-unsafe fn mac(mac_key: &[u8; 32], ciphertext: &[u8]) -> [u8; 16] {
-    let mut poly = Poly::new(mac_key);
-    let taken = super::poly_lanes::absorb_chunks(&mut poly, ciphertext);
+#[inline]
+unsafe fn finish_mac(mut poly: Poly, lanes: Option<&mut Lanes>, ciphertext: &[u8]) -> [u8; 16] {
+    let mut taken = 0;
+    if let Some(lanes) = lanes {
+        while lanes.absorbed() < lanes.chunks() {
+            lanes.absorb_next(ciphertext);
+        }
+        lanes.finish(&mut poly);
+        taken = 128 * lanes.chunks();
+    }
     poly.padded(&ciphertext[taken..]);
     poly.finish(ciphertext.len())
 }

@@ -128,7 +128,10 @@ mod tests {
 
     fn check_against_ring(fastest: &Aead, ring: &Aead) {
         eprintln!("checking {} against ring", fastest.implementation());
-        for len in (0..600).chain([1279, 1280, 1420, 1500, 4000, 65000]) {
+        // Around the AVX-512 steps' edges too (704 and 1472 bytes: one and two steps).
+        for len in (0..600).chain([
+            703, 704, 705, 1279, 1280, 1420, 1471, 1472, 1473, 4000, 65000,
+        ]) {
             let plain: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
             let counter = 0x1_0000_0001 * len as u64 + 9;
             let mut a = plain.clone();

@@ -43,67 +43,106 @@ fn mul(a: Limbs, b: Limbs) -> Limbs {
     [t0 & MASK44, t1 + (t0 >> 44), t2]
 }
 
-/// Absorbs the first `8 · k` blocks of `data` (k ≥ 1 whole 128-byte chunks) into the empty
-/// `poly`; returns how many bytes it took.
-///
-/// # Safety
-/// The CPU must have AVX-512 F and IFMA.
-#[target_feature(enable = "avx512f,avx512ifma")]
-pub(super) unsafe fn absorb_chunks(poly: &mut Poly, data: &[u8]) -> usize {
-    let chunks = data.len() / 128;
-    if chunks == 0 {
-        return 0;
+/// Eight Horner chains over a message's whole 128-byte chunks, fed one chunk at a time (so
+/// that the chunks can be absorbed between ChaCha20's rounds), in order from the first.
+pub(super) struct Lanes {
+    h: [__m512i; 3],
+    /// r^8 in every lane, and its limbs 1 and 2 times 20 (2^132 ≡ 20).
+    r8: [__m512i; 3],
+    s8: [__m512i; 2],
+    /// Lane j's multiplier for the last chunk, r^(8 − j), and its limbs 1 and 2 times 20.
+    last: [__m512i; 3],
+    s_last: [__m512i; 2],
+    /// Whole chunks in the message, and how many were absorbed.
+    chunks: usize,
+    absorbed: usize,
+}
+
+impl Lanes {
+    /// The lanes for a message of `len` bytes under `poly`'s r (`poly` still empty).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and IFMA.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    #[inline]
+    pub(super) unsafe fn new(poly: &Poly, len: usize) -> Lanes {
+        let (r0, r1) = poly.r();
+        let r = limbs_of(r0, r1);
+        // r^1 … r^8 three multiplications deep, not seven: r², then r³ and r⁴, then r⁵ … r⁸.
+        let r2 = mul(r, r);
+        let (r3, r4) = (mul(r2, r), mul(r2, r2));
+        let pow = [
+            r,
+            r2,
+            r3,
+            r4,
+            mul(r4, r),
+            mul(r4, r2),
+            mul(r4, r3),
+            mul(r4, r4),
+        ];
+        let last = |limb: usize| {
+            let lanes: [u64; 8] = std::array::from_fn(|j| pow[7 - j][limb]);
+            _mm512_loadu_si512(lanes.as_ptr() as *const _)
+        };
+        let r8 = pow[7].map(|x| _mm512_set1_epi64(x as i64));
+        let last = [last(0), last(1), last(2)];
+        Lanes {
+            h: [_mm512_setzero_si512(); 3],
+            r8,
+            s8: [times20(r8[1]), times20(r8[2])],
+            last,
+            s_last: [times20(last[1]), times20(last[2])],
+            chunks: len / 128,
+            absorbed: 0,
+        }
     }
-    let (r0, r1) = poly.r();
-    let r = limbs_of(r0, r1);
-    // r^1 … r^8.
-    // r^1 … r^8 three multiplications deep, not seven: r², then r³ and r⁴, then r⁵ … r⁸.
-    let r2 = mul(r, r);
-    let (r3, r4) = (mul(r2, r), mul(r2, r2));
-    let pow = [
-        r,
-        r2,
-        r3,
-        r4,
-        mul(r4, r),
-        mul(r4, r2),
-        mul(r4, r3),
-        mul(r4, r4),
-    ];
-    let splat = |l: Limbs| l.map(|x| _mm512_set1_epi64(x as i64));
-    // Lane j's last multiplier is r^(8 − j).
-    let last = |limb: usize| {
-        let lanes: [u64; 8] = std::array::from_fn(|j| pow[7 - j][limb]);
-        _mm512_loadu_si512(lanes.as_ptr() as *const _)
-    };
-    let r8 = splat(pow[7]);
-    let r_last = [last(0), last(1), last(2)];
-    let times20 =
-        |v: __m512i| _mm512_add_epi64(_mm512_slli_epi64::<4>(v), _mm512_slli_epi64::<2>(v));
-    let mask44 = _mm512_set1_epi64(MASK44 as i64);
-    let mask42 = _mm512_set1_epi64(MASK42 as i64);
-    let top = _mm512_set1_epi64(1 << 40);
-    let lo_words = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
-    let hi_words = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
-    let zero = _mm512_setzero_si512();
-    let mut h = [zero; 3];
-    for c in 0..chunks {
-        let p = data.as_ptr().add(128 * c);
-        let a = _mm512_loadu_si512(p as *const _);
-        let b = _mm512_loadu_si512(p.add(64) as *const _);
-        let lo = _mm512_permutex2var_epi64(a, lo_words, b);
-        let hi = _mm512_permutex2var_epi64(a, hi_words, b);
+
+    /// Whole 128-byte chunks of the message (what the lanes take; the rest is the scalar
+    /// chain's).
+    pub(super) fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// Chunks absorbed so far.
+    pub(super) fn absorbed(&self) -> usize {
+        self.absorbed
+    }
+
+    /// Absorbs the next chunk of `message` (the whole message, the same on every call); does
+    /// nothing once every chunk is in.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and IFMA.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    #[inline]
+    pub(super) unsafe fn absorb_next(&mut self, message: &[u8]) {
+        if self.absorbed >= self.chunks {
+            return;
+        }
+        let chunk = &message[128 * self.absorbed..128 * (self.absorbed + 1)];
+        self.absorbed += 1;
+        let (rr, s1, s2) = if self.absorbed == self.chunks {
+            (self.last, self.s_last[0], self.s_last[1])
+        } else {
+            (self.r8, self.s8[0], self.s8[1])
+        };
+        let zero = _mm512_setzero_si512();
+        let mask44 = _mm512_set1_epi64(MASK44 as i64);
+        let mask42 = _mm512_set1_epi64(MASK42 as i64);
+        let a = _mm512_loadu_si512(chunk.as_ptr() as *const _);
+        let b = _mm512_loadu_si512(chunk[64..].as_ptr() as *const _);
+        let lo = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b);
+        let hi = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b);
         let m0 = _mm512_and_si512(lo, mask44);
         let m1 = _mm512_and_si512(
             _mm512_or_si512(_mm512_srli_epi64::<44>(lo), _mm512_slli_epi64::<20>(hi)),
             mask44,
         );
-        let m2 = _mm512_or_si512(_mm512_srli_epi64::<24>(hi), top);
-        let h0 = _mm512_add_epi64(h[0], m0);
-        let h1 = _mm512_add_epi64(h[1], m1);
-        let h2 = _mm512_add_epi64(h[2], m2);
-        let rr = if c + 1 == chunks { r_last } else { r8 };
-        let (s1, s2) = (times20(rr[1]), times20(rr[2]));
+        let m2 = _mm512_or_si512(_mm512_srli_epi64::<24>(hi), _mm512_set1_epi64(1 << 40));
+        let h0 = _mm512_add_epi64(self.h[0], m0);
+        let h1 = _mm512_add_epi64(self.h[1], m1);
+        let h2 = _mm512_add_epi64(self.h[2], m2);
         // Products below 2^104 in two halves: low 52 bits, and high bits (weight 2^52).
         let lo0 = _mm512_madd52lo_epu64(
             _mm512_madd52lo_epu64(_mm512_madd52lo_epu64(zero, h0, rr[0]), h1, s2),
@@ -148,14 +187,53 @@ pub(super) unsafe fn absorb_chunks(poly: &mut Poly, data: &[u8]) -> usize {
         let t0 = _mm512_add_epi64(t0, _mm512_add_epi64(c2, _mm512_slli_epi64::<2>(c2)));
         let t1 = _mm512_add_epi64(t1, _mm512_srli_epi64::<44>(t0));
         let t0 = _mm512_and_si512(t0, mask44);
-        h = [t0, t1, t2];
+        self.h = [t0, t1, t2];
     }
-    // The lanes' sum, carried to 44/44/42 bits, then into the scalar representation.
-    let s = h.map(|v| _mm512_reduce_add_epi64(v) as u64);
-    let mut t = mul_free_carry(s);
-    t = mul_free_carry(t);
-    poly.set_h([t[0] | (t[1] << 44), (t[1] >> 20) | (t[2] << 24), t[2] >> 40]);
-    128 * chunks
+
+    /// Hands the lanes' sum to `poly` (every chunk absorbed), whose scalar chain goes on with
+    /// the rest of the message from byte `128 · chunks`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and IFMA.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    #[inline]
+    pub(super) unsafe fn finish(&self, poly: &mut Poly) {
+        debug_assert_eq!(self.absorbed, self.chunks);
+        if self.chunks == 0 {
+            return;
+        }
+        // The lanes' sum, carried to 44/44/42 bits, then into the scalar representation.
+        let s = self.h.map(|v| _mm512_reduce_add_epi64(v) as u64);
+        let t = mul_free_carry(mul_free_carry(s));
+        poly.set_h([t[0] | (t[1] << 44), (t[1] >> 20) | (t[2] << 24), t[2] >> 40]);
+    }
+}
+
+/// `v · 20`, lane by lane.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn times20(v: __m512i) -> __m512i {
+    _mm512_add_epi64(_mm512_slli_epi64::<4>(v), _mm512_slli_epi64::<2>(v))
+}
+
+/// Absorbs every whole 128-byte chunk of `message` into the empty `poly`; returns how many
+/// bytes that took (the scalar chain takes the rest). The tests' way through the lanes (the
+/// AEAD feeds them between its rounds).
+///
+/// # Safety
+/// The CPU must have AVX-512 F and IFMA.
+#[cfg(test)]
+#[target_feature(enable = "avx512f,avx512ifma")]
+unsafe fn absorb_chunks(poly: &mut Poly, message: &[u8]) -> usize {
+    if message.len() < 128 {
+        return 0;
+    }
+    let mut lanes = Lanes::new(poly, message.len());
+    for _ in 0..lanes.chunks() {
+        lanes.absorb_next(message);
+    }
+    lanes.finish(poly);
+    128 * lanes.chunks()
 }
 
 /// Carries limbs (each below 2^50) back to 44, 44 and 42 bits (the top's excess × 5).
