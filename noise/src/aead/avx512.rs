@@ -409,6 +409,46 @@ unsafe fn stream<const G: usize, M: BetweenRounds>(
     flat
 }
 
+/// One step's keystream from block `block` on, for `rest` bytes still to cover: as many
+/// groups as they need, up to three (the first step also makes Poly1305's key block).
+/// Returns the blocks and how many groups made them.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn step<M: BetweenRounds>(
+    key: &[u32; 8],
+    n: [u32; 3],
+    block: u32,
+    rest: usize,
+    first: bool,
+    between: &mut M,
+) -> ([__m512i; 4 * GROUPS], usize) {
+    let needed = rest + if first { 64 } else { 0 };
+    let groups = needed.div_ceil(256).clamp(1, GROUPS);
+    let flat = match groups {
+        1 => stream::<1, _>(key, n, block, between),
+        2 => stream::<2, _>(key, n, block, between),
+        _ => stream::<GROUPS, _>(key, n, block, between),
+    };
+    (flat, groups)
+}
+
+/// The data's keystream blocks of a step; on the first step block 0 is Poly1305's key
+/// instead, returned as the MAC it starts.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn data_part(
+    flat: &[__m512i; 4 * GROUPS],
+    groups: usize,
+    first: bool,
+) -> (Option<Poly>, &[__m512i]) {
+    if !first {
+        return (None, &flat[..4 * groups]);
+    }
+    let mut first_block = [0u8; 64];
+    _mm512_storeu_si512(first_block.as_mut_ptr() as *mut _, flat[0]);
+    (Some(Poly::new(&first_block[..32])), &flat[1..4 * groups])
+}
+
 /// Both directions: ChaCha20 over `data` up to three groups at a time, the MAC one step behind
 /// over the ciphertext (sealing: the part just encrypted; opening: the part whose XOR waits
 /// until its MAC is done, its keystream kept meanwhile). Steps take as many groups as the data
@@ -423,26 +463,13 @@ unsafe fn crypt(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bool) ->
     let mut kept = [_mm512_setzero_si512(); 4 * GROUPS];
     let (mut behind, mut at, mut block) = (0..0, 0, 0u32);
     loop {
-        // Keystream still needed (the first step also makes Poly1305's key block).
-        let needed = data.len() - at + if at == 0 { 64 } else { 0 };
-        let groups = needed.div_ceil(256).clamp(1, GROUPS);
         let mut between = ScalarBlocks::new(&mut poly, &data[behind.clone()]);
-        let flat = match groups {
-            1 => stream::<1, _>(key, n, block, &mut between),
-            2 => stream::<2, _>(key, n, block, &mut between),
-            _ => stream::<GROUPS, _>(key, n, block, &mut between),
-        };
-        let mut bytes = groups * 256;
-        let stream = if at == 0 {
-            let mut first_block = [0u8; 64];
-            _mm512_storeu_si512(first_block.as_mut_ptr() as *mut _, flat[0]);
-            poly = Poly::new(&first_block[..32]);
-            bytes -= 64;
-            &flat[1..]
-        } else {
-            &flat[..]
-        };
-        let end = (at + bytes).min(data.len());
+        let (flat, groups) = step(key, n, block, data.len() - at, at == 0, &mut between);
+        let (mac_key, stream) = data_part(&flat, groups, at == 0);
+        if let Some(mac_key) = mac_key {
+            poly = mac_key;
+        }
+        let end = (at + 64 * stream.len()).min(data.len());
         if sealing {
             xor_blocks(stream, &mut data[at..end]);
         } else {
@@ -477,38 +504,29 @@ unsafe fn crypt_lanes(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bo
     let mut kept = ([_mm512_setzero_si512(); 4 * GROUPS], 0..0);
     let (mut at, mut block) = (0, 0u32);
     loop {
-        let needed = data.len() - at + if at == 0 { 64 } else { 0 };
-        let groups = needed.div_ceil(256).clamp(1, GROUPS);
-        let flat = match lanes.as_mut() {
-            None => match groups {
-                1 => stream::<1, _>(key, n, block, &mut Nothing),
-                2 => stream::<2, _>(key, n, block, &mut Nothing),
-                _ => stream::<GROUPS, _>(key, n, block, &mut Nothing),
-            },
+        let rest = data.len() - at;
+        let (flat, groups) = match lanes.as_mut() {
+            None => step(key, n, block, rest, at == 0, &mut Nothing),
             Some(lanes) => {
                 let until = if sealing { at / 128 } else { lanes.chunks() };
-                let mut between = LaneChunks::new(lanes, data, until);
-                match groups {
-                    1 => stream::<1, _>(key, n, block, &mut between),
-                    2 => stream::<2, _>(key, n, block, &mut between),
-                    _ => stream::<GROUPS, _>(key, n, block, &mut between),
-                }
+                step(
+                    key,
+                    n,
+                    block,
+                    rest,
+                    at == 0,
+                    &mut LaneChunks::new(lanes, data, until),
+                )
             }
         };
-        let mut bytes = groups * 256;
-        let stream = if at == 0 {
-            let mut first_block = [0u8; 64];
-            _mm512_storeu_si512(first_block.as_mut_ptr() as *mut _, flat[0]);
-            poly = Poly::new(&first_block[..32]);
+        let (mac_key, stream) = data_part(&flat, groups, at == 0);
+        if let Some(mac_key) = mac_key {
+            poly = mac_key;
             if data.len() >= 128 {
                 lanes = Some(Lanes::new(&poly, data.len()));
             }
-            bytes -= 64;
-            &flat[1..]
-        } else {
-            &flat[..]
-        };
-        let end = (at + bytes).min(data.len());
+        }
+        let end = (at + 64 * stream.len()).min(data.len());
         if sealing || tag.is_some() {
             xor_blocks(stream, &mut data[at..end]);
         } else if at == 0 {
