@@ -166,8 +166,8 @@ impl Lanes {
     }
 }
 
-/// `a · b` lane by lane modulo 2^130 − 5 (limbs below 2^52 in, carried back to 44, 44 + 1
-/// and 42 bits out).
+/// `a · b` lane by lane modulo 2^130 − 5 (limbs below 2^46 in — the sum of a limb out and a
+/// message limb — and out a little over 44, 44 and 42 bits, see [`mul_by`]).
 #[target_feature(enable = "avx512f,avx512ifma")]
 #[inline]
 unsafe fn mul_lanes(a: [__m512i; 3], b: [__m512i; 3]) -> [__m512i; 3] {
@@ -218,16 +218,23 @@ unsafe fn mul_by(h: [__m512i; 3], rr: [__m512i; 3], s: [__m512i; 2]) -> [__m512i
     let t0 = _mm512_add_epi64(lo0, times20(_mm512_slli_epi64::<8>(hi2)));
     let t1 = _mm512_add_epi64(lo1, _mm512_slli_epi64::<8>(hi0));
     let t2 = _mm512_add_epi64(lo2, _mm512_slli_epi64::<8>(hi1));
-    let t1 = _mm512_add_epi64(t1, _mm512_srli_epi64::<44>(t0));
-    let t0 = _mm512_and_si512(t0, mask44);
-    let t2 = _mm512_add_epi64(t2, _mm512_srli_epi64::<44>(t1));
-    let t1 = _mm512_and_si512(t1, mask44);
-    let c2 = _mm512_srli_epi64::<42>(t2);
-    let t2 = _mm512_and_si512(t2, mask42);
-    let t0 = _mm512_add_epi64(t0, _mm512_add_epi64(c2, _mm512_slli_epi64::<2>(c2)));
-    let t1 = _mm512_add_epi64(t1, _mm512_srli_epi64::<44>(t0));
-    let t0 = _mm512_and_si512(t0, mask44);
-    [t0, t1, t2]
+    // Each limb's carry moved up at once, not one after another: limbs below 2^56 here, so
+    // the carries are below 2^14 and the results below 2^44 + 2^16, 2^44 + 2^12 and
+    // 2^42 + 2^12 — inputs the next multiplication takes (below 2^52) — with a chain three
+    // operations deep instead of ten (the lanes' chain is what a seal's last chunks wait on).
+    let (c0, c1, c2) = (
+        _mm512_srli_epi64::<44>(t0),
+        _mm512_srli_epi64::<44>(t1),
+        _mm512_srli_epi64::<42>(t2),
+    );
+    [
+        _mm512_add_epi64(
+            _mm512_and_si512(t0, mask44),
+            _mm512_add_epi64(c2, _mm512_slli_epi64::<2>(c2)),
+        ),
+        _mm512_add_epi64(_mm512_and_si512(t1, mask44), c0),
+        _mm512_add_epi64(_mm512_and_si512(t2, mask42), c1),
+    ]
 }
 
 /// `a` in the even lanes, `b` in the odd ones.
