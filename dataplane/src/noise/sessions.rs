@@ -96,11 +96,11 @@ impl Sessions {
         receiver: u32,
         buf: &mut [u8],
     ) -> Result<Opened, DropReason> {
-        fn named(slot: &Option<Box<Keypair>>, receiver: u32) -> Option<&Keypair> {
+        fn holding(slot: &Option<Box<Keypair>>, receiver: u32) -> Option<&Keypair> {
             slot.as_deref()
                 .filter(|k| k.transport.local_index == receiver)
         }
-        let named = |slot| named(slot, receiver);
+        let named = |slot| holding(slot, receiver);
         let (keypair, is_next) = match (named(&self.current), named(&self.previous)) {
             (Some(k), _) | (None, Some(k)) => (k, false),
             (None, None) => (named(&self.next).ok_or(DropReason::NoSession)?, true),

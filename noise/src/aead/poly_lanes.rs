@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::Poly;
+use super::poly::Poly;
 
 const MASK44: u64 = (1 << 44) - 1;
 const MASK42: u64 = (1 << 42) - 1;
