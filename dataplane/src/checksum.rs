@@ -1,7 +1,11 @@
 //! The Internet checksum (RFC 1071) of IP, TCP and UDP, the one routine behind the checksums
 //! the data plane completes ([`crate::offload`]), checks and rewrites ([`crate::gro`]). The
-//! sum is tun-rs's (vectorised where the CPU allows), the same that its superpacket split
-//! uses, so what one side writes the other reads back identically.
+//! sum is tun-rs's (vectorised where the CPU allows, the same its superpacket split uses),
+//! except over 64 bytes or more on CPUs with AVX-512, where `wide` sums a whole 64 bytes per
+//! step: checking each received segment's checksum before coalescing was 4 % of the
+//! receiving router's time with tun-rs's AVX2 sum (which swaps every word's bytes first).
+//! Both give the same folded checksum for the same bytes, so what one side writes the other
+//! reads back identically.
 
 /// Where TCP keeps its checksum, from the start of its header.
 pub const TCP_CHECKSUM_OFFSET: usize = 16;
@@ -11,7 +15,73 @@ pub const UDP_CHECKSUM_OFFSET: usize = 6;
 /// Ones' complement sum of `bytes` on top of `initial`, unfolded. Folding it gives the 16-bit
 /// Internet checksum sum.
 pub fn sum(bytes: &[u8], initial: u64) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if bytes.len() >= wide::MIN_LEN && wide::available() {
+        // SAFETY: the CPU has AVX-512F and AVX-512BW (checked just above).
+        return initial + unsafe { wide::sum(bytes) };
+    }
     tun_rs::checksum_no_fold(bytes, initial)
+}
+
+/// The sum in 64-byte steps with AVX-512. Ones' complement addition does not care about byte
+/// order (RFC 1071, 2.B): the words are added as they lie in memory (little-endian) in
+/// 32-bit lanes, the low and high halves of each lane apart, and only the folded result is
+/// swapped back to network order. The last step's load is masked, so the bytes past the end
+/// count as zeros — RFC 1071's padding of an odd last byte.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::*;
+
+    /// Below this the sum is a header or two, where a vector step gains nothing.
+    pub const MIN_LEN: usize = 64;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
+
+    /// The folded sum of `bytes` in network order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn sum(bytes: &[u8]) -> u64 {
+        // A 32-bit lane gains at most 2 × 0xffff per step: 32,768 steps (2 MiB) cannot
+        // overflow it; longer input is summed in pieces.
+        const PIECE: usize = 32_768 * 64;
+        let mut total = 0u64;
+        for piece in bytes.chunks(PIECE) {
+            total += u64::from(piece_sum(piece));
+        }
+        u64::from(super::fold(total).swap_bytes())
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn piece_sum(piece: &[u8]) -> u16 {
+        let low_half = _mm512_set1_epi32(0xffff);
+        let (mut low, mut high) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let mut chunks = piece.chunks_exact(64);
+        for chunk in chunks.by_ref() {
+            // SAFETY: `chunk` is 64 readable bytes; the load is unaligned.
+            let v = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
+            low = _mm512_add_epi32(low, _mm512_and_si512(v, low_half));
+            high = _mm512_add_epi32(high, _mm512_srli_epi32::<16>(v));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mask: u64 = (1u64 << rest.len()) - 1;
+            // SAFETY: the mask covers only `rest`'s bytes; masked-off bytes are not read.
+            let v = unsafe { _mm512_maskz_loadu_epi8(mask, rest.as_ptr().cast()) };
+            low = _mm512_add_epi32(low, _mm512_and_si512(v, low_half));
+            high = _mm512_add_epi32(high, _mm512_srli_epi32::<16>(v));
+        }
+        // Widen to 64-bit lanes before adding across: 16 lanes of up to 2^32 each.
+        let widen = |v: __m512i| {
+            let lo = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(v));
+            let hi = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(v));
+            _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi)) as u64
+        };
+        super::fold(widen(low) + widen(high))
+    }
 }
 
 /// Folds a sum to 16 bits with end-around carry (zero only for a zero sum).
@@ -66,6 +136,18 @@ mod tests {
             );
         }
         assert_eq!(fold(0), 0);
+        // The vector sum's edges: zeros (0, never 0xffff), all ones, every length around a
+        // step and its masked tail, odd lengths (the last byte pads with zero).
+        for len in 60..200 {
+            for fill in [0u8, 0xff, 0x80] {
+                let bytes = vec![fill; len];
+                assert_eq!(
+                    !fold(sum(&bytes, 0)),
+                    reference(&bytes, 0),
+                    "{len} × {fill:#x}"
+                );
+            }
+        }
         assert_eq!(fold(0xffff), 0xffff);
         assert_eq!(fold(0x1_0000), 1);
     }

@@ -261,6 +261,16 @@ struct Output {
     next_id: u16,
     /// Total IP length so far.
     ip_total: usize,
+    /// Once a second segment joins: the unfolded sums the rewritten headers start from —
+    /// the IPv4 header without its length and checksum fields, and the pseudo-header
+    /// without its length — so each later segment costs no pass over a header.
+    sums: Option<HeaderSums>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HeaderSums {
+    ipv4: u64,
+    pseudo: u64,
 }
 
 impl Output {
@@ -282,6 +292,7 @@ impl Output {
             next_seq,
             next_id,
             ip_total,
+            sums: None,
         }
     }
 
@@ -337,6 +348,16 @@ impl Output {
         self.next_seq = self.next_seq.wrapping_add(s.payload as u32);
         self.next_id = self.next_id.wrapping_add(1);
         let (ip, t) = (VNET_HDR_LEN, VNET_HDR_LEN + first.ip_len);
+        // The first packet's headers, before any rewrite, give the sums (see `sums`).
+        let sums = *self.sums.get_or_insert_with(|| HeaderSums {
+            ipv4: if first.v6 {
+                0
+            } else {
+                sum(&buf[ip..ip + 2], sum(&buf[ip + 4..ip + 10], 0))
+                    + sum(&buf[ip + 12..ip + 20], 0)
+            },
+            pseudo: pseudo_sum(&buf[ip..t], first.v6, first.protocol, 0),
+        });
         if s.psh {
             buf[t + 13] |= PSH;
         }
@@ -350,18 +371,12 @@ impl Output {
             buf[ip + 4..ip + 6].copy_from_slice(&transport_len.to_be_bytes());
         } else {
             buf[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
-            buf[ip + 10..ip + 12].fill(0);
-            let checksum = !fold(sum(&buf[ip..ip + 20], 0));
+            let checksum = !fold(sums.ipv4 + u64::from(total));
             buf[ip + 10..ip + 12].copy_from_slice(&checksum.to_be_bytes());
         }
         // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, not inverted; the
         // kernel adds the transport header and payload of each segment.
-        let pseudo = fold(pseudo_sum(
-            &buf[ip..t],
-            first.v6,
-            first.protocol,
-            transport_len,
-        ));
+        let pseudo = fold(sums.pseudo + u64::from(transport_len));
         let (gso_type, csum_offset) = match (first.protocol, first.v6) {
             (TCP, false) => (GSO_TCPV4, TCP_CHECKSUM_OFFSET),
             (TCP, true) => (GSO_TCPV6, TCP_CHECKSUM_OFFSET),

@@ -5,6 +5,7 @@
 //! peer too ([`DropCounters`] in each peer, bumped with [`Stats::peer_drop`]): the device's
 //! totals are the sum over every drop, the peers' counters a breakdown of part of them.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why the engine dropped a packet or datagram. The snake_case name is the `reason` label used
@@ -188,6 +189,65 @@ impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
+
+    /// Adds what one batch counted (see [`Tally`]) and clears it.
+    pub fn add_tally(&self, tally: &Tally) {
+        for (counter, cell) in [
+            (&self.tun_packets_in, &tally.tun_packets_in),
+            (&self.tun_packets_out, &tally.tun_packets_out),
+            (&self.datagrams_in, &tally.datagrams_in),
+            (&self.datagrams_out, &tally.datagrams_out),
+        ] {
+            let n = cell.take();
+            if n > 0 {
+                Stats::add(counter, n);
+            }
+        }
+    }
+}
+
+/// The per-packet totals of [`Stats`] as one batch counts them, added to the device's once
+/// when the batch ends ([`Stats::add_tally`]). Every worker adds to the same device counters:
+/// an atomic add per packet moved their cache line between CPUs each time (1–2 % of a
+/// router's samples at full rate), one per batch does not. Cells, because the engine passes
+/// the tally along with shared borrows of its configuration; a batch stays on one thread.
+#[derive(Debug, Default)]
+pub struct Tally {
+    tun_packets_in: Cell<u64>,
+    tun_packets_out: Cell<u64>,
+    datagrams_in: Cell<u64>,
+    datagrams_out: Cell<u64>,
+}
+
+impl Tally {
+    /// A packet read from the TUN went out encrypted.
+    #[inline]
+    pub fn tun_packet_in(&self) {
+        bump(&self.tun_packets_in);
+    }
+
+    /// A decrypted packet goes to the TUN.
+    #[inline]
+    pub fn tun_packet_out(&self) {
+        bump(&self.tun_packets_out);
+    }
+
+    /// A datagram arrived.
+    #[inline]
+    pub fn datagram_in(&self) {
+        bump(&self.datagrams_in);
+    }
+
+    /// A datagram goes out.
+    #[inline]
+    pub fn datagram_out(&self) {
+        bump(&self.datagrams_out);
+    }
+}
+
+#[inline]
+fn bump(cell: &Cell<u64>) {
+    cell.set(cell.get() + 1);
 }
 
 #[cfg(test)]
@@ -204,6 +264,26 @@ mod tests {
         s.drop(DropReason::Replay);
         assert_eq!(s.dropped(DropReason::Replay), 2);
         assert_eq!(s.drops().filter(|(_, n)| *n > 0).count(), 1);
+    }
+
+    #[test]
+    fn a_tally_reaches_the_device_counters_once_and_is_cleared() {
+        let s = Stats::default();
+        let tally = Tally::default();
+        tally.tun_packet_in();
+        tally.tun_packet_in();
+        tally.datagram_out();
+        tally.datagram_in();
+        tally.tun_packet_out();
+        tally.tun_packet_out();
+        tally.tun_packet_out();
+        s.add_tally(&tally);
+        s.add_tally(&tally);
+        let read = |c: &AtomicU64| c.load(Relaxed);
+        assert_eq!(read(&s.tun_packets_in), 2);
+        assert_eq!(read(&s.datagrams_out), 1);
+        assert_eq!(read(&s.datagrams_in), 1);
+        assert_eq!(read(&s.tun_packets_out), 3);
     }
 
     #[test]

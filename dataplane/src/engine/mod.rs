@@ -47,7 +47,7 @@ use crate::config::{AllowedIpChange, DeviceUpdate, PeerSnapshot, PeerUpdate, Set
 use crate::key::Key;
 use crate::noise::{Clock, DeviceKeys};
 use crate::peer::{Endpoint, Peer, Traffic};
-use crate::stats::{DropReason, Stats};
+use crate::stats::{DropReason, Stats, Tally};
 use cookies::Cookies;
 use source_limit::SourceLimit;
 
@@ -246,6 +246,7 @@ impl Engine {
             engine: self,
             config: self.config.read(),
             now_ms,
+            tally: Tally::default(),
         }
     }
 }
@@ -258,6 +259,14 @@ pub struct Batch<'a> {
     config: RwLockReadGuard<'a, Config>,
     /// Engine time of this batch: the last tick's.
     now_ms: u64,
+    /// The batch's packet and datagram counts, added to the device's when it ends.
+    tally: Tally,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.engine.stats.add_tally(&self.tally);
+    }
 }
 
 impl Config {
@@ -390,13 +399,13 @@ impl Config {
 /// the peer (its public key) so that a failed send can be counted against it. Every
 /// datagram the engine sends goes through here.
 fn send_counted(
-    stats: &Stats,
+    tally: &Tally,
     peer: Option<(&Key, &mut Traffic)>,
     tx: &mut impl Transmit,
     to: &Endpoint,
     datagram: &[u8],
 ) {
-    Stats::add(&stats.datagrams_out, 1);
+    tally.datagram_out();
     match peer {
         Some((key, traffic)) => {
             traffic.tx_bytes += datagram.len() as u64;

@@ -30,7 +30,6 @@
 //! `find_peer`, `check_handshake`, then one per message type, and `deliver`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use tailsk8s_noise::OpenedInitiation;
 
@@ -42,7 +41,7 @@ use super::{send_counted, Batch, Transmit, SCRATCH_LEN};
 use crate::noise::{DeviceKeys, Outgoing};
 use crate::packet;
 use crate::peer::{Endpoint, Peer, PeerState};
-use crate::stats::{DropCounters, DropReason, Stats};
+use crate::stats::{DropCounters, DropReason, Stats, Tally};
 
 /// A datagram as the driver hands it over: lent for opening in place, or only to read.
 enum Datagram<'d> {
@@ -100,7 +99,7 @@ impl Batch<'_> {
     }
 
     fn receive(
-        &mut self,
+        &self,
         from: SocketAddr,
         local_ip: Option<IpAddr>,
         mut whole: Datagram<'_>,
@@ -110,7 +109,7 @@ impl Batch<'_> {
     ) {
         let datagram = whole.bytes();
         let stats = &self.engine.stats;
-        Stats::add(&stats.datagrams_in, 1);
+        self.tally.datagram_in();
         let source = Endpoint {
             addr: from,
             local_ip,
@@ -129,7 +128,7 @@ impl Batch<'_> {
             // The peer's first use may be its initiation (`crate::noise`).
             Found::Initiation(_) => state
                 .noise
-                .get_or_build(state.noise_keys(&peer), Some(device)),
+                .get_or_build(state.noise_keys(peer), Some(device)),
             Found::Indexed(..) => state.noise.built(),
         };
         let Some(noise) = noise else {
@@ -150,7 +149,7 @@ impl Batch<'_> {
                         state.endpoint = Some(source);
                         state.last_sent_ms = now_ms;
                         let traffic = Some((&peer.public_key, &mut state.traffic));
-                        send_counted(stats, traffic, tx, &source, &scratch[..n]);
+                        send_counted(&self.tally, traffic, tx, &source, &scratch[..n]);
                         Ok(())
                     }
                     Err(reason) => Err(reason),
@@ -165,7 +164,15 @@ impl Batch<'_> {
                         // What waited for the session goes out; if nothing did, a keepalive
                         // confirms the session to the responder.
                         send_waiting(
-                            stats, &peer, state, device, now_ms, source, scratch, tx, true,
+                            &self.tally,
+                            peer,
+                            state,
+                            device,
+                            now_ms,
+                            source,
+                            scratch,
+                            tx,
+                            true,
                         );
                         Ok(())
                     }
@@ -179,7 +186,7 @@ impl Batch<'_> {
                     .map(|()| state.traffic.received(datagram.len()))
             }
             Found::Indexed(_, receiver) => {
-                self.receive_data(&peer, state, device, source, receiver, whole, scratch, tx)
+                self.receive_data(peer, state, device, source, receiver, whole, scratch, tx)
             }
         };
         if let Err(reason) = result {
@@ -228,6 +235,7 @@ impl Batch<'_> {
             deliver(
                 &self.config,
                 stats,
+                &self.tally,
                 peer,
                 &buf[opened.plaintext.clone()],
                 tx,
@@ -235,7 +243,15 @@ impl Batch<'_> {
         }
         if opened.confirmed {
             send_waiting(
-                stats, peer, state, device, now_ms, source, scratch, tx, false,
+                &self.tally,
+                peer,
+                state,
+                device,
+                now_ms,
+                source,
+                scratch,
+                tx,
+                false,
             );
         }
         Ok(())
@@ -251,7 +267,7 @@ impl Batch<'_> {
         datagram: &[u8],
         under_load: bool,
         tx: &mut impl Transmit,
-    ) -> Option<(Arc<Peer>, Found)> {
+    ) -> Option<(&Peer, Found)> {
         let stats = &self.engine.stats;
         let config = &*self.config;
         let (message_type, receiver_index) = match message_header(datagram) {
@@ -273,7 +289,7 @@ impl Batch<'_> {
                     stats.drop(DropReason::UnknownPeer);
                     return None;
                 };
-                return Some((peer.clone(), Found::Initiation(Box::new(opened))));
+                return Some((peer, Found::Initiation(Box::new(opened))));
             }
             Some((MESSAGE_RESPONSE, Some(receiver_index))) if under_load => {
                 // The cookie is checked here, before the response's Diffie-Hellman; its
@@ -289,7 +305,7 @@ impl Batch<'_> {
             }
         };
         match config.peer(slot_of(receiver_index)) {
-            Some(peer) => Some((peer.clone(), Found::Indexed(message_type, receiver_index))),
+            Some(peer) => Some((peer, Found::Indexed(message_type, receiver_index))),
             None => {
                 stats.drop(DropReason::UnknownPeer);
                 None
@@ -334,7 +350,7 @@ impl Batch<'_> {
             count(DropReason::UnderLoad);
             if let Some(reply) = reply {
                 Stats::add(&stats.cookie_replies_sent, 1);
-                send_counted(stats, None, tx, source, &reply);
+                send_counted(&self.tally, None, tx, source, &reply);
             }
             return None;
         }
@@ -355,7 +371,7 @@ impl Batch<'_> {
 /// `keepalive_if_none`, to confirm a session we initiated).
 #[allow(clippy::too_many_arguments)]
 fn send_waiting(
-    stats: &Stats,
+    tally: &Tally,
     peer: &Peer,
     state: &mut PeerState,
     device: DeviceKeys<'_>,
@@ -369,9 +385,9 @@ fn send_waiting(
         return;
     };
     let mut sent = noise.flush(device, now_ms, &mut scratch[..], |datagram| {
-        Stats::add(&stats.tun_packets_in, 1);
+        tally.tun_packet_in();
         send_counted(
-            stats,
+            tally,
             Some((&peer.public_key, &mut state.traffic)),
             tx,
             &source,
@@ -381,7 +397,7 @@ fn send_waiting(
     if !sent && keepalive_if_none {
         if let Outgoing::Data(n) = noise.send(device, now_ms, &[], &mut scratch[..]) {
             let traffic = Some((&peer.public_key, &mut state.traffic));
-            send_counted(stats, traffic, tx, &source, &scratch[..n]);
+            send_counted(tally, traffic, tx, &source, &scratch[..n]);
             sent = true;
         }
     }
@@ -409,6 +425,7 @@ fn unbuilt_refusal(device: DeviceKeys<'_>, datagram: &[u8]) -> DropReason {
 fn deliver(
     config: &super::Config,
     stats: &Stats,
+    tally: &Tally,
     peer: &Peer,
     plaintext: &[u8],
     tx: &mut impl Transmit,
@@ -427,6 +444,6 @@ fn deliver(
         stats.peer_drop(&peer.drops, DropReason::NotAllowed);
         return;
     }
-    Stats::add(&stats.tun_packets_out, 1);
+    tally.tun_packet_out();
     tx.write_tun(inner);
 }

@@ -87,10 +87,10 @@ impl Batch<'_> {
         match outgoing {
             // A data message, or the initiation of the handshake the packet waits for.
             Outgoing::Data(n) | Outgoing::Initiation(n) => {
-                Stats::add(&stats.tun_packets_in, 1);
+                self.tally.tun_packet_in();
                 state.last_sent_ms = self.now_ms;
                 let traffic = Some((&peer.public_key, &mut state.traffic));
-                send_counted(stats, traffic, tx, &endpoint, &scratch[..n]);
+                send_counted(&self.tally, traffic, tx, &endpoint, &scratch[..n]);
             }
             Outgoing::Queued => {}
             Outgoing::Dropped(reason) => stats.peer_drop(&peer.drops, reason),

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use super::{send_counted, Engine, Transmit, SCRATCH_LEN};
 use crate::noise::Outgoing;
-use crate::stats::DropReason;
+use crate::stats::{DropReason, Tally};
 
 impl Engine {
     /// Advances engine time to `now` and runs every peer's timers: handshake retries,
@@ -32,6 +32,7 @@ impl Engine {
         let Some(device) = config.device_keys(&self.clock) else {
             return;
         };
+        let tally = Tally::default();
         for peer in config.peers.iter().flatten() {
             let mut state = peer.state.lock();
             let state = &mut *state;
@@ -47,7 +48,7 @@ impl Engine {
                 }
                 if let (Some(n), Some(endpoint)) = (tick.message, state.endpoint) {
                     send_counted(
-                        &self.stats,
+                        &tally,
                         Some((&peer.public_key, &mut state.traffic)),
                         tx,
                         &endpoint,
@@ -71,7 +72,7 @@ impl Engine {
                         noise.map(|noise| noise.send(device, now_ms, &[], &mut scratch[..]))
                     {
                         send_counted(
-                            &self.stats,
+                            &tally,
                             Some((&peer.public_key, &mut state.traffic)),
                             tx,
                             &endpoint,
@@ -85,5 +86,6 @@ impl Engine {
                 state.last_sent_ms = now_ms;
             }
         }
+        self.stats.add_tally(&tally);
     }
 }
