@@ -194,6 +194,11 @@ impl Placement {
         }
     }
 
+    /// Whether the workers are pinned now (the lock-free mirror of the placement).
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pinned.load(Relaxed)
+    }
+
     /// Records the calling thread as one of `worker`'s and places it as the device is now.
     pub(crate) fn register(&self, worker: usize) {
         let tid = sys::current_thread_id();

@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     /// Each thread's last loop, in milliseconds since `started` (see [`Shared::beat`]).
     heartbeats: Box<[AtomicU64]>,
     started: Instant,
+    /// Per worker: whether its UDP thread serves its sockets now (else its TUN thread does).
+    udp_thread_serving: Box<[AtomicBool]>,
 }
 
 impl Shared {
@@ -113,6 +115,7 @@ impl Shared {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             started: Instant::now(),
+            udp_thread_serving: (0..workers).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -156,6 +159,31 @@ impl Shared {
     }
 
     /// Whether the workers may be pinned (else they always stay spread).
+    /// Whether the workers are pinned right now (the `pinned` mode, or an adaptive device
+    /// while quiet). Then each worker's TUN thread serves its UDP sockets as well, and the
+    /// UDP thread waits: a round trip through a quiet router wakes one thread fewer on each
+    /// side (the reply a pod sends while this thread writes the request is read by the same
+    /// thread on its next turn), which took a fifth off the round trip's p99 where it was
+    /// measured (BENCHMARKS.md, session 8). Busy, one thread per direction carries more.
+    pub(crate) fn pinned_now(&self) -> bool {
+        self.placement.as_ref().is_some_and(|p| p.is_pinned())
+    }
+
+    /// The UDP thread of `worker` says whether it serves its sockets: it steps aside only
+    /// between polls, and the TUN thread serves them only while it does not, so the sockets
+    /// are never left unserved.
+    pub(crate) fn udp_thread_serves(&self, worker: usize, serving: bool) {
+        if let Some(flag) = self.udp_thread_serving.get(worker) {
+            flag.store(serving, Relaxed);
+        }
+    }
+
+    pub(crate) fn udp_thread_serving(&self, worker: usize) -> bool {
+        self.udp_thread_serving
+            .get(worker)
+            .is_none_or(|flag| flag.load(Relaxed))
+    }
+
     pub(crate) fn pinned_workers(&self) -> bool {
         self.placement.is_some()
     }

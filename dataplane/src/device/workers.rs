@@ -11,6 +11,9 @@
 //!  handshake     handshake queue ─► engine (MAC, cookie, DH) ─► UDP sends (see `handshakes`)
 //!  (tun and udp threads, after each batch: a pinned adaptive device whose tick is already
 //!  busy spreads now)
+//!  pinned (the `pinned` mode; adaptive while quiet): the udp thread steps aside and the
+//!                tun thread polls its queue and its sockets, serving each in turn
+//!                (at most a few `recvmmsg`s before it looks at the queue again)
 //!  timer thread  every 100 ms ─► engine.tick ─► UDP sends; the adaptive placement follows
 //!                the load; every second: follow the TUN's MTU (or, configured, say
 //!                when it differs), notice a deleted TUN
@@ -18,6 +21,15 @@
 //!
 //! A thread reads into its own buffers, holds the engine's read lock only while the engine
 //! fills its outbox, and makes the syscalls after releasing it.
+//!
+//! Why a quiet worker serves both directions from one thread: a request through a router
+//! and its reply then wake one thread fewer on each side (the reply a pod sends while the
+//! thread writes the request is read on the thread's next turn, without a sleep and a
+//! wake-up), and on a VM each wake-up of a sleeping thread costs microseconds. Busy, a
+//! thread per direction keeps both directions of a flow moving at once. The UDP thread
+//! steps aside only between its polls and the TUN thread serves the sockets only while it
+//! has (`Shared::udp_thread_serving`), so the sockets are never left unserved; for a moment
+//! both may read them, which at most reorders a few datagrams (the replay window takes it).
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
@@ -38,6 +50,11 @@ use crate::vnet::VNET_HDR_LEN;
 
 /// Datagrams (each possibly a GRO run) one UDP thread reads per `recvmmsg`.
 const UDP_BATCH: usize = 32;
+/// Datagrams per `recvmmsg` when a TUN thread serves its worker's sockets (pinned: a quiet
+/// device, so little traffic; a smaller batch keeps the second set of buffers small).
+const TUN_THREAD_UDP_BATCH: usize = 8;
+/// `recvmmsg`s per socket a TUN thread makes before it looks at its TUN queue again.
+const TUN_THREAD_UDP_READS: usize = 4;
 /// Decrypted packets collected before a GRO-coalesced write to the TUN.
 const TUN_FLUSH_PACKETS: usize = 128;
 /// Room for one packet, or one GRO-coalesced run of datagrams.
@@ -114,9 +131,41 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
     };
     let fd = queue.as_raw_fd();
     let heartbeat = heartbeat_slot(HeartbeatOf::Tun(worker), shared.workers());
+    let mut udp = UdpSide::<TUN_THREAD_UDP_BATCH>::new(&shared);
+    let mut udp_view = SocketView::new(&shared);
     while !shared.stop.load(Relaxed) {
         shared.beat(heartbeat);
-        if poll_fds(&[fd], libc::POLLIN, POLL_INTERVAL) == 0 {
+        // While the UDP thread steps aside (pinned), this thread serves the sockets too.
+        udp_view.refresh(&shared);
+        let sockets = udp_view.sockets.clone();
+        let pair = sockets.worker(worker);
+        let mut fds = [fd, -1, -1];
+        let mut nfds = 1;
+        if !shared.udp_thread_serving(worker) {
+            for socket in pair.sockets() {
+                fds[nfds] = socket.as_raw_fd();
+                nfds += 1;
+            }
+        }
+        let ready = poll_fds(&fds[..nfds], libc::POLLIN, POLL_INTERVAL);
+        if ready == 0 {
+            continue;
+        }
+        // Checked again: the UDP thread may have taken over while this one slept.
+        if ready >> 1 != 0 && !shared.udp_thread_serving(worker) {
+            let segments = max_segments(&shared, &sockets, worker);
+            if !udp.serve(
+                &shared,
+                queue,
+                pair,
+                ready >> 1,
+                segments,
+                TUN_THREAD_UDP_READS,
+            ) {
+                return;
+            }
+        }
+        if ready & 1 == 0 {
             continue;
         }
         while batch.wants_read() {
@@ -149,14 +198,19 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
 
 pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
     let queue = shared.tun.queue(worker);
-    let mut bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; BUF_LEN]).collect();
-    let mut metas = [RecvMeta::default(); UDP_BATCH];
-    let mut scratch = new_scratch();
-    let mut outbox = shared.outbox();
+    let mut side = UdpSide::<UDP_BATCH>::new(&shared);
     let mut view = SocketView::new(&shared);
     let heartbeat = heartbeat_slot(HeartbeatOf::Udp(worker), shared.workers());
     while !shared.stop.load(Relaxed) {
         shared.beat(heartbeat);
+        // Pinned, the worker's TUN thread serves the sockets too (see the module
+        // documentation): step aside until the device spreads again.
+        if shared.pinned_now() {
+            shared.udp_thread_serves(worker, false);
+            std::thread::park_timeout(POLL_INTERVAL);
+            continue;
+        }
+        shared.udp_thread_serves(worker, true);
         view.refresh(&shared);
         let sockets = view.sockets.clone();
         let pair = sockets.worker(worker);
@@ -169,6 +223,50 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
             continue;
         }
         let segments = max_segments(&shared, &sockets, worker);
+        if !side.serve(&shared, queue, pair, ready, segments, usize::MAX) {
+            return;
+        }
+    }
+}
+
+/// A worker's UDP side: buffers for `N` datagrams (each possibly a GRO run) per `recvmmsg`,
+/// and the engine's scratch and outbox for them. The UDP thread has one; the TUN thread has
+/// a smaller one for when it serves the sockets itself.
+struct UdpSide<const N: usize> {
+    bufs: Vec<Vec<u8>>,
+    metas: [RecvMeta; N],
+    scratch: Box<[u8; crate::engine::SCRATCH_LEN]>,
+    outbox: crate::outbox::Outbox,
+}
+
+impl<const N: usize> UdpSide<N> {
+    fn new(shared: &Shared) -> Self {
+        UdpSide {
+            bufs: (0..N).map(|_| vec![0u8; BUF_LEN]).collect(),
+            metas: [RecvMeta::default(); N],
+            scratch: new_scratch(),
+            outbox: shared.outbox(),
+        }
+    }
+
+    /// Reads what the sockets of `pair` that `ready` names (bit i: socket i) hold, at most
+    /// `max_reads` `recvmmsg`s per socket: handshake messages to their queue, the rest
+    /// through the engine to the TUN. False once the TUN is gone.
+    fn serve(
+        &mut self,
+        shared: &Shared,
+        queue: &tun_rs::SyncDevice,
+        pair: &crate::udp::SocketPair,
+        ready: u32,
+        segments: usize,
+        max_reads: usize,
+    ) -> bool {
+        let UdpSide {
+            bufs,
+            metas,
+            scratch,
+            outbox,
+        } = self;
         // Only the sockets poll named: reading the other family's socket would cost a
         // syscall on every wake-up that finds nothing there.
         for (_, socket) in pair
@@ -176,15 +274,15 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
             .enumerate()
             .filter(|(i, _)| ready & 1 << i != 0)
         {
-            loop {
+            for _ in 0..max_reads {
                 let received = {
                     let mut iter = bufs.iter_mut();
-                    let mut slices: [IoSliceMut<'_>; UDP_BATCH] =
+                    let mut slices: [IoSliceMut<'_>; N] =
                         std::array::from_fn(|_| match iter.next() {
                             Some(b) => IoSliceMut::new(&mut b[..]),
                             None => IoSliceMut::new(&mut []),
                         });
-                    socket.recv(&mut slices, &mut metas)
+                    socket.recv(&mut slices, metas)
                 };
                 let count = match received {
                     Ok(count) => count,
@@ -223,13 +321,7 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                     {
                         let mut batch = shared.engine.batch();
                         for (from, local_ip, datagram) in datagrams.by_ref() {
-                            batch.handle_datagram(
-                                from,
-                                local_ip,
-                                datagram,
-                                &mut scratch,
-                                &mut outbox,
-                            );
+                            batch.handle_datagram(from, local_ip, datagram, scratch, outbox);
                             if outbox.pending_packets() >= TUN_FLUSH_PACKETS {
                                 break;
                             }
@@ -237,15 +329,16 @@ pub(crate) fn udp_loop(shared: Arc<Shared>, worker: usize) {
                     }
                     if outbox.flush(queue, pair, segments, &shared.engine).is_err() {
                         shared.finish(ExitReason::TunGone);
-                        return;
+                        return false;
                     }
                 }
                 shared.follow_burst();
-                if count < UDP_BATCH {
+                if count < N {
                     break;
                 }
             }
         }
+        true
     }
 }
 
