@@ -287,8 +287,9 @@ fn workers_spread(pid: u32) -> bool {
 /// steering program on the sending node, the reuseport program on the receiving one — by
 /// pinging from `from` to `to` with the ping process pinned to each worker's CPU in turn:
 /// the ping's packets enter the sending router's TUN on that CPU and its datagrams reach
-/// the other router on that CPU, so that worker's TUN thread on the sending node and its
-/// UDP thread on the receiving node wake once per packet, and the other worker's do not.
+/// the other router on that CPU, so that worker's TUN thread wakes once per packet on both
+/// nodes (pinned, a worker's TUN thread serves its UDP sockets too; its UDP thread steps
+/// aside), and the other worker's does not.
 /// With the kernel's flow hash instead, one flow lands on one worker whatever the CPU, so
 /// at least one of the rounds fails. `routers` are the sending and the receiving router.
 fn assert_steered_by_cpu(from: &Pod, to: &Pod, routers: [u32; 2]) {
@@ -307,14 +308,16 @@ fn assert_steered_by_cpu(from: &Pod, to: &Pod, routers: [u32; 2]) {
             ),
             (
                 receiving,
-                format!("tsk-udp{worker}"),
-                format!("tsk-udp{other}"),
+                format!("tsk-tun{worker}"),
+                format!("tsk-tun{other}"),
             ),
         ];
         let before: Vec<(u64, u64)> = watched
             .iter()
             .map(|(pid, on, off)| (thread(*pid, on).wakeups, thread(*pid, off).wakeups))
             .collect();
+        let udp_thread = format!("tsk-udp{worker}");
+        let udp_before = routers.map(|pid| thread(pid, &udp_thread).wakeups);
         let cpu = cpus[worker].to_string();
         let count = PINGS.to_string();
         let target = to.ipv4().to_string();
@@ -337,6 +340,15 @@ fn assert_steered_by_cpu(from: &Pod, to: &Pod, routers: [u32; 2]) {
                 on_wakeups >= PINGS / 2 && off_wakeups * 2 < on_wakeups,
                 "{PINGS} pings sent from CPU {cpu} (worker {worker}'s): {on} of router {pid} \
                  woke {on_wakeups} times, {off} {off_wakeups} times"
+            );
+        }
+        // The worker's UDP thread stepped aside: it only wakes every poll interval.
+        for (pid, before) in routers.iter().zip(udp_before) {
+            let wakeups = thread(*pid, &udp_thread).wakeups - before;
+            assert!(
+                wakeups * 2 < PINGS,
+                "{PINGS} pings from CPU {cpu}: pinned, {udp_thread} of router {pid} should \
+                 leave its sockets to the TUN thread, yet woke {wakeups} times"
             );
         }
     }
