@@ -318,6 +318,18 @@ impl UdpSockets {
     pub fn sockets(&self) -> impl Iterator<Item = &BoundSocket> {
         self.workers.iter().flat_map(|w| w.sockets())
     }
+
+    /// Shuts the receiving side of every socket, once new sockets replace these: a thread
+    /// polling them wakes at once (they read as ready, with nothing but what was already
+    /// queued) and moves to the new ones, instead of staying deaf to the new port until its
+    /// poll times out — up to 100 ms, long enough to stall a pod's first packets after a
+    /// `listen-port` change. Sending on them still works until the last holder lets go.
+    pub fn stop_receiving(&self) {
+        for socket in self.sockets() {
+            // Best effort: a socket that cannot be shut is left to the poll timeout.
+            let _ = socket2::SockRef::from(&socket.socket).shutdown(std::net::Shutdown::Read);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -330,6 +342,29 @@ mod tests {
         assert_ne!(sockets.port(), 0);
         for s in sockets.sockets() {
             assert_eq!(s.local_port().unwrap(), sockets.port());
+        }
+    }
+
+    #[test]
+    fn replaced_sockets_wake_their_pollers_and_yield_no_datagram() {
+        let sockets = UdpSockets::bind(0, 0, 2).expect("bind");
+        let fds: Vec<RawFd> = sockets.sockets().map(BoundSocket::as_raw_fd).collect();
+        let long = std::time::Duration::from_secs(10);
+        sockets.stop_receiving();
+        // Readable now (a poll that timed out would return no bits, after 10 s).
+        assert_eq!(
+            crate::sys::poll_fds(&fds, libc::POLLIN, long),
+            (1 << fds.len()) - 1
+        );
+        for socket in sockets.sockets() {
+            let mut buf = [0u8; 1500];
+            let mut meta = [RecvMeta::default()];
+            let read = socket.recv(&mut [IoSliceMut::new(&mut buf)], &mut meta);
+            let datagrams = match read {
+                Ok(n) => meta[..n].iter().filter(|m| m.len > 0).count(),
+                Err(_) => 0,
+            };
+            assert_eq!(datagrams, 0, "{read:?}");
         }
     }
 

@@ -297,13 +297,15 @@ impl ListenSockets for Shared {
 
     fn rebind(&self, port: u16) -> io::Result<()> {
         let fresh = UdpSockets::bind(port, self.fwmark.load(Relaxed), self.workers)?;
-        *self.sockets.write() = Arc::new(fresh);
+        let old = std::mem::replace(&mut *self.sockets.write(), Arc::new(fresh));
         self.sockets_generation.fetch_add(1, Relaxed);
         // After the swap, outside the sockets lock: a placement change racing with this one
         // then sees the new sockets, and this applies the latest placement.
         if let Some(placement) = &self.placement {
             placement.sockets_replaced(&self.sockets());
         }
+        // The threads polling the old sockets move to the new ones now.
+        old.stop_receiving();
         Ok(())
     }
 }
