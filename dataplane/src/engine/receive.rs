@@ -163,17 +163,7 @@ impl Batch<'_> {
                         state.last_handshake_ms = Some(now_ms);
                         // What waited for the session goes out; if nothing did, a keepalive
                         // confirms the session to the responder.
-                        send_waiting(
-                            &self.tally,
-                            peer,
-                            state,
-                            device,
-                            now_ms,
-                            source,
-                            scratch,
-                            tx,
-                            true,
-                        );
+                        self.send_waiting(peer, state, device, source, scratch, tx, true);
                         Ok(())
                     }
                     Err(reason) => Err(reason),
@@ -242,17 +232,7 @@ impl Batch<'_> {
             );
         }
         if opened.confirmed {
-            send_waiting(
-                &self.tally,
-                peer,
-                state,
-                device,
-                now_ms,
-                source,
-                scratch,
-                tx,
-                false,
-            );
+            self.send_waiting(peer, state, device, source, scratch, tx, false);
         }
         Ok(())
     }
@@ -367,42 +347,44 @@ impl Batch<'_> {
     }
 }
 
-/// Sends what waited for a new session (a keepalive instead when nothing did and
-/// `keepalive_if_none`, to confirm a session we initiated).
-#[allow(clippy::too_many_arguments)]
-fn send_waiting(
-    tally: &Tally,
-    peer: &Peer,
-    state: &mut PeerState,
-    device: DeviceKeys<'_>,
-    now_ms: u64,
-    source: Endpoint,
-    scratch: &mut [u8; SCRATCH_LEN],
-    tx: &mut impl Transmit,
-    keepalive_if_none: bool,
-) {
-    let Some(noise) = state.noise.built() else {
-        return;
-    };
-    let mut sent = noise.flush(device, now_ms, &mut scratch[..], |datagram| {
-        tally.tun_packet_in();
-        send_counted(
-            tally,
-            Some((&peer.public_key, &mut state.traffic)),
-            tx,
-            &source,
-            datagram,
-        );
-    });
-    if !sent && keepalive_if_none {
-        if let Outgoing::Data(n) = noise.send(device, now_ms, &[], &mut scratch[..]) {
-            let traffic = Some((&peer.public_key, &mut state.traffic));
-            send_counted(tally, traffic, tx, &source, &scratch[..n]);
-            sent = true;
+impl Batch<'_> {
+    /// Sends what waited for a new session (a keepalive instead when nothing did and
+    /// `keepalive_if_none`, to confirm a session we initiated).
+    #[allow(clippy::too_many_arguments)]
+    fn send_waiting(
+        &self,
+        peer: &Peer,
+        state: &mut PeerState,
+        device: DeviceKeys<'_>,
+        source: Endpoint,
+        scratch: &mut [u8; SCRATCH_LEN],
+        tx: &mut impl Transmit,
+        keepalive_if_none: bool,
+    ) {
+        let (tally, now_ms) = (&self.tally, self.now_ms);
+        let Some(noise) = state.noise.built() else {
+            return;
+        };
+        let mut sent = noise.flush(device, now_ms, &mut scratch[..], |datagram| {
+            tally.tun_packet_in();
+            send_counted(
+                tally,
+                Some((&peer.public_key, &mut state.traffic)),
+                tx,
+                &source,
+                datagram,
+            );
+        });
+        if !sent && keepalive_if_none {
+            if let Outgoing::Data(n) = noise.send(device, now_ms, &[], &mut scratch[..]) {
+                let traffic = Some((&peer.public_key, &mut state.traffic));
+                send_counted(tally, traffic, tx, &source, &scratch[..n]);
+                sent = true;
+            }
         }
-    }
-    if sent {
-        state.last_sent_ms = now_ms;
+        if sent {
+            state.last_sent_ms = now_ms;
+        }
     }
 }
 
