@@ -329,8 +329,12 @@ fn assert_steered_by_cpu(from: &Pod, to: &Pod, routers: [u32; 2]) {
                 ],
             )
             .unwrap_or_else(|e| panic!("ping from CPU {cpu}: {e:#}"));
-        for ((pid, on, off), (on_before, off_before)) in watched.iter().zip(before) {
+        let mut tun_wakeups = [0u64; 2];
+        for (((pid, on, off), (on_before, off_before)), seen) in
+            watched.iter().zip(before).zip(tun_wakeups.iter_mut())
+        {
             let on_wakeups = thread(*pid, on).wakeups - on_before;
+            *seen = on_wakeups;
             let off_wakeups = thread(*pid, off).wakeups - off_before;
             // One wake-up per packet, or fewer if a busy CPU delays the thread past the
             // next packet; the other worker still wakes every poll interval (100 ms) to
@@ -342,13 +346,15 @@ fn assert_steered_by_cpu(from: &Pod, to: &Pod, routers: [u32; 2]) {
                  woke {on_wakeups} times, {off} {off_wakeups} times"
             );
         }
-        // The worker's UDP thread stepped aside: it only wakes every poll interval.
-        for (pid, before) in routers.iter().zip(udp_before) {
+        // The worker's UDP thread stepped aside: it only wakes every poll interval, like
+        // the other worker's threads, far less often than the TUN thread serving for it.
+        for ((pid, before), tun) in routers.iter().zip(udp_before).zip(tun_wakeups) {
             let wakeups = thread(*pid, &udp_thread).wakeups - before;
             assert!(
-                wakeups * 2 < PINGS,
+                wakeups * 2 < tun,
                 "{PINGS} pings from CPU {cpu}: pinned, {udp_thread} of router {pid} should \
-                 leave its sockets to the TUN thread, yet woke {wakeups} times"
+                 leave its sockets to tsk-tun{worker} (woke {tun} times), yet woke {wakeups} \
+                 times"
             );
         }
     }
