@@ -353,8 +353,9 @@ impl Output {
             ipv4: if first.v6 {
                 0
             } else {
-                sum(&buf[ip..ip + 2], sum(&buf[ip + 4..ip + 10], 0))
-                    + sum(&buf[ip + 12..ip + 20], 0)
+                let version_and_tos = sum(&buf[ip..ip + 2], 0);
+                let id_to_protocol = sum(&buf[ip + 4..ip + 10], version_and_tos);
+                sum(&buf[ip + 12..ip + 20], id_to_protocol)
             },
             pseudo: pseudo_sum(&buf[ip..t], first.v6, first.protocol, 0),
         });

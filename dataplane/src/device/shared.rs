@@ -158,7 +158,6 @@ impl Shared {
         self.exit.lock().clone()
     }
 
-    /// Whether the workers may be pinned (else they always stay spread).
     /// Whether the workers are pinned right now (the `pinned` mode, or an adaptive device
     /// while quiet). Then each worker's TUN thread serves its UDP sockets as well, and the
     /// UDP thread waits: a round trip through a quiet router wakes one thread fewer on each
@@ -184,6 +183,7 @@ impl Shared {
             .is_none_or(|flag| flag.load(Relaxed))
     }
 
+    /// Whether the workers may be pinned (else they always stay spread).
     pub(crate) fn pinned_workers(&self) -> bool {
         self.placement.is_some()
     }

@@ -137,7 +137,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         shared.beat(heartbeat);
         // While the UDP thread steps aside (pinned), this thread serves the sockets too.
         udp_view.refresh(&shared);
-        let sockets = udp_view.sockets.clone();
+        let sockets = &udp_view.sockets;
         let pair = sockets.worker(worker);
         let mut fds = [fd, -1, -1];
         let mut nfds = 1;
@@ -153,7 +153,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
         }
         // Checked again: the UDP thread may have taken over while this one slept.
         if ready >> 1 != 0 && !shared.udp_thread_serving(worker) {
-            let segments = max_segments(&shared, &sockets, worker);
+            let segments = max_segments(&shared, sockets, worker);
             if !udp.serve(
                 &shared,
                 queue,
