@@ -6,7 +6,8 @@
 //!   packets/s.
 //! - `superpacket_64k`: what the router does with one 64 KiB TCP superpacket read from an
 //!   offloading TUN: split it into 47 segments of 1420 bytes ([`offload::split`], what the
-//!   TUN worker runs on every read: header checks, then tun-rs's `gso_split`), and
+//!   TUN worker runs on every read: header checks, then each segment's headers, payload
+//!   copy and checksums), and
 //!   GRO-coalesce the decrypted segments again ([`gro::Coalescer`], what the router's outbox
 //!   runs before its TUN writes); and the whole pipeline split → encapsulate → decapsulate →
 //!   coalesce.

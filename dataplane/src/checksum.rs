@@ -5,7 +5,7 @@
 //! step: checking each received segment's checksum before coalescing was 4 % of the
 //! receiving router's time with tun-rs's AVX2 sum (which swaps every word's bytes first).
 //! Both give the same folded checksum for the same bytes, so what one side writes the other
-//! reads back identically.
+//! reads back identically. [`copy_sum`] copies a segment's payload and sums it in one pass.
 
 /// Where TCP keeps its checksum, from the start of its header.
 pub const TCP_CHECKSUM_OFFSET: usize = 16;
@@ -21,6 +21,20 @@ pub fn sum(bytes: &[u8], initial: u64) -> u64 {
         return initial + unsafe { wide::sum(bytes) };
     }
     tun_rs::checksum_no_fold(bytes, initial)
+}
+
+/// Copies `src` to `dst` (of the same length) and returns the ones' complement sum of the
+/// bytes, unfolded, as [`sum`] on top of 0 would: one pass over the bytes where a copy and a
+/// sum would take two (splitting a superpacket copies and sums every segment's payload).
+pub fn copy_sum(dst: &mut [u8], src: &[u8]) -> u64 {
+    assert_eq!(dst.len(), src.len(), "copy_sum: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if src.len() >= wide::MIN_LEN && wide::available() {
+        // SAFETY: the CPU has AVX-512F and AVX-512BW (checked just above).
+        return unsafe { wide::copy_sum(dst, src) };
+    }
+    dst.copy_from_slice(src);
+    tun_rs::checksum_no_fold(src, 0)
 }
 
 /// The sum in 64-byte steps with AVX-512. Ones' complement addition does not care about byte
@@ -45,24 +59,49 @@ mod wide {
     /// The CPU must have AVX-512F and AVX-512BW.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn sum(bytes: &[u8]) -> u64 {
-        // A 32-bit lane gains at most 2 × 0xffff per step: 32,768 steps (2 MiB) cannot
-        // overflow it; longer input is summed in pieces.
-        const PIECE: usize = 32_768 * 64;
         let mut total = 0u64;
         for piece in bytes.chunks(PIECE) {
-            total += u64::from(piece_sum(piece));
+            total += u64::from(piece_sum(piece, None));
         }
         u64::from(super::fold(total).swap_bytes())
     }
 
+    /// [`sum`] of `src`, copying it to `dst` (of the same length) on the way.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn piece_sum(piece: &[u8]) -> u16 {
+    pub unsafe fn copy_sum(dst: &mut [u8], src: &[u8]) -> u64 {
+        let mut total = 0u64;
+        for (piece, to) in src.chunks(PIECE).zip(dst.chunks_mut(PIECE)) {
+            total += u64::from(piece_sum(piece, Some(to)));
+        }
+        u64::from(super::fold(total).swap_bytes())
+    }
+
+    /// A 32-bit lane gains at most 2 × 0xffff per step: 32,768 steps (2 MiB) cannot overflow
+    /// it; longer input is summed in pieces.
+    const PIECE: usize = 32_768 * 64;
+
+    /// The folded sum of one piece (memory order), written to `to` as well where given (as
+    /// long as the piece).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn piece_sum(piece: &[u8], mut to: Option<&mut [u8]>) -> u16 {
         let low_half = _mm512_set1_epi32(0xffff);
         let (mut low, mut high) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        if let Some(to) = to.as_deref() {
+            assert_eq!(to.len(), piece.len(), "copy_sum: lengths differ");
+        }
         let mut chunks = piece.chunks_exact(64);
+        let mut at = 0;
         for chunk in chunks.by_ref() {
             // SAFETY: `chunk` is 64 readable bytes; the load is unaligned.
             let v = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
+            if let Some(to) = to.as_deref_mut() {
+                // SAFETY: `to` is as long as `piece`, so 64 bytes from `at` are writable.
+                unsafe { _mm512_storeu_si512(to[at..at + 64].as_mut_ptr().cast(), v) };
+            }
+            at += 64;
             low = _mm512_add_epi32(low, _mm512_and_si512(v, low_half));
             high = _mm512_add_epi32(high, _mm512_srli_epi32::<16>(v));
         }
@@ -71,6 +110,10 @@ mod wide {
             let mask: u64 = (1u64 << rest.len()) - 1;
             // SAFETY: the mask covers only `rest`'s bytes; masked-off bytes are not read.
             let v = unsafe { _mm512_maskz_loadu_epi8(mask, rest.as_ptr().cast()) };
+            if let Some(to) = to.as_deref_mut() {
+                // SAFETY: the mask covers only the `rest.len()` bytes left in `to`.
+                unsafe { _mm512_mask_storeu_epi8(to[at..].as_mut_ptr().cast(), mask, v) };
+            }
             low = _mm512_add_epi32(low, _mm512_and_si512(v, low_half));
             high = _mm512_add_epi32(high, _mm512_srli_epi32::<16>(v));
         }
@@ -150,5 +193,27 @@ mod tests {
         }
         assert_eq!(fold(0xffff), 0xffff);
         assert_eq!(fold(0x1_0000), 1);
+    }
+
+    #[test]
+    fn copy_sum_copies_and_sums_like_sum() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in (0..300).chain([1279, 1380, 1500, 9001, 65535]) {
+            let src: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            // Bytes around the destination stay as they were (the masked tail writes only
+            // the copy's own bytes).
+            let mut dst = vec![0xa5u8; len + 70];
+            let summed = copy_sum(&mut dst[3..3 + len], &src);
+            assert_eq!(&dst[3..3 + len], &src[..], "{len} bytes copied");
+            assert!(dst[..3].iter().chain(&dst[3 + len..]).all(|&b| b == 0xa5));
+            assert_eq!(!fold(summed), reference(&src, 0), "{len} bytes summed");
+        }
     }
 }
