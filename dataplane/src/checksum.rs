@@ -110,7 +110,7 @@ mod wide {
             let mask: u64 = (1u64 << rest.len()) - 1;
             // SAFETY: the mask covers only `rest`'s bytes; masked-off bytes are not read.
             let v = unsafe { _mm512_maskz_loadu_epi8(mask, rest.as_ptr().cast()) };
-            if let Some(to) = to.as_deref_mut() {
+            if let Some(to) = to {
                 // SAFETY: the mask covers only the `rest.len()` bytes left in `to`.
                 unsafe { _mm512_mask_storeu_epi8(to[at..].as_mut_ptr().cast(), mask, v) };
             }
