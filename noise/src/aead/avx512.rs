@@ -417,8 +417,8 @@ const MOST: usize = WIDE + 4 * GROUPS;
 /// The most blocks a step of rows alone makes (all a message of up to 704 bytes needs).
 const ROWS: usize = 4 * GROUPS;
 
-/// One step's keystream from block `block` on, for `rest` bytes still to cover (the first
-/// step also makes Poly1305's key block): as many groups as the bytes need where three do,
+/// One step's keystream from block `block` on, for `needed` bytes of it (what the data still
+/// needs, and on the first step Poly1305's key block, [`needed`]): as many groups as the bytes need where three do,
 /// else sixteen blocks in the wide layout and, where `beside`, up to three groups with them
 /// in one step. Writes the blocks to `out` (long enough for them) and returns how many. A
 /// 1420-byte packet takes one step
@@ -431,13 +431,11 @@ unsafe fn step<M: BetweenRounds>(
     key: &[u32; 8],
     n: [u32; 3],
     block: u32,
-    rest: usize,
-    first: bool,
+    needed: usize,
     beside: bool,
     between: &mut M,
     out: &mut [__m512i],
 ) -> usize {
-    let needed = rest + if first { 64 } else { 0 };
     if needed > ROWS * 64 {
         let groups = if beside {
             needed.saturating_sub(64 * WIDE).div_ceil(256).min(GROUPS)
@@ -459,6 +457,12 @@ unsafe fn step<M: BetweenRounds>(
         _ => keystream::<GROUPS, _>(key, n, block, between, out),
     }
     4 * groups
+}
+
+/// Keystream bytes a step is to make for `rest` bytes of data: on the `first` step a block
+/// more, Poly1305's key.
+fn needed(rest: usize, first: bool) -> usize {
+    rest + if first { 64 } else { 0 }
 }
 
 /// The data's keystream blocks of a step; on the first step block 0 is Poly1305's key
@@ -507,8 +511,8 @@ unsafe fn crypt_in<const N: usize>(
     let (mut behind, mut at, mut block) = (0..0, 0, 0u32);
     loop {
         let mut between = ScalarBlocks::new(&mut poly, &data[behind.clone()]);
-        let rest = data.len() - at;
-        let blocks = step(key, n, block, rest, at == 0, false, &mut between, &mut flat);
+        let rest = needed(data.len() - at, at == 0);
+        let blocks = step(key, n, block, rest, false, &mut between, &mut flat);
         let (mac_key, stream) = data_part(&flat, blocks, at == 0);
         if let Some(mac_key) = mac_key {
             poly = mac_key;
@@ -569,9 +573,9 @@ unsafe fn crypt_lanes_in<const N: usize>(
     let mut kept = ([_mm512_setzero_si512(); N], 0..0);
     let (mut at, mut block) = (0, 0u32);
     loop {
-        let rest = data.len() - at;
+        let rest = needed(data.len() - at, at == 0);
         let blocks = match lanes.as_mut() {
-            None => step(key, n, block, rest, at == 0, true, &mut Nothing, &mut flat),
+            None => step(key, n, block, rest, true, &mut Nothing, &mut flat),
             Some(lanes) => {
                 let until = if sealing { at / 128 } else { lanes.chunks() };
                 step(
@@ -579,7 +583,6 @@ unsafe fn crypt_lanes_in<const N: usize>(
                     n,
                     block,
                     rest,
-                    at == 0,
                     true,
                     &mut LaneChunks::new(lanes, data, until),
                     &mut flat,
