@@ -159,18 +159,23 @@ pub(crate) fn reference(bytes: &[u8], initial: u32) -> u16 {
 mod tests {
     use super::*;
 
+    /// `len` bytes from a xorshift generator whose state is `seed`.
+    fn pseudo_random(len: usize, seed: &mut u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                *seed as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn the_sum_agrees_with_the_word_by_word_reference() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for len in (0..80).chain([1279, 1280, 1500, 9001, 65535]) {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let bytes = pseudo_random(len, &mut seed);
             assert_eq!(!fold(sum(&bytes, 0)), reference(&bytes, 0), "{len} bytes");
             assert_eq!(
                 !fold(sum(&bytes, 0x1_2345)),
@@ -199,14 +204,7 @@ mod tests {
     fn copy_sum_copies_and_sums_like_sum() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for len in (0..300).chain([1279, 1380, 1500, 9001, 65535]) {
-            let src: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let src = pseudo_random(len, &mut seed);
             // Bytes around the destination stay as they were (the masked tail writes only
             // the copy's own bytes).
             let mut dst = vec![0xa5u8; len + 70];

@@ -160,13 +160,12 @@ impl<'a> Split<'a> {
         }
         // The kernel may set hdr_len to the whole first packet on the forwarding path.
         let csum_start = usize::from(hdr.csum_start);
-        if csum_start
-            < if is_v6 {
-                IPV6_HEADER_LEN
-            } else {
-                IPV4_HEADER_LEN
-            }
-        {
+        let ip_header_len = if is_v6 {
+            IPV6_HEADER_LEN
+        } else {
+            IPV4_HEADER_LEN
+        };
+        if csum_start < ip_header_len {
             return Err(SplitError::TransportHeader);
         }
         let transport_len = if tcp {
