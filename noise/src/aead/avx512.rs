@@ -418,13 +418,12 @@ const MOST: usize = WIDE + 4 * GROUPS;
 const ROWS: usize = 4 * GROUPS;
 
 /// One step's keystream from block `block` on, for `needed` bytes of it (what the data still
-/// needs, and on the first step Poly1305's key block, [`needed`]): as many groups as the bytes need where three do,
-/// else sixteen blocks in the wide layout and, where `beside`, up to three groups with them
-/// in one step. Writes the blocks to `out` (long enough for them) and returns how many. A
-/// 1420-byte packet takes one step
-/// of 16 + 8 blocks beside each other (163 ns of keystream), or 16 then 8 (253 ns), where two
-/// steps of three groups took 255: steps one after the other leave room between their
-/// rounds for a MAC, one step none.
+/// needs and, on the first step, Poly1305's key block: [`needed`]): as many groups as the
+/// bytes need where three do, else sixteen blocks in the wide layout and, where `beside`, up
+/// to three groups with them in one step. Writes the blocks to `out` (long enough for them)
+/// and returns how many. A 1420-byte packet takes one step of 16 + 8 blocks beside each
+/// other (163 ns of keystream), or 16 then 8 (253 ns), where two steps of three groups took
+/// 255: steps one after the other leave room between their rounds for a MAC, one step none.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn step<M: BetweenRounds>(
