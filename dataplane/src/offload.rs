@@ -87,7 +87,8 @@ enum Kind {
 
 /// What a superpacket's split needs between runs.
 struct Segmented {
-    hdr: VirtioNetHdr,
+    /// Where the transport header starts (the IP header's length).
+    csum_start: usize,
     is_v6: bool,
     tcp: bool,
     /// IP + transport header bytes, in front of the payload.
@@ -121,7 +122,7 @@ impl<'a> Split<'a> {
     /// checksum the kernel left partial.
     pub fn new(read: &'a mut [u8]) -> Result<Split<'a>, SplitError> {
         let header = read.get(..VNET_HDR_LEN).ok_or(SplitError::TooShort)?;
-        let mut hdr = VirtioNetHdr::decode(header).map_err(|_| SplitError::TooShort)?;
+        let hdr = VirtioNetHdr::decode(header).map_err(|_| SplitError::TooShort)?;
         let packet = &mut read[VNET_HDR_LEN..];
         if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
             if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
@@ -194,7 +195,9 @@ impl<'a> Split<'a> {
         if ip_len > usize::from(u16::MAX) {
             return Err(SplitError::SegmentTooLong);
         }
-        hdr.hdr_len = u16::try_from(hdr_len).map_err(|_| SplitError::TransportHeader)?;
+        if hdr_len > usize::from(u16::MAX) {
+            return Err(SplitError::TransportHeader);
+        }
         let ip_id = if is_v6 {
             0
         } else {
@@ -214,7 +217,7 @@ impl<'a> Split<'a> {
         Ok(Split {
             packet,
             kind: Kind::Segmented(Segmented {
-                hdr,
+                csum_start,
                 is_v6,
                 tcp,
                 hdr_len,
@@ -279,7 +282,7 @@ impl<'a> Split<'a> {
             headers[IPV4_ID_OFFSET..IPV4_ID_OFFSET + 2].copy_from_slice(&id.to_be_bytes());
         }
         if s.tcp {
-            let t = &mut headers[usize::from(s.hdr.csum_start)..];
+            let t = &mut headers[s.csum_start..];
             let seq = s.seq.wrapping_add(start as u32);
             t[TCP_SEQ_OFFSET..TCP_SEQ_OFFSET + 4].copy_from_slice(&seq.to_be_bytes());
             let mut flags = s.flags;
@@ -312,7 +315,7 @@ impl Segmented {
     /// first segment: segment `i` takes its IPv4 ID and TCP sequence number from there, CWR
     /// only if first, FIN and PSH only if last; then its lengths and both checksums.
     fn write_segment(&self, run: &[u8], i: usize, out: &mut [u8]) -> usize {
-        let (hdr_len, csum_start) = (self.hdr_len, usize::from(self.hdr.csum_start));
+        let (hdr_len, csum_start) = (self.hdr_len, self.csum_start);
         let payload = &run[hdr_len..];
         let from = i * self.segment;
         let data = &payload[from..(from + self.segment).min(payload.len())];

@@ -2,10 +2,11 @@
 //! data needs that many (one state word of every block per vector, no shuffles in the rounds),
 //! else four blocks per vector (rows in the 128-bit lanes, rotations with `vprold`), up to
 //! three such groups computed side by side so the vector units have independent chains. The
-//! MAC is absorbed between the rounds, where its work overlaps theirs ("stitched", as ring's
-//! AVX2 assembly is): on CPUs with IFMA in eight vector lanes ([`super::poly_lanes`]),
-//! elsewhere as a scalar radix-2^64 Poly1305 one step behind the keystream. Masked byte loads
-//! and stores for a tail.
+//! MAC: on CPUs with IFMA in eight vector lanes ([`super::poly_lanes`]), after the keystream
+//! where one step makes all of it (up to 1,728 bytes, with rows beside the wide blocks), else
+//! absorbed between later steps' rounds, where its work overlaps theirs ("stitched", as
+//! ring's AVX2 assembly is); elsewhere as a scalar radix-2^64 Poly1305 stitched one step
+//! behind the keystream. Masked byte loads and stores for a tail.
 //!
 //! Written here because no library offered it (issue 9: ring stops at AVX2; OpenSSL's AVX-512
 //! path costs more per call than it saves at WireGuard's sizes; RustCrypto's is slower than
@@ -464,6 +465,11 @@ fn needed(rest: usize, first: bool) -> usize {
     rest + if first { 64 } else { 0 }
 }
 
+/// Whether one step of rows makes all the keystream a message of `len` bytes needs.
+fn rows_suffice(len: usize) -> bool {
+    needed(len, true) <= ROWS * 64
+}
+
 /// The data's keystream blocks of a step; on the first step block 0 is Poly1305's key
 /// instead, returned as the MAC it starts.
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -487,7 +493,7 @@ unsafe fn data_part(flat: &[__m512i], blocks: usize, first: bool) -> (Option<Pol
 unsafe fn crypt(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bool) -> [u8; 16] {
     // Buffers only as large as the steps need: short messages (most of them) then do not
     // clear and copy room for sixteen blocks they never use.
-    if data.len() + 64 <= ROWS * 64 {
+    if rows_suffice(data.len()) {
         crypt_in::<ROWS>(key, counter, data, sealing)
     } else {
         crypt_in::<WIDE>(key, counter, data, sealing)
@@ -548,7 +554,7 @@ unsafe fn crypt_in<const N: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512ifma")]
 unsafe fn crypt_lanes(key: &[u32; 8], counter: u64, data: &mut [u8], sealing: bool) -> [u8; 16] {
     // As in `crypt`: buffers only as large as the steps need.
-    if data.len() + 64 <= ROWS * 64 {
+    if rows_suffice(data.len()) {
         crypt_lanes_in::<ROWS>(key, counter, data, sealing)
     } else {
         crypt_lanes_in::<MOST>(key, counter, data, sealing)

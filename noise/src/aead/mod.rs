@@ -131,7 +131,8 @@ mod tests {
     fn check_against_ring(fastest: &Aead, ring: &Aead) {
         eprintln!("checking {} against ring", fastest.implementation());
         // Every length over the AVX-512 steps' edges (704 bytes: one step of rows; 960: one
-        // wide step; 1728: a wide step and rows; 1984: two wide steps), then long ones.
+        // wide step; 1728: one wide step with three groups of rows beside it, the IFMA path's
+        // longest single step; 1984: two wide steps, the scalar MAC's path), then long ones.
         for len in (0..2100).chain([4000, 9001, 65000]) {
             let plain: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
             let counter = 0x1_0000_0001 * len as u64 + 9;
