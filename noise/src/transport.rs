@@ -86,6 +86,33 @@ impl Transport {
     /// data message in place; returns its length (`HEADER_LEN + len + 16`). `buf` must have
     /// room for the tag.
     pub fn seal(&self, now: Instant, buf: &mut [u8], len: usize) -> Result<usize, TransportError> {
+        let (counter, total) = self.header(now, buf, len)?;
+        self.send.seal(counter, &mut buf[HEADER_LEN..total], len);
+        Ok(total)
+    }
+
+    /// Seals `packet` (padded by the caller) into a data message in `buf`, reading it where
+    /// it lies; returns the message's length (`HEADER_LEN + packet.len() + 16`). The same
+    /// message [`Transport::seal`] makes of a copy at `buf[HEADER_LEN..]`.
+    pub fn seal_from(
+        &self,
+        now: Instant,
+        packet: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize, TransportError> {
+        let (counter, total) = self.header(now, buf, packet.len())?;
+        self.send
+            .seal_from(counter, packet, &mut buf[HEADER_LEN..total]);
+        Ok(total)
+    }
+
+    /// The next counter, its message's length, and the message's header written to `buf`.
+    fn header(
+        &self,
+        now: Instant,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Result<(u64, usize), TransportError> {
         let total = HEADER_LEN + len + TAG_LEN;
         if buf.len() < total {
             return Err(TransportError::Malformed);
@@ -100,8 +127,7 @@ impl Transport {
         buf[..4].copy_from_slice(&[DATA, 0, 0, 0]);
         buf[4..8].copy_from_slice(&self.remote_index.to_le_bytes());
         buf[8..16].copy_from_slice(&counter.to_le_bytes());
-        self.send.seal(counter, &mut buf[HEADER_LEN..total], len);
-        Ok(total)
+        Ok((counter, total))
     }
 
     /// Opens the data message `msg` in place; returns its counter and the plaintext (padding
@@ -152,6 +178,23 @@ mod tests {
         };
         let t = Instant::now();
         (Transport::new(&s, t), Transport::new(&mirror, t))
+    }
+
+    #[test]
+    fn seals_from_elsewhere_the_message_it_seals_in_place() {
+        let ((a, _), (c, _)) = (pair(), pair());
+        let now = Instant::now();
+        let packet: Vec<u8> = (0..1420).map(|i| (i * 13) as u8).collect();
+        let mut in_place = vec![0u8; HEADER_LEN + packet.len() + TAG_LEN];
+        in_place[HEADER_LEN..HEADER_LEN + packet.len()].copy_from_slice(&packet);
+        let n = a.seal(now, &mut in_place, packet.len()).unwrap();
+        let mut elsewhere = vec![0xff; n + 7];
+        assert_eq!(c.seal_from(now, &packet, &mut elsewhere), Ok(n));
+        assert_eq!(&elsewhere[..n], &in_place[..]);
+        assert_eq!(
+            c.seal_from(now, &packet, &mut elsewhere[..n - 1]),
+            Err(TransportError::Malformed)
+        );
     }
 
     #[test]

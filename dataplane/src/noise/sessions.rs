@@ -57,9 +57,7 @@ impl Sessions {
     #[inline]
     pub fn seal(&self, at: Instant, packet: &[u8], scratch: &mut [u8]) -> Option<usize> {
         let keypair = self.current.as_ref()?;
-        let end = HEADER_LEN + packet.len();
-        scratch.get_mut(HEADER_LEN..end)?.copy_from_slice(packet);
-        keypair.transport.seal(at, scratch, packet.len()).ok()
+        keypair.transport.seal_from(at, packet, scratch).ok()
     }
 
     /// Queues a packet until a session exists; `true` when the oldest waiting one was

@@ -3,7 +3,7 @@
 //! counters, lengths and contents the fuzzer picks.
 //!
 //! Invariants:
-//! - both seal any plaintext to the same bytes;
+//! - both seal any plaintext to the same bytes, in place and read from elsewhere;
 //! - both open the sealed message to the plaintext;
 //! - on a mutated message (a bit flipped, a byte changed, truncated) or a wrong counter, both
 //!   agree: both refuse (no forgery, no implementation more lenient than the other).
@@ -41,6 +41,14 @@ fn check(
     fast.seal(counter, &mut a, plain.len());
     reference.seal(counter, &mut b, plain.len());
     assert_eq!(a, b, "{} seals unlike ring", fast.implementation());
+    let mut c = vec![flip; a.len()];
+    fast.seal_from(counter, plain, &mut c);
+    assert_eq!(
+        a,
+        c,
+        "{} seals from elsewhere unlike in place",
+        fast.implementation()
+    );
     assert_eq!(fast.open(counter, &mut a.clone()).as_deref(), Some(plain));
     let (mut m, open_counter) = match mutation {
         0 => (a.clone(), counter),
