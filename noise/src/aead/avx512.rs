@@ -476,8 +476,8 @@ const ROWS: usize = 4 * GROUPS;
 /// One step's keystream from block `block` on, for `needed` bytes of it (what the data still
 /// needs and, on the first step, Poly1305's key block: [`needed`]): as many groups as the
 /// bytes need where three do, else sixteen blocks in the wide layout and, where `beside`, up
-/// to three groups with them in one step. Writes the blocks to `out` (long enough for them)
-/// and returns how many. A 1420-byte packet takes one step of 16 + 8 blocks beside each
+/// to three groups with them in one step. Writes the blocks to `out` (long enough for them).
+/// A 1420-byte packet takes one step of 16 + 8 blocks beside each
 /// other (163 ns of keystream), or 16 then 8 (253 ns), where two steps of three groups took
 /// 255: steps one after the other leave room between their rounds for a MAC, one step none.
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -490,7 +490,7 @@ unsafe fn step<const N: usize, M: BetweenRounds>(
     beside: bool,
     between: &mut M,
     out: &mut Stream<N>,
-) -> usize {
+) {
     if needed > ROWS * 64 {
         let groups = if beside {
             needed.saturating_sub(64 * WIDE).div_ceil(256).min(GROUPS)
@@ -503,7 +503,7 @@ unsafe fn step<const N: usize, M: BetweenRounds>(
             2 => wide_keystream::<2, N, _>(key, n, block, between, out),
             _ => wide_keystream::<GROUPS, N, _>(key, n, block, between, out),
         }
-        return WIDE + 4 * groups;
+        return;
     }
     let groups = needed.div_ceil(256).clamp(1, GROUPS);
     match groups {
@@ -511,7 +511,6 @@ unsafe fn step<const N: usize, M: BetweenRounds>(
         2 => keystream::<2, N, _>(key, n, block, between, out),
         _ => keystream::<GROUPS, N, _>(key, n, block, between, out),
     }
-    4 * groups
 }
 
 /// Keystream bytes a step is to make for `rest` bytes of data: on the `first` step a block
@@ -613,7 +612,7 @@ unsafe fn crypt_in<const N: usize>(
     loop {
         let mut between = ScalarBlocks::new(&mut poly, &data[behind.clone()]);
         let rest = needed(data.len() - at, at == 0);
-        let blocks = step(key, n, block, rest, false, &mut between, &mut flat);
+        step(key, n, block, rest, false, &mut between, &mut flat);
         let (mac_key, stream) = data_part(flat.blocks(), at == 0);
         if let Some(mac_key) = mac_key {
             poly = mac_key;
@@ -628,7 +627,7 @@ unsafe fn crypt_in<const N: usize>(
         }
         behind = at..end;
         at = end;
-        block += blocks as u32;
+        block += flat.blocks().len() as u32;
         if at >= data.len() {
             break;
         }
@@ -677,7 +676,7 @@ unsafe fn crypt_lanes_in<const N: usize>(
     let (mut at, mut block) = (0, 0u32);
     loop {
         let rest = needed(data.len() - at, at == 0);
-        let blocks = match lanes.as_mut() {
+        match lanes.as_mut() {
             None => step(key, n, block, rest, true, &mut Nothing, &mut flat),
             Some(lanes) => {
                 let until = if sealing { at / 128 } else { lanes.chunks() };
@@ -691,7 +690,7 @@ unsafe fn crypt_lanes_in<const N: usize>(
                     &mut flat,
                 )
             }
-        };
+        }
         let (mac_key, stream) = data_part(flat.blocks(), at == 0);
         if let Some(mac_key) = mac_key {
             poly = mac_key;
@@ -719,7 +718,7 @@ unsafe fn crypt_lanes_in<const N: usize>(
             xor_blocks(stream, &mut data[at..end], None);
         }
         at = end;
-        block += blocks as u32;
+        block += flat.blocks().len() as u32;
         if at >= data.len() {
             break;
         }
