@@ -37,6 +37,28 @@ pub fn copy_sum(dst: &mut [u8], src: &[u8]) -> u64 {
     tun_rs::checksum_no_fold(src, 0)
 }
 
+/// Appends `src` to `dst` and returns its ones' complement sum, unfolded, as [`copy_sum`]
+/// does: the coalescer copies each received segment into its superpacket and checks the
+/// segment's checksum in this one pass, where it took a sum and then a copy. The room is
+/// written once, never cleared first.
+pub fn extend_sum(dst: &mut Vec<u8>, src: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if src.len() >= wide::MIN_LEN && wide::available() {
+        dst.reserve(src.len());
+        let start = dst.len();
+        // SAFETY: the CPU has AVX-512F and AVX-512BW (checked just above); `reserve` made
+        // room for `src.len()` bytes after `start`, which `copy_sum_to` writes in full
+        // before the length takes them in.
+        unsafe {
+            let total = wide::copy_sum_to(dst.as_mut_ptr().add(start), src);
+            dst.set_len(start + src.len());
+            return total;
+        }
+    }
+    dst.extend_from_slice(src);
+    tun_rs::checksum_no_fold(src, 0)
+}
+
 /// The sum in 64-byte steps with AVX-512. Ones' complement addition does not care about byte
 /// order (RFC 1071, 2.B): the words are added as they lie in memory (little-endian) in
 /// 32-bit lanes, the low and high halves of each lane apart, and only the folded result is
@@ -61,7 +83,8 @@ mod wide {
     pub unsafe fn sum(bytes: &[u8]) -> u64 {
         let mut total = 0u64;
         for piece in bytes.chunks(PIECE) {
-            total += u64::from(piece_sum(piece, None));
+            // SAFETY: nothing is written.
+            total += u64::from(unsafe { piece_sum(piece, None) });
         }
         u64::from(super::fold(total).swap_bytes())
     }
@@ -72,9 +95,22 @@ mod wide {
     /// The CPU must have AVX-512F and AVX-512BW.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn copy_sum(dst: &mut [u8], src: &[u8]) -> u64 {
+        assert_eq!(dst.len(), src.len(), "copy_sum: lengths differ");
+        // SAFETY: `dst` is `src.len()` writable bytes.
+        unsafe { copy_sum_to(dst.as_mut_ptr(), src) }
+    }
+
+    /// [`copy_sum`] into `src.len()` bytes at `dst`, which may be uninitialised.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512BW; `dst` must be valid for `src.len()` bytes of
+    /// writes and not overlap `src`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn copy_sum_to(dst: *mut u8, src: &[u8]) -> u64 {
         let mut total = 0u64;
-        for (piece, to) in src.chunks(PIECE).zip(dst.chunks_mut(PIECE)) {
-            total += u64::from(piece_sum(piece, Some(to)));
+        for (i, piece) in src.chunks(PIECE).enumerate() {
+            // SAFETY: piece `i` starts `i * PIECE` bytes into `src`, so into `dst` too.
+            total += u64::from(piece_sum(piece, Some(unsafe { dst.add(i * PIECE) })));
         }
         u64::from(super::fold(total).swap_bytes())
     }
@@ -83,23 +119,22 @@ mod wide {
     /// it; longer input is summed in pieces.
     const PIECE: usize = 32_768 * 64;
 
-    /// The folded sum of one piece (memory order), written to `to` as well where given (as
-    /// long as the piece).
+    /// The folded sum of one piece (memory order), written to `to` as well where given.
+    ///
+    /// # Safety
+    /// `to`, where given, must be valid for `piece.len()` bytes of writes.
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn piece_sum(piece: &[u8], mut to: Option<&mut [u8]>) -> u16 {
+    unsafe fn piece_sum(piece: &[u8], to: Option<*mut u8>) -> u16 {
         let low_half = _mm512_set1_epi32(0xffff);
         let (mut low, mut high) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-        if let Some(to) = to.as_deref() {
-            assert_eq!(to.len(), piece.len(), "copy_sum: lengths differ");
-        }
         let mut chunks = piece.chunks_exact(64);
         let mut at = 0;
         for chunk in chunks.by_ref() {
             // SAFETY: `chunk` is 64 readable bytes; the load is unaligned.
             let v = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
-            if let Some(to) = to.as_deref_mut() {
-                // SAFETY: `to` is as long as `piece`, so 64 bytes from `at` are writable.
-                unsafe { _mm512_storeu_si512(to[at..at + 64].as_mut_ptr().cast(), v) };
+            if let Some(to) = to {
+                // SAFETY: `to` takes `piece.len()` bytes, so 64 from `at`.
+                unsafe { _mm512_storeu_si512(to.add(at).cast(), v) };
             }
             at += 64;
             low = _mm512_add_epi32(low, _mm512_and_si512(v, low_half));
@@ -112,7 +147,7 @@ mod wide {
             let v = unsafe { _mm512_maskz_loadu_epi8(mask, rest.as_ptr().cast()) };
             if let Some(to) = to {
                 // SAFETY: the mask covers only the `rest.len()` bytes left in `to`.
-                unsafe { _mm512_mask_storeu_epi8(to[at..].as_mut_ptr().cast(), mask, v) };
+                unsafe { _mm512_mask_storeu_epi8(to.add(at).cast(), mask, v) };
             }
             low = _mm512_add_epi32(low, _mm512_and_si512(v, low_half));
             high = _mm512_add_epi32(high, _mm512_srli_epi32::<16>(v));
@@ -198,6 +233,27 @@ mod tests {
         }
         assert_eq!(fold(0xffff), 0xffff);
         assert_eq!(fold(0x1_0000), 1);
+    }
+
+    #[test]
+    fn extend_sum_appends_and_sums_like_sum() {
+        let mut seed = 0x853c_49e6_748f_ea9bu64;
+        let mut dst = Vec::new();
+        for len in (0..300).chain([1279, 1380, 1500, 9001, 65535]) {
+            let src = pseudo_random(len, &mut seed);
+            let before = dst.clone();
+            let summed = extend_sum(&mut dst, &src);
+            assert_eq!(
+                &dst[..before.len()],
+                &before[..],
+                "{len}: what was there stays"
+            );
+            assert_eq!(&dst[before.len()..], &src[..], "{len} bytes appended");
+            assert_eq!(!fold(summed), reference(&src, 0), "{len} bytes summed");
+            if dst.len() > 100_000 {
+                dst.truncate(7);
+            }
+        }
     }
 
     #[test]
