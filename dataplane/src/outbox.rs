@@ -24,7 +24,10 @@ const MAX_GSO_BYTES: usize = 65507;
 
 /// See the module documentation.
 pub struct Outbox {
+    /// The datagrams' bytes, `bytes[..filled]` in use. Never shortened: room lent to the
+    /// engine ([`Transmit::send_built`]) is written over, not cleared first.
     bytes: Vec<u8>,
+    filled: usize,
     datagrams: Vec<Queued>,
     /// Packets for the TUN, each behind a virtio-net header, merged per flow when offloads
     /// are on.
@@ -51,12 +54,28 @@ struct Queued {
 
 impl Outbox {
     fn queue(&mut self, to: &Endpoint, datagram: &[u8], peer: Option<Key>) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(datagram);
+        self.room(datagram.len()).copy_from_slice(datagram);
+        self.commit(to, datagram.len(), peer);
+    }
+
+    /// `len` bytes after what is in use (zeroed only the first time the buffer reaches
+    /// that far).
+    fn room(&mut self, len: usize) -> &mut [u8] {
+        let end = self.filled + len;
+        if self.bytes.len() < end {
+            self.bytes.resize(end, 0);
+        }
+        &mut self.bytes[self.filled..end]
+    }
+
+    /// Queues the first `len` bytes of the room as a datagram.
+    fn commit(&mut self, to: &Endpoint, len: usize, peer: Option<Key>) {
+        let start = self.filled;
+        self.filled += len;
         self.datagrams.push(Queued {
             to: *to,
             start,
-            end: self.bytes.len(),
+            end: self.filled,
             peer,
         });
     }
@@ -73,6 +92,25 @@ impl Transmit for Outbox {
 
     fn write_tun(&mut self, packet: &[u8]) {
         self.packets.push(packet);
+    }
+
+    fn send_built<R>(
+        &mut self,
+        peer: &Key,
+        to: &Endpoint,
+        len: usize,
+        _scratch: &mut [u8],
+        build: impl FnOnce(&mut [u8]) -> (Option<usize>, R),
+    ) -> R {
+        let (built, result) = build(self.room(len));
+        if let Some(n) = built {
+            // A length past the room would be the engine's bug; it sends nothing then.
+            debug_assert!(n <= len, "built past the room");
+            if n <= len {
+                self.commit(to, n, Some(*peer));
+            }
+        }
+        result
     }
 }
 
@@ -96,6 +134,7 @@ impl Outbox {
         packets.set_udp_gso(offload && udp_gso);
         Outbox {
             bytes: Vec::new(),
+            filled: 0,
             datagrams: Vec::new(),
             packets,
             offload,
@@ -125,7 +164,7 @@ impl Outbox {
     }
 
     pub fn clear(&mut self) {
-        self.bytes.clear();
+        self.filled = 0;
         self.datagrams.clear();
         self.packets.clear();
     }
@@ -289,6 +328,86 @@ mod tests {
         out.send(&b, &[2; 100]); // a cookie reply: no peer's
         let peers: Vec<_> = out.runs(64).map(|r| (r.segment, r.peer)).collect();
         assert_eq!(peers, vec![(Some(100), Some(key)), (None, None)]);
+    }
+
+    #[test]
+    fn a_datagram_built_in_lent_room_is_queued_like_a_sent_one() {
+        let (a, b) = (ep("198.18.0.2:51820"), ep("198.18.0.3:51820"));
+        let key = Key::generate_private().public_key();
+        let mut scratch = [0u8; 64];
+        let mut built = Outbox::default();
+        let mut sent = Outbox::default();
+        // A long datagram first, so the room lent later lies over its bytes.
+        built.send_for_peer(&key, &b, &[7; 300]);
+        sent.send_for_peer(&key, &b, &[7; 300]);
+        built.clear();
+        sent.clear();
+        for (i, len) in [100usize, 100, 60].into_iter().enumerate() {
+            let result = built.send_built(&key, &a, 200, &mut scratch, |room| {
+                assert!(room.len() >= 200, "room as asked for");
+                room[..len].fill(i as u8);
+                (Some(len), i)
+            });
+            assert_eq!(result, i, "the builder's result comes back");
+            sent.send_for_peer(&key, &a, &vec![i as u8; len]);
+        }
+        // Nothing built: nothing queued, and the result still comes back.
+        let result = built.send_built(&key, &a, 200, &mut scratch, |room| {
+            room.fill(9);
+            (None, "queued")
+        });
+        assert_eq!(result, "queued");
+        let runs = |o: &Outbox| {
+            o.runs(64)
+                .map(|r| (r.to, r.contents.to_vec(), r.segment, r.peer))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(runs(&built), runs(&sent));
+        assert_eq!(built.datagrams().count(), 3);
+    }
+
+    /// The engine seals into the outbox's room: the datagram it leaves there is one the
+    /// peer opens, for the initiation and for data alike.
+    #[test]
+    fn the_engine_seals_into_the_outbox() {
+        use crate::testing::{pair, pump, Capture};
+        use etherparse::PacketBuilder;
+        let ping = |seq: u16, payload: usize| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4([198, 19, 1, 2], [198, 19, 2, 2], 64)
+                .icmpv4_echo_request(7, seq)
+                .write(&mut out, &vec![0xab; payload])
+                .unwrap();
+            out
+        };
+        let (mut a, mut b) = pair(std::time::Instant::now());
+        let mut out = Outbox::default();
+        let first = ping(1, 56);
+        let mut buf = first.clone();
+        buf.resize(first.len() + 16, 0);
+        a.tun_packet(&mut buf, first.len(), &mut out);
+        let sent: Vec<_> = out.datagrams().map(|(to, d)| (*to, d.to_vec())).collect();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1.len(), 148, "an initiation");
+        let mut capture = Capture::default();
+        capture.sent = sent;
+        let (_, b_tun) = pump(&mut a, &mut b, capture, true);
+        assert_eq!(b_tun, vec![first]);
+        // With the session: three data messages of different sizes in one batch.
+        out.clear();
+        let packets: Vec<_> = [1372usize, 0, 57].iter().map(|&n| ping(2, n)).collect();
+        for p in &packets {
+            let mut buf = p.clone();
+            buf.resize(p.len() + 16, 0);
+            a.tun_packet(&mut buf, p.len(), &mut out);
+        }
+        let datagrams: Vec<_> = out.datagrams().map(|(_, d)| d.to_vec()).collect();
+        assert_eq!(datagrams.len(), 3);
+        let mut arrived = Vec::new();
+        for d in &datagrams {
+            arrived.extend(b.net_in(a.addr, d).tun);
+        }
+        assert_eq!(arrived, packets);
     }
 
     #[test]

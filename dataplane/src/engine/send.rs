@@ -12,7 +12,8 @@
 //!
 //! Every drop after the peer is found counts against that peer too.
 
-use super::{send_counted, Batch, Transmit, SCRATCH_LEN};
+use super::messages::{DATA_OVERHEAD, INITIATION_LEN};
+use super::{count_sent, Batch, Transmit, SCRATCH_LEN};
 use crate::noise::Outgoing;
 use crate::packet;
 use crate::stats::{DropReason, Stats};
@@ -82,15 +83,27 @@ impl Batch<'_> {
             stats.peer_drop(&peer.drops, DropReason::NoEndpoint);
             return;
         };
-        let outgoing = noise.send(device, self.now_ms, &buf[..padded], &mut scratch[..]);
+        // Sealed where the sink sends it from: room for the data message, or for the
+        // initiation of the handshake the packet would wait for.
+        let room = (padded + DATA_OVERHEAD).max(INITIATION_LEN);
+        let (now_ms, tally, traffic) = (self.now_ms, &self.tally, &mut state.traffic);
+        let outgoing = tx.send_built(&peer.public_key, &endpoint, room, &mut scratch[..], |out| {
+            let outgoing = noise.send(device, now_ms, &buf[..padded], out);
+            let sent = match outgoing {
+                Outgoing::Data(n) | Outgoing::Initiation(n) => {
+                    count_sent(tally, traffic, &out[..n]);
+                    Some(n)
+                }
+                Outgoing::Queued | Outgoing::Dropped(_) => None,
+            };
+            (sent, outgoing)
+        });
         let dropped_waiting = noise.take_queue_drops();
         match outgoing {
             // A data message, or the initiation of the handshake the packet waits for.
-            Outgoing::Data(n) | Outgoing::Initiation(n) => {
+            Outgoing::Data(_) | Outgoing::Initiation(_) => {
                 self.tally.tun_packet_in();
                 state.last_sent_ms = self.now_ms;
-                let traffic = Some((&peer.public_key, &mut state.traffic));
-                send_counted(&self.tally, traffic, tx, &endpoint, &scratch[..n]);
             }
             Outgoing::Queued => {}
             Outgoing::Dropped(reason) => stats.peer_drop(&peer.drops, reason),
