@@ -34,7 +34,9 @@ pub mod send;
 pub mod source_limit;
 pub mod timers;
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -269,6 +271,7 @@ impl Engine {
             config: self.config.read(),
             now_ms,
             tally: Tally::default(),
+            last_route: Cell::new(None),
         }
     }
 }
@@ -283,6 +286,25 @@ pub struct Batch<'a> {
     now_ms: u64,
     /// The batch's packet and datagram counts, added to the device's when it ends.
     tally: Tally,
+    /// The last allowed-IPs lookup: an address and its peer's slot.
+    last_route: Cell<Option<(IpAddr, Option<u32>)>>,
+}
+
+impl Batch<'_> {
+    /// The slot of the peer whose allowed IPs hold `addr`, remembered for the next packet:
+    /// a superpacket's segments share their destination and a GRO run's datagrams their
+    /// inner source, so most of a batch's lookups are the one before (the batch holds the
+    /// configuration's read lock, so the answer cannot go stale).
+    fn route(&self, addr: IpAddr) -> Option<u32> {
+        if let Some((last, slot)) = self.last_route.get() {
+            if last == addr {
+                return slot;
+            }
+        }
+        let slot = self.config.allowed_ips.lookup(addr);
+        self.last_route.set(Some((addr, slot)));
+        slot
+    }
 }
 
 impl Drop for Batch<'_> {

@@ -41,7 +41,7 @@ use super::{send_counted, Batch, Transmit, SCRATCH_LEN};
 use crate::noise::{DeviceKeys, Outgoing};
 use crate::packet;
 use crate::peer::{Endpoint, Peer, PeerState};
-use crate::stats::{DropCounters, DropReason, Stats, Tally};
+use crate::stats::{DropCounters, DropReason, Stats};
 
 /// A datagram as the driver hands it over: lent for opening in place, or only to read.
 enum Datagram<'d> {
@@ -197,7 +197,6 @@ impl Batch<'_> {
         scratch: &mut [u8; SCRATCH_LEN],
         tx: &mut impl Transmit,
     ) -> Result<(), DropReason> {
-        let stats = &self.engine.stats;
         let now_ms = self.now_ms;
         let Some(noise) = state.noise.built() else {
             return Err(DropReason::NoSession);
@@ -222,14 +221,7 @@ impl Batch<'_> {
         state.traffic.received(wire_len);
         state.endpoint = Some(source);
         if !opened.plaintext.is_empty() {
-            deliver(
-                &self.config,
-                stats,
-                &self.tally,
-                peer,
-                &buf[opened.plaintext.clone()],
-                tx,
-            );
+            self.deliver(peer, &buf[opened.plaintext.clone()], tx);
         }
         if opened.confirmed {
             self.send_waiting(peer, state, device, source, scratch, tx, false);
@@ -402,30 +394,26 @@ fn unbuilt_refusal(device: DeviceKeys<'_>, datagram: &[u8]) -> DropReason {
     }
 }
 
-/// A decrypted data packet from `peer` (its plaintext, padding included): the checks that
-/// keep a peer to its own addresses (their drops count against it), then the TUN.
-fn deliver(
-    config: &super::Config,
-    stats: &Stats,
-    tally: &Tally,
-    peer: &Peer,
-    plaintext: &[u8],
-    tx: &mut impl Transmit,
-) {
-    // The header must be whole and claim no more than arrived; padding after it goes.
-    let Some(inner) = packet::ip_len(plaintext).and_then(|n| plaintext.get(..n)) else {
-        stats.peer_drop(&peer.drops, DropReason::MalformedPacket);
-        return;
-    };
-    let Some(inner_source) = packet::source(inner) else {
-        stats.peer_drop(&peer.drops, DropReason::MalformedPacket);
-        return;
-    };
-    // Cryptokey routing, inbound: the inner source must route back to the same peer.
-    if config.allowed_ips.lookup(inner_source) != Some(peer.slot) {
-        stats.peer_drop(&peer.drops, DropReason::NotAllowed);
-        return;
+impl Batch<'_> {
+    /// A decrypted data packet from `peer` (its plaintext, padding included): the checks
+    /// that keep a peer to its own addresses (their drops count against it), then the TUN.
+    fn deliver(&self, peer: &Peer, plaintext: &[u8], tx: &mut impl Transmit) {
+        let stats = &self.engine.stats;
+        // The header must be whole and claim no more than arrived; padding after it goes.
+        let Some(inner) = packet::ip_len(plaintext).and_then(|n| plaintext.get(..n)) else {
+            stats.peer_drop(&peer.drops, DropReason::MalformedPacket);
+            return;
+        };
+        let Some(inner_source) = packet::source(inner) else {
+            stats.peer_drop(&peer.drops, DropReason::MalformedPacket);
+            return;
+        };
+        // Cryptokey routing, inbound: the inner source must route back to the same peer.
+        if self.route(inner_source) != Some(peer.slot) {
+            stats.peer_drop(&peer.drops, DropReason::NotAllowed);
+            return;
+        }
+        self.tally.tun_packet_out();
+        tx.write_tun(inner);
     }
-    tally.tun_packet_out();
-    tx.write_tun(inner);
 }

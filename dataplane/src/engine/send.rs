@@ -38,11 +38,7 @@ impl Batch<'_> {
             return;
         };
         let config = &*self.config;
-        let Some(peer) = config
-            .allowed_ips
-            .lookup(destination)
-            .and_then(|slot| config.peer(slot))
-        else {
+        let Some(peer) = self.route(destination).and_then(|slot| config.peer(slot)) else {
             stats.drop(DropReason::NoRoute);
             if let Some(n) = packet::icmp_unreachable(packet, destination, &mut scratch[..]) {
                 Stats::add(&stats.icmp_errors_sent, 1);

@@ -822,3 +822,62 @@ fn a_cookie_reply_lets_our_retried_initiation_through_a_loaded_responder() {
     let (_, b_tun) = pump(&mut a, &mut b, response, false);
     assert_eq!(b_tun.len(), 1, "the queued ping arrives");
 }
+
+/// Packets of one batch are routed each by its own address (the batch remembers the last
+/// lookup): to two peers and nowhere, in turn.
+#[test]
+fn one_batch_routes_every_packet_by_its_own_destination() {
+    let (mut a, b) = pair();
+    let c = node("198.18.0.3:51820");
+    a.add_node(&c, &["198.19.3.0/24"]);
+    let mut out = Capture::default();
+    {
+        let mut batch = a.engine.batch();
+        for dst in [
+            "198.19.2.2",
+            "198.19.3.2",
+            "198.19.2.7",
+            "198.19.9.9",
+            "198.19.3.2",
+        ] {
+            let packet = ping_v4("198.19.1.2", dst, 1, 56);
+            let mut buf = packet.clone();
+            buf.resize(packet.len() + 16, 0);
+            batch.handle_tun_packet(&mut buf, packet.len(), &mut a.scratch, &mut out);
+        }
+    }
+    // An initiation to each peer (their second packets wait for the handshake), and an ICMP
+    // error for the address no peer carries.
+    let to: Vec<_> = out.sent.iter().map(|(e, d)| (e.addr, d.len())).collect();
+    assert_eq!(to, vec![(b.addr, 148), (c.addr, 148)]);
+    assert_eq!(out.tun.len(), 1, "host unreachable for 198.19.9.9");
+    assert_eq!(a.drops(DropReason::NoRoute), 1);
+}
+
+/// A datagram's inner source is checked against its own peer's allowed IPs even where the
+/// packet before it, in the same batch, passed.
+#[test]
+fn one_batch_checks_every_inner_source() {
+    let first = ping_v4("198.19.1.2", "198.19.2.2", 1, 56);
+    let (mut a, mut b) = crate::testing::established_pair(Instant::now(), &first);
+    let sources = ["198.19.1.2", "198.19.7.7", "198.19.1.3", "198.19.7.7"];
+    let datagrams: Vec<Vec<u8>> = sources
+        .iter()
+        .map(|src| {
+            let out = a.tun_in(&ping_v4(src, "198.19.2.2", 2, 56));
+            assert_eq!(out.sent.len(), 1);
+            out.sent[0].1.clone()
+        })
+        .collect();
+    let mut out = Capture::default();
+    {
+        let mut batch = b.engine.batch();
+        for d in &datagrams {
+            let mut d = d.clone();
+            batch.handle_datagram(a.addr, Some(b.addr.ip()), &mut d, &mut b.scratch, &mut out);
+        }
+    }
+    let delivered: Vec<_> = out.tun.iter().map(|p| p[12..16].to_vec()).collect();
+    assert_eq!(delivered, vec![vec![198, 19, 1, 2], vec![198, 19, 1, 3]]);
+    assert_eq!(b.drops(DropReason::NotAllowed), 2);
+}
