@@ -1,5 +1,6 @@
-//! The output of one batch: what the engine asked to send and write, copied into buffers that
-//! live as long as the worker (no allocation once they have grown to the working size), then
+//! The output of one batch: what the engine asked to send and write, in buffers that live as
+//! long as the worker (no allocation once they have grown to the working size) — data
+//! messages sealed straight into the datagram buffer, the rest copied in — then
 //! flushed with as few syscalls as the kernel allows: runs of equal-size datagrams to one
 //! endpoint leave as one UDP GSO send, and packets for the TUN are coalesced per flow by our
 //! [`Coalescer`] into superpackets when the TUN has offloads (one write each).

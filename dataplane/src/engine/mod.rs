@@ -68,8 +68,9 @@ const _: () = assert!(
     "an MTU fits the TUN's u16"
 );
 
-/// Where the engine puts its output. Implementations copy into their own buffers; they must
-/// not block or make syscalls (the engine may hold a peer lock while calling them).
+/// Where the engine puts its output. Implementations copy into their own buffers (or lend
+/// room in them, [`Transmit::send_built`]); they must not block or make syscalls (the engine
+/// may hold a peer lock while calling them).
 pub trait Transmit {
     /// Send one WireGuard datagram to a peer.
     fn send(&mut self, to: &Endpoint, datagram: &[u8]);
