@@ -30,8 +30,9 @@ pub fn copy_sum(dst: &mut [u8], src: &[u8]) -> u64 {
     assert_eq!(dst.len(), src.len(), "copy_sum: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if src.len() >= wide::MIN_LEN && wide::available() {
-        // SAFETY: the CPU has AVX-512F and AVX-512BW (checked just above).
-        return unsafe { wide::copy_sum(dst, src) };
+        // SAFETY: the CPU has AVX-512F and AVX-512BW (checked just above); `dst` is
+        // `src.len()` writable bytes (asserted above) and, borrowed apart, not `src`.
+        return unsafe { wide::copy_sum_to(dst.as_mut_ptr(), src) };
     }
     dst.copy_from_slice(src);
     tun_rs::checksum_no_fold(src, 0)
@@ -89,18 +90,8 @@ mod wide {
         u64::from(super::fold(total).swap_bytes())
     }
 
-    /// [`sum`] of `src`, copying it to `dst` (of the same length) on the way.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F and AVX-512BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn copy_sum(dst: &mut [u8], src: &[u8]) -> u64 {
-        assert_eq!(dst.len(), src.len(), "copy_sum: lengths differ");
-        // SAFETY: `dst` is `src.len()` writable bytes.
-        unsafe { copy_sum_to(dst.as_mut_ptr(), src) }
-    }
-
-    /// [`copy_sum`] into `src.len()` bytes at `dst`, which may be uninitialised.
+    /// [`sum`] of `src`, copying it to the `src.len()` bytes at `dst` (which may be
+    /// uninitialised) on the way.
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512BW; `dst` must be valid for `src.len()` bytes of

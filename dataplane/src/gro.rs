@@ -273,9 +273,7 @@ impl Segment {
             psh,
         })
     }
-}
 
-impl Segment {
     /// Whether packet `p`'s transport checksum verifies, given the (unfolded) sum of its
     /// transport header and payload: the callers sum them as they copy the packet.
     fn checksum_verifies(&self, p: &[u8], summed: u64) -> bool {
@@ -450,6 +448,13 @@ impl Output {
     }
 }
 
+/// Whether `a` and `b` hold the same `N` bytes from `at` (both long enough: the callers
+/// checked the headers' lengths). A fixed size, so the comparison is a few loads, not a call.
+#[inline(always)]
+fn same<const N: usize>(a: &[u8], b: &[u8], at: usize) -> bool {
+    a[at..at + N] == b[at..at + N]
+}
+
 /// Whether a 20-byte IPv4 header's checksum is exactly what a recomputation writes (a valid
 /// 0xffff in place of 0 would come back as 0 after the split).
 fn ipv4_checksum_canonical(h: &[u8]) -> bool {
@@ -485,13 +490,6 @@ struct FlowIndex {
 }
 
 /// Where a flow is, or where it would go.
-/// Whether `a` and `b` hold the same `N` bytes from `at` (both long enough: the callers
-/// checked the headers' lengths). A fixed size, so the comparison is a few loads, not a call.
-#[inline(always)]
-fn same<const N: usize>(a: &[u8], b: &[u8], at: usize) -> bool {
-    a[at..at + N] == b[at..at + N]
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Slot {
     Found { slot: usize, output: usize },

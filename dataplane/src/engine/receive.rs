@@ -378,23 +378,7 @@ impl Batch<'_> {
             state.last_sent_ms = now_ms;
         }
     }
-}
 
-/// Why a peer whose Noise state was never built drops a message other than an initiation: as
-/// a fresh state would (it has no session and sent no initiation). A handshake message's
-/// MAC1 is checked first, as the state would check it.
-fn unbuilt_refusal(device: DeviceKeys<'_>, datagram: &[u8]) -> DropReason {
-    match message_header(datagram) {
-        Some((MESSAGE_DATA, _)) => DropReason::NoSession,
-        Some((MESSAGE_RESPONSE, _)) if !tailsk8s_noise::mac1_valid(device.identity, datagram) => {
-            DropReason::DecryptFailed
-        }
-        // A response or cookie reply to an initiation never sent.
-        _ => DropReason::HandshakeFailed,
-    }
-}
-
-impl Batch<'_> {
     /// A decrypted data packet from `peer` (its plaintext, padding included): the checks
     /// that keep a peer to its own addresses (their drops count against it), then the TUN.
     fn deliver(&self, peer: &Peer, plaintext: &[u8], tx: &mut impl Transmit) {
@@ -415,5 +399,19 @@ impl Batch<'_> {
         }
         self.tally.tun_packet_out();
         tx.write_tun(inner);
+    }
+}
+
+/// Why a peer whose Noise state was never built drops a message other than an initiation: as
+/// a fresh state would (it has no session and sent no initiation). A handshake message's
+/// MAC1 is checked first, as the state would check it.
+fn unbuilt_refusal(device: DeviceKeys<'_>, datagram: &[u8]) -> DropReason {
+    match message_header(datagram) {
+        Some((MESSAGE_DATA, _)) => DropReason::NoSession,
+        Some((MESSAGE_RESPONSE, _)) if !tailsk8s_noise::mac1_valid(device.identity, datagram) => {
+            DropReason::DecryptFailed
+        }
+        // A response or cookie reply to an initiation never sent.
+        _ => DropReason::HandshakeFailed,
     }
 }
