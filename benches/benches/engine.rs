@@ -5,12 +5,12 @@
 //!   fixture, `tailsk8s_dataplane::testing`, as in the engine's own tests), in bytes/s and
 //!   packets/s.
 //! - `superpacket_64k`: what the router does with one 64 KiB TCP superpacket read from an
-//!   offloading TUN: split it into 47 segments of 1420 bytes ([`offload::split`], what the
-//!   TUN worker runs on every read: header checks, then each segment's headers, payload
-//!   copy and checksums), and
+//!   offloading TUN: split it into 47 segments of 1420 bytes ([`offload::split`]: header
+//!   checks, then each segment's headers, payload copy and checksums), and
 //!   GRO-coalesce the decrypted segments again ([`gro::Coalescer`], what the router's outbox
 //!   runs before its TUN writes); and the whole pipeline split → encapsulate → decapsulate →
-//!   coalesce.
+//!   coalesce, with the copying split (`pipeline_*`) and split in place as the TUN worker
+//!   does ([`offload::InPlace`], `pipeline_in_place_bytes`, which also copies the read in).
 //! - `allowed_ips_10k`: longest-prefix lookups in an [`AllowedIps`] of 10,000 prefixes.
 //!
 //! Every setup checks that the path it measures does the work (the packet arrives, the
@@ -117,7 +117,7 @@ fn tcp_superpacket(segments: usize) -> Vec<u8> {
     read
 }
 
-/// Splits one TUN read into `bufs` as the router's TUN worker does ([`offload::split`]).
+/// Splits one TUN read into `bufs` ([`offload::split`], the copying split).
 /// Returns the number of segments; their lengths are in `sizes`.
 fn split(read: &mut [u8], bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> usize {
     offload::split(read, bufs, sizes).expect("a well-formed superpacket")
@@ -210,6 +210,34 @@ fn superpacket_pipeline(
             batch.handle_tun_packet(buf, len, &mut a.node.scratch, &mut a.out);
         }
     }
+    receive_and_coalesce(a, b, gro)
+}
+
+/// [`superpacket_pipeline`] as the TUN worker splits: in place ([`offload::InPlace`]), each
+/// segment encapsulated from where it lies. The split writes over the read, so each round
+/// first copies `original` into `read` (64 KiB: what the kernel's TUN read does anyway; here
+/// it is counted against the in-place split).
+fn superpacket_pipeline_in_place(
+    a: &mut Side,
+    b: &mut Side,
+    original: &[u8],
+    read: &mut [u8],
+    gro: &mut Coalescer,
+) -> usize {
+    read[..original.len()].copy_from_slice(original);
+    let mut split = offload::InPlace::new(read, original.len()).expect("a superpacket");
+    a.out.clear();
+    {
+        let mut batch = a.node.engine.batch();
+        while let Some((buf, len)) = split.next_packet() {
+            batch.handle_tun_packet(buf, len, &mut a.node.scratch, &mut a.out);
+        }
+    }
+    receive_and_coalesce(a, b, gro)
+}
+
+/// The receiving half of the pipelines: decapsulate `a`'s datagrams at `b`, then coalesce.
+fn receive_and_coalesce(a: &mut Side, b: &mut Side, gro: &mut Coalescer) -> usize {
     b.out.clear();
     {
         let (from, local) = (a.node.addr, Some(b.node.addr.ip()));
@@ -285,6 +313,20 @@ fn superpacket_64k(c: &mut Criterion) {
         "the decrypted segments coalesce into one superpacket"
     );
     assert!(coalesced >= TCP_HEADERS + payload);
+    // The same in place, checked to deliver the same.
+    let mut read = vec![0u8; original.len() + offload::PAD_ROOM];
+    let pristine = tcp_superpacket(SUPERPACKET_SEGMENTS);
+    let in_place = superpacket_pipeline_in_place(&mut a, &mut b, &pristine, &mut read, &mut gro);
+    assert_eq!(in_place, coalesced, "the in-place split delivers the same");
+    assert_eq!(b.out.tun.len(), SUPERPACKET_SEGMENTS);
+    group.throughput(Throughput::Bytes(ip_bytes));
+    group.bench_function("pipeline_in_place_bytes", |bench| {
+        bench.iter(|| {
+            black_box(superpacket_pipeline_in_place(
+                &mut a, &mut b, &pristine, &mut read, &mut gro,
+            ))
+        })
+    });
     for (unit, throughput) in [
         ("bytes", Throughput::Bytes(ip_bytes)),
         ("packets", Throughput::Elements(SUPERPACKET_SEGMENTS as u64)),

@@ -1,18 +1,22 @@
 //! Reads from a TUN with offloads: every read starts with a virtio-net header and may carry a
 //! superpacket (TSO/USO) standing for many packets, or one packet whose transport checksum
-//! the kernel left for us to complete. [`Split`] turns one such read into plain IP packets,
-//! as many at a time as the caller has buffers for (a superpacket at a small MSS has hundreds
-//! of segments, more than a batch); [`split`] does it at once. Sans-IO, so the packet path,
-//! its fuzz target and its benchmark share one function.
+//! the kernel left for us to complete. The TUN worker splits each read where it lies
+//! ([`InPlace`]): a packet at a time, each segment's headers written in front of its own
+//! payload, so no payload is copied before the AEAD reads it (the copy was ~half of the split's
+//! time). [`Split`] writes the packets into the caller's buffers instead, as many at a time as
+//! it has (a superpacket at a small MSS has hundreds of segments, more than a batch), and
+//! [`split`] does that at once: the reference the in-place split is held to, byte for byte, by
+//! the tests and the `tun_read` fuzz target. Sans-IO, so the packet path, its fuzz target and
+//! its benchmark share the code.
 //!
 //! Each segment gets the superpacket's headers with its own lengths, IPv4 ID, TCP sequence
-//! number and flags, and checksums; its payload is copied and summed in one pass
-//! ([`checksum::copy_sum`]) — tun-rs's `gso_split`, which the tests hold this to byte for
-//! byte, copies and then sums, and its sum was 4 % of the sending router's time. Here too
-//! are the checks (never trust the header: a forwarded superpacket's `hdr_len` may be the
-//! whole first packet, so it is recomputed from the transport header), the resumption between
-//! batches, and buffer management: output buffers grow to what a read needs (only when the
-//! MTU grows; never in steady state) instead of being sized for the worst case up front.
+//! number and flags, and checksums; its payload is summed where it lies, or copied and summed
+//! in one pass ([`checksum::copy_sum`]) — tun-rs's `gso_split`, which the tests hold this to
+//! byte for byte, copies and then sums. Here too are the checks (never trust the header: a
+//! forwarded superpacket's `hdr_len` may be the whole first packet, so it is recomputed from
+//! the transport header), the resumption between batches, and buffer management: output
+//! buffers grow to what a read needs (only when the MTU grows; never in steady state) instead
+//! of being sized for the worst case up front.
 
 use thiserror::Error;
 use tun_rs::VirtioNetHdr;
@@ -44,6 +48,8 @@ pub enum SplitError {
     TooManySegments(usize),
     #[error("a segment would be longer than IP allows")]
     SegmentTooLong,
+    #[error("no room behind the read for padding")]
+    NoRoom,
 }
 
 /// Splits one TUN read (`read` = virtio-net header + packet) into IP packets, written to
@@ -72,8 +78,10 @@ pub fn split(
 /// the IPv4 ID, TCP sequence number and flags (CWR only on the first segment, PSH and FIN
 /// only on the last) of its first segment — so the packets are exactly those of one split.
 pub struct Split<'a> {
-    /// The IP packet (the read after its virtio-net header).
+    /// The IP packet (the read after its virtio-net header), `packet[..len]`; what follows
+    /// is room an [`InPlace`] split lends behind each packet.
     packet: &'a mut [u8],
+    len: usize,
     kind: Kind,
 }
 
@@ -121,15 +129,26 @@ impl<'a> Split<'a> {
     /// Checks the virtio-net header against the packet (never trust it) and completes a
     /// checksum the kernel left partial.
     pub fn new(read: &'a mut [u8]) -> Result<Split<'a>, SplitError> {
-        let header = read.get(..VNET_HDR_LEN).ok_or(SplitError::TooShort)?;
+        let len = read.len();
+        Split::within(read, len)
+    }
+
+    /// [`Split::new`] of the read `buf[..read_len]`, keeping the rest of `buf` in reach.
+    fn within(buf: &'a mut [u8], read_len: usize) -> Result<Split<'a>, SplitError> {
+        let header = buf
+            .get(..VNET_HDR_LEN)
+            .filter(|_| read_len >= VNET_HDR_LEN && read_len <= buf.len())
+            .ok_or(SplitError::TooShort)?;
         let hdr = VirtioNetHdr::decode(header).map_err(|_| SplitError::TooShort)?;
-        let packet = &mut read[VNET_HDR_LEN..];
+        let len = read_len - VNET_HDR_LEN;
+        let packet = &mut buf[VNET_HDR_LEN..];
         if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
             if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-                complete_checksum(packet, hdr.csum_start, hdr.csum_offset)?;
+                complete_checksum(&mut packet[..len], hdr.csum_start, hdr.csum_offset)?;
             }
             return Ok(Split {
                 packet,
+                len,
                 kind: Kind::Plain { taken: false },
             });
         }
@@ -170,7 +189,7 @@ impl<'a> Split<'a> {
             return Err(SplitError::TransportHeader);
         }
         let transport_len = if tcp {
-            let data_offset = packet
+            let data_offset = packet[..len]
                 .get(csum_start + 12)
                 .ok_or(SplitError::TransportHeader)?;
             usize::from(data_offset >> 4) * 4
@@ -181,12 +200,12 @@ impl<'a> Split<'a> {
             return Err(SplitError::TransportHeader);
         }
         let hdr_len = csum_start + transport_len;
-        if hdr_len > packet.len() {
+        if hdr_len > len {
             return Err(SplitError::TransportHeader);
         }
         // Every segment's lengths fit their 16-bit fields (IPv6's payload length excludes
         // its fixed header).
-        let longest = hdr_len + (packet.len() - hdr_len).min(usize::from(hdr.gso_size));
+        let longest = hdr_len + (len - hdr_len).min(usize::from(hdr.gso_size));
         let ip_len = if is_v6 {
             longest - IPV6_HEADER_LEN
         } else {
@@ -213,9 +232,10 @@ impl<'a> Split<'a> {
         } else {
             (0, 0)
         };
-        let payload = packet.len() - hdr_len;
+        let payload = len - hdr_len;
         Ok(Split {
             packet,
+            len,
             kind: Kind::Segmented(Segmented {
                 csum_start,
                 is_v6,
@@ -256,8 +276,8 @@ impl<'a> Split<'a> {
                 if std::mem::replace(taken, true) {
                     return Ok(0);
                 }
-                copy_into(&mut bufs[0], self.packet);
-                sizes[0] = self.packet.len();
+                copy_into(&mut bufs[0], &self.packet[..self.len]);
+                sizes[0] = self.len;
                 return Ok(1);
             }
             Kind::Segmented(s) => s,
@@ -276,24 +296,6 @@ impl<'a> Split<'a> {
                 .copy_within(s.headers_at..s.headers_at + s.hdr_len, start);
             s.headers_at = start;
         }
-        let headers = &mut self.packet[start..start + s.hdr_len];
-        if !s.is_v6 {
-            let id = s.ip_id.wrapping_add(s.done as u16);
-            headers[IPV4_ID_OFFSET..IPV4_ID_OFFSET + 2].copy_from_slice(&id.to_be_bytes());
-        }
-        if s.tcp {
-            let t = &mut headers[s.csum_start..];
-            let seq = s.seq.wrapping_add(start as u32);
-            t[TCP_SEQ_OFFSET..TCP_SEQ_OFFSET + 4].copy_from_slice(&seq.to_be_bytes());
-            let mut flags = s.flags;
-            if s.done > 0 {
-                flags &= !TCP_CWR;
-            }
-            if end < s.payload {
-                flags &= !(TCP_FIN | TCP_PSH);
-            }
-            t[TCP_FLAGS_OFFSET] = flags;
-        }
         // Each segment goes at the front of its buffer: the buffer's length is its usable
         // room (only ever grown).
         let room = s.hdr_len + s.segment.min(s.payload) + PAD_ROOM;
@@ -309,26 +311,109 @@ impl<'a> Split<'a> {
     }
 }
 
+/// One TUN read split where it lies, a packet at a time: each segment's headers are written
+/// just in front of its payload, over the end of the payload before it — so that one must be
+/// done with (sealed) before the next is asked for. No payload is copied; the transport
+/// checksum sums it where it is. The packets are exactly those of [`split`].
+///
+/// Each packet is lent with [`PAD_ROOM`] bytes behind it for the caller's padding: there the
+/// next segment's payload begins, so those bytes are kept aside and put back before the next
+/// packet is made.
+pub struct InPlace<'a> {
+    split: Split<'a>,
+    /// The bytes behind the packet last lent, and where they go back.
+    kept: [u8; PAD_ROOM],
+    kept_at: Option<usize>,
+}
+
+impl<'a> InPlace<'a> {
+    /// Splits the read `buf[..len]`; `buf` must have [`PAD_ROOM`] bytes more.
+    pub fn new(buf: &'a mut [u8], len: usize) -> Result<InPlace<'a>, SplitError> {
+        if len.checked_add(PAD_ROOM).is_none_or(|end| end > buf.len()) {
+            return Err(SplitError::NoRoom);
+        }
+        Ok(InPlace {
+            split: Split::within(buf, len)?,
+            kept: [0; PAD_ROOM],
+            kept_at: None,
+        })
+    }
+
+    /// Packets still to come.
+    pub fn remaining(&self) -> usize {
+        self.split.remaining()
+    }
+
+    /// The next packet: `(buf, len)` with the packet at `buf[..len]` and `buf[len..]` room the
+    /// caller may write over until it asks for the next; `None` once none remain.
+    pub fn next_packet(&mut self) -> Option<(&mut [u8], usize)> {
+        let packet = &mut *self.split.packet;
+        if let Some(at) = self.kept_at.take() {
+            packet[at..at + PAD_ROOM].copy_from_slice(&self.kept);
+        }
+        let s = match &mut self.split.kind {
+            Kind::Plain { taken } => {
+                if std::mem::replace(taken, true) {
+                    return None;
+                }
+                let len = self.split.len;
+                return Some((&mut packet[..len + PAD_ROOM], len));
+            }
+            Kind::Segmented(s) => s,
+        };
+        let (i, hdr_len) = (s.done, s.hdr_len);
+        let from = i * s.segment;
+        if from >= s.payload {
+            return None;
+        }
+        // Segment i's payload starts `hdr_len + from` into the packet: its headers go in
+        // front of it, copied from the segment before (the read's own for the first).
+        if i > 0 {
+            let before = from - s.segment;
+            packet.copy_within(before..before + hdr_len, from);
+        }
+        let end = hdr_len + (from + s.segment).min(s.payload);
+        let data_sum = checksum::sum(&packet[from + hdr_len..end], 0);
+        s.finish_headers(&mut packet[from..end], i, data_sum);
+        s.done += 1;
+        // `Self::new` checked the room behind the read's last byte, where the last ends.
+        self.kept.copy_from_slice(&packet[end..end + PAD_ROOM]);
+        self.kept_at = Some(end);
+        Some((&mut packet[from..end + PAD_ROOM], end - from))
+    }
+}
+
 impl Segmented {
     /// Writes segment `i` of `run` (the run's headers, then its payload) to the front of
-    /// `out`, which has room for it; returns its length. The headers are those of the run's
-    /// first segment: segment `i` takes its IPv4 ID and TCP sequence number from there, CWR
-    /// only if first, FIN and PSH only if last; then its lengths and both checksums.
+    /// `out`, which has room for it; returns its length.
     fn write_segment(&self, run: &[u8], i: usize, out: &mut [u8]) -> usize {
-        let (hdr_len, csum_start) = (self.hdr_len, self.csum_start);
+        let hdr_len = self.hdr_len;
         let payload = &run[hdr_len..];
         let from = i * self.segment;
         let data = &payload[from..(from + self.segment).min(payload.len())];
-        let last = from + data.len() == payload.len();
         let total = hdr_len + data.len();
         out[..hdr_len].copy_from_slice(&run[..hdr_len]);
+        let data_sum = checksum::copy_sum(&mut out[hdr_len..total], data);
+        self.finish_headers(&mut out[..total], self.done + i, data_sum);
+        total
+    }
+
+    /// Gives `segment` (headers holding those of another segment of this superpacket, then
+    /// segment `index`'s payload, which sums to `data_sum`) segment `index`'s own header
+    /// fields: its IPv4 ID and TCP sequence number counted from the first segment's, CWR only
+    /// if first, FIN and PSH only if last; then its lengths and both checksums.
+    fn finish_headers(&self, segment: &mut [u8], index: usize, data_sum: u64) {
+        let (hdr_len, csum_start) = (self.hdr_len, self.csum_start);
+        let total = segment.len();
+        let from = index * self.segment;
+        let last = from + (total - hdr_len) == self.payload;
+        let out = segment;
         // The lengths fit 16 bits: checked for the longest segment in `Split::new`.
         if self.is_v6 {
             let payload_len = (total - IPV6_HEADER_LEN) as u16;
             out[4..6].copy_from_slice(&payload_len.to_be_bytes());
         } else {
-            let id = u16::from_be_bytes([out[IPV4_ID_OFFSET], out[IPV4_ID_OFFSET + 1]]);
-            let id = id.wrapping_add(i as u16);
+            let id = self.ip_id.wrapping_add(index as u16);
             out[IPV4_ID_OFFSET..IPV4_ID_OFFSET + 2].copy_from_slice(&id.to_be_bytes());
             out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
             out[10..12].fill(0);
@@ -338,20 +423,16 @@ impl Segmented {
         let transport_len = (total - csum_start) as u16;
         let (protocol, checksum_at) = if self.tcp {
             let t = &mut out[csum_start..hdr_len];
-            let seq = u32::from_be_bytes([
-                t[TCP_SEQ_OFFSET],
-                t[TCP_SEQ_OFFSET + 1],
-                t[TCP_SEQ_OFFSET + 2],
-                t[TCP_SEQ_OFFSET + 3],
-            ])
-            .wrapping_add(from as u32);
+            let seq = self.seq.wrapping_add(from as u32);
             t[TCP_SEQ_OFFSET..TCP_SEQ_OFFSET + 4].copy_from_slice(&seq.to_be_bytes());
-            if i > 0 {
-                t[TCP_FLAGS_OFFSET] &= !TCP_CWR;
+            let mut flags = self.flags;
+            if index > 0 {
+                flags &= !TCP_CWR;
             }
             if !last {
-                t[TCP_FLAGS_OFFSET] &= !(TCP_FIN | TCP_PSH);
+                flags &= !(TCP_FIN | TCP_PSH);
             }
+            t[TCP_FLAGS_OFFSET] = flags;
             (IPPROTO_TCP, csum_start + TCP_CHECKSUM_OFFSET)
         } else {
             out[csum_start + 4..csum_start + 6].copy_from_slice(&transport_len.to_be_bytes());
@@ -360,14 +441,12 @@ impl Segmented {
         out[checksum_at..checksum_at + 2].fill(0);
         let pseudo = checksum::pseudo_sum(out, self.is_v6, protocol, transport_len);
         let headers = checksum::sum(&out[csum_start..hdr_len], pseudo);
-        let data_sum = checksum::copy_sum(&mut out[hdr_len..total], data);
         let mut sum = !checksum::fold(headers + data_sum);
         // UDP sends a computed zero as 0xffff (RFC 768).
         if !self.tcp && sum == 0 {
             sum = 0xffff;
         }
         out[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
-        total
     }
 }
 
@@ -644,6 +723,99 @@ mod tests {
                 Err(SplitError::TooManySegments(segments))
             );
         }
+    }
+
+    /// Splits `read` in place as the TUN worker does, writing over each packet's room as the
+    /// engine's padding may (with garbage, not zeros, to catch a byte not put back).
+    fn split_in_place(read: &[u8]) -> Vec<Vec<u8>> {
+        let mut buf = read.to_vec();
+        buf.extend_from_slice(&[0xa5; PAD_ROOM]);
+        let mut split = InPlace::new(&mut buf, read.len()).unwrap();
+        let mut packets = Vec::new();
+        while let Some((packet, len)) = split.next_packet() {
+            assert_eq!(packet.len(), len + PAD_ROOM, "padding room");
+            packets.push(packet[..len].to_vec());
+            packet[len..].fill(0xee);
+            assert_eq!(split.remaining() + packets.len(), {
+                let mut b = read.to_vec();
+                Split::new(&mut b).unwrap().remaining()
+            });
+        }
+        assert!(split.next_packet().is_none());
+        packets
+    }
+
+    #[test]
+    fn in_place_gives_exactly_the_packets_of_a_copying_split() {
+        for (v6, tcp, mss, segments, short) in [
+            (false, true, 1380, 47, 0),
+            (false, true, 1448, 45, 1447),
+            (true, true, 1380, 47, 700),
+            (true, true, 88, 743, 50),
+            (false, true, 536, 122, 1),
+            (false, false, 1200, 54, 3),
+            // Segments shorter than the headers: each header overlaps the one before.
+            (true, false, 8, 4000, 0),
+            (false, false, 1, 300, 0),
+            (false, true, 100, 1, 37),
+        ] {
+            let read = superpacket(v6, tcp, mss, segments, short);
+            let (mut bufs, mut sizes) = buffers(segments);
+            let n = split(&mut read.clone(), &mut bufs, &mut sizes).unwrap();
+            let copied: Vec<Vec<u8>> = bufs
+                .iter()
+                .zip(&sizes)
+                .take(n)
+                .map(|(b, s)| b[..*s].to_vec())
+                .collect();
+            assert!(
+                split_in_place(&read) == copied,
+                "v6 {v6}, tcp {tcp}, MSS {mss}, {segments} segments"
+            );
+        }
+        // A plain packet, its checksum completed, is lent once.
+        let (read, _) = tcp_superpacket(1380, 1);
+        let mut plain = header(F_NEEDS_CSUM, GSO_NONE, 0, 20, 16).to_vec();
+        plain.extend_from_slice(&read[VNET_HDR_LEN..]);
+        let (mut bufs, mut sizes) = buffers(1);
+        assert_eq!(split(&mut plain.clone(), &mut bufs, &mut sizes), Ok(1));
+        assert_eq!(split_in_place(&plain), vec![bufs[0][..sizes[0]].to_vec()]);
+    }
+
+    #[test]
+    fn in_place_needs_room_behind_the_read_and_refuses_lies_as_the_split_does() {
+        let (read, _) = tcp_superpacket(1380, 3);
+        let mut buf = read.clone();
+        buf.extend_from_slice(&[0; PAD_ROOM - 1]);
+        assert_eq!(
+            InPlace::new(&mut buf, read.len()).err(),
+            Some(SplitError::NoRoom)
+        );
+        assert_eq!(
+            InPlace::new(&mut buf, usize::MAX).err(),
+            Some(SplitError::NoRoom)
+        );
+        buf.push(0);
+        let mut zero = buf.clone();
+        zero[4..6].copy_from_slice(&0u16.to_ne_bytes());
+        assert_eq!(
+            InPlace::new(&mut zero, read.len()).err(),
+            Some(SplitError::ZeroSegmentSize)
+        );
+        // A read shorter than its header, with room behind it.
+        assert_eq!(
+            InPlace::new(&mut [0u8; 3 + PAD_ROOM], 3).err(),
+            Some(SplitError::TooShort)
+        );
+        // The packet's own length comes from the read, not from the buffer behind it.
+        let mut cut = buf.clone();
+        cut.extend_from_slice(&[0x77; 100]);
+        let mut split = InPlace::new(&mut cut, read.len() - 1000).unwrap();
+        let mut total = 0;
+        while let Some((_, len)) = split.next_packet() {
+            total += len - 40;
+        }
+        assert_eq!(total, 3 * 1380 - 1000);
     }
 
     #[test]

@@ -1,88 +1,105 @@
-//! The TUN thread's batch: the packets of its reads (superpackets split into segments) in
-//! buffers that live as long as the thread, handed to the engine when the batch is full or
-//! the queue is drained. A superpacket may have more segments than a batch holds (up to
-//! 65,535; over 700 in 64 KB at TCP's smallest MSS): the batch is then handed over full and
-//! the split goes on into the emptied batch, so no segment is dropped for want of room and
-//! no buffer is added.
+//! The TUN thread's batch: its reads' packets handed to the engine where they lie — a
+//! superpacket split in place, segment by segment ([`InPlace`]), so no payload is copied on
+//! the way to the AEAD — and the syscalls made once a batch's worth has been handed over or
+//! the queue is drained. A superpacket may have more segments than a batch (up to 65,535;
+//! over 700 in 64 KB at TCP's smallest MSS): the batch is then flushed full and the split
+//! goes on, so no segment is dropped for want of room.
 
-use crate::offload::{copy_into, Split, SplitError};
+use crate::offload::{InPlace, SplitError, PAD_ROOM};
 
-/// Packets one TUN thread collects before handing them to the engine (one 64 KiB
-/// superpacket of 1380-byte segments is 48).
+/// Packets one TUN thread hands over between flushes (one 64 KiB superpacket of 1380-byte
+/// segments is 48).
 pub(super) const TUN_BATCH: usize = 128;
-/// Free slots a batch keeps before it takes another read: a superpacket of the usual size
-/// (64 KB at an MSS of 1,024 or more) then never straddles two batches, so its segments
-/// leave as one GSO run.
+/// Packets a batch still takes before it stops reading: a superpacket of the usual size
+/// (64 KB at an MSS of 1,024 or more) then never straddles two flushes, so its segments leave
+/// as one GSO run.
 const READ_ROOM: usize = 64;
+
+/// Where a batch's packets go.
+pub(super) trait Deliver {
+    /// One packet at `buf[..len]`; `buf[len..]` ([`PAD_ROOM`] bytes) is room it may write
+    /// over, the packet itself it must leave as it is.
+    fn packet(&mut self, buf: &mut [u8], len: usize);
+    /// A read's packets are all handed over: the next step is a syscall (so nothing may stay
+    /// locked).
+    fn read_done(&mut self);
+    /// Makes the syscalls for the packets handed over since the last flush; false once the
+    /// device is gone.
+    fn flush(&mut self) -> bool;
+}
 
 /// See the module documentation.
 pub(super) struct TunBatch {
-    /// Grown to what reads need, then reused (packets are split or copied into them).
-    bufs: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
-    /// Packets in the batch: `bufs[i][..sizes[i]]` for `i < count`.
-    count: usize,
+    /// Most packets between flushes.
+    slots: usize,
+    /// Packets handed over since the last flush.
+    pending: usize,
 }
 
 impl TunBatch {
     pub(super) fn new(slots: usize) -> TunBatch {
-        let slots = slots.max(1);
         TunBatch {
-            bufs: vec![Vec::new(); slots],
-            sizes: vec![0; slots],
-            count: 0,
+            slots: slots.max(1),
+            pending: 0,
         }
     }
 
-    /// Whether to take another read before handing the batch over.
+    /// Whether to take another read before flushing.
     pub(super) fn wants_read(&self) -> bool {
-        self.count + READ_ROOM.min(self.bufs.len()) <= self.bufs.len()
+        self.pending + READ_ROOM.min(self.slots) <= self.slots
     }
 
-    /// Adds one read: a bare packet (`offload` false), or a virtio-net header and a packet or
-    /// superpacket. Whenever the batch is full with packets of the read still to come, hands
-    /// it to `deliver` and goes on; stops when `deliver` returns false (the device is gone).
-    /// A malformed read is an error: the packets split from it until then stay in the batch.
+    /// Hands over one read, `buf[..len]`: a bare packet (`offload` false), or a virtio-net
+    /// header and a packet or superpacket. `buf` must have [`PAD_ROOM`] bytes behind the read.
+    /// Whenever the batch is full with packets of the read still to come, flushes and goes
+    /// on; stops when the flush finds the device gone. A malformed read is an error: the
+    /// packets before it in the batch stay handed over.
     pub(super) fn push(
         &mut self,
-        read: &mut [u8],
+        buf: &mut [u8],
+        len: usize,
         offload: bool,
-        deliver: &mut impl FnMut(&mut [Vec<u8>], &[usize]) -> bool,
+        deliver: &mut impl Deliver,
+    ) -> Result<(), SplitError> {
+        let result = self.hand_over_read(buf, len, offload, deliver);
+        deliver.read_done();
+        result
+    }
+
+    fn hand_over_read(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        offload: bool,
+        deliver: &mut impl Deliver,
     ) -> Result<(), SplitError> {
         if !offload {
-            if self.is_full() && !self.hand_over(deliver) {
-                return Ok(());
-            }
-            copy_into(&mut self.bufs[self.count], read);
-            self.sizes[self.count] = read.len();
-            self.count += 1;
+            let packet = buf
+                .get_mut(..len.saturating_add(PAD_ROOM))
+                .ok_or(SplitError::NoRoom)?;
+            self.one(packet, len, deliver);
             return Ok(());
         }
-        let mut split = Split::new(read)?;
-        loop {
-            if self.is_full() && !self.hand_over(deliver) {
-                return Ok(());
-            }
-            let (bufs, sizes) = (&mut self.bufs[self.count..], &mut self.sizes[self.count..]);
-            self.count += split.next_into(bufs, sizes)?;
-            if split.remaining() == 0 {
-                return Ok(());
+        let mut split = InPlace::new(buf, len)?;
+        while let Some((packet, len)) = split.next_packet() {
+            if !self.one(packet, len, deliver) {
+                break;
             }
         }
+        Ok(())
     }
 
-    /// Hands the packets in the batch to `deliver` (unless there are none) and empties it.
-    /// Returns what `deliver` did: false when the device is gone.
-    pub(super) fn hand_over(
-        &mut self,
-        deliver: &mut impl FnMut(&mut [Vec<u8>], &[usize]) -> bool,
-    ) -> bool {
-        let count = std::mem::take(&mut self.count);
-        count == 0 || deliver(&mut self.bufs[..count], &self.sizes[..count])
+    /// Hands one packet over and flushes a full batch; false when that found the device gone.
+    fn one(&mut self, packet: &mut [u8], len: usize, deliver: &mut impl Deliver) -> bool {
+        deliver.packet(packet, len);
+        self.pending += 1;
+        self.pending < self.slots || self.flush(deliver)
     }
 
-    fn is_full(&self) -> bool {
-        self.count == self.bufs.len()
+    /// Makes the syscalls for what was handed over (unless nothing was). Returns what the
+    /// flush did: false when the device is gone.
+    pub(super) fn flush(&mut self, deliver: &mut impl Deliver) -> bool {
+        std::mem::take(&mut self.pending) == 0 || deliver.flush()
     }
 }
 
@@ -94,8 +111,8 @@ mod tests {
     use tun_rs::VirtioNetHdr;
 
     /// A TCP/IPv4 read as the kernel hands it over: `segments` × `mss` payload bytes behind
-    /// one header, the checksum field holding the pseudo-header sum.
-    fn superpacket(mss: u16, segments: usize) -> Vec<u8> {
+    /// one header, the checksum field holding the pseudo-header sum; room behind it.
+    fn superpacket(mss: u16, segments: usize) -> (Vec<u8>, usize) {
         let payload: Vec<u8> = (0..usize::from(mss) * segments).map(|i| i as u8).collect();
         let mut packet = Vec::new();
         PacketBuilder::ipv4([198, 19, 1, 2], [198, 19, 2, 2], 64)
@@ -114,54 +131,80 @@ mod tests {
         let mut read = vec![0u8; VNET_HDR_LEN];
         hdr.encode(&mut read).unwrap();
         read.extend_from_slice(&packet);
-        read
+        let len = read.len();
+        read.resize(len + PAD_ROOM, 0);
+        (read, len)
     }
 
-    /// Every packet handed over, as (batch number, TCP sequence number).
-    fn sequence_numbers(delivered: &[Vec<Vec<u8>>]) -> Vec<(usize, u32)> {
+    /// Records each flush's packets, padding them as the engine does (with garbage, so that a
+    /// byte of the next segment not put back shows).
+    #[derive(Default)]
+    struct Recorder {
+        flushed: Vec<Vec<Vec<u8>>>,
+        handed: Vec<Vec<u8>>,
+        reads_done: usize,
+        /// Flushes that find the device gone from this one on.
+        gone_after: Option<usize>,
+    }
+
+    impl Deliver for Recorder {
+        fn packet(&mut self, buf: &mut [u8], len: usize) {
+            assert_eq!(buf.len(), len + PAD_ROOM, "padding room");
+            self.handed.push(buf[..len].to_vec());
+            buf[len..].fill(0xee);
+        }
+        fn read_done(&mut self) {
+            self.reads_done += 1;
+        }
+        fn flush(&mut self) -> bool {
+            self.flushed.push(std::mem::take(&mut self.handed));
+            self.gone_after.is_none_or(|n| self.flushed.len() < n)
+        }
+    }
+
+    /// Every packet flushed, as (flush number, TCP sequence number).
+    fn sequence_numbers(flushed: &[Vec<Vec<u8>>]) -> Vec<(usize, u32)> {
         let mut out = Vec::new();
-        for (batch, packets) in delivered.iter().enumerate() {
+        for (flush, packets) in flushed.iter().enumerate() {
             for packet in packets {
                 let sliced = SlicedPacket::from_ip(packet).unwrap();
                 let Some(TransportSlice::Tcp(tcp)) = sliced.transport else {
                     panic!("not TCP")
                 };
-                out.push((batch, tcp.sequence_number()));
+                assert_eq!(
+                    tcp.checksum(),
+                    tcp.to_header()
+                        .calc_checksum_ipv4(
+                            &sliced.net.unwrap().ipv4_ref().unwrap().header().to_header(),
+                            tcp.payload()
+                        )
+                        .unwrap(),
+                    "the checksum of each segment"
+                );
+                out.push((flush, tcp.sequence_number()));
             }
         }
         out
-    }
-
-    /// What one hand-over delivered: each packet's bytes.
-    fn copy_out(bufs: &[Vec<u8>], sizes: &[usize]) -> Vec<Vec<u8>> {
-        bufs.iter()
-            .zip(sizes)
-            .map(|(b, s)| b[..*s].to_vec())
-            .collect()
     }
 
     #[test]
     fn a_superpacket_of_more_segments_than_the_batch_is_delivered_whole_in_turns() {
         // MSS 88: 740 segments in one 64 KB superpacket, almost six batches' worth.
         let mut batch = TunBatch::new(TUN_BATCH);
-        let mut delivered: Vec<Vec<Vec<u8>>> = Vec::new();
-        let mut deliver = |bufs: &mut [Vec<u8>], sizes: &[usize]| {
-            delivered.push(copy_out(bufs, sizes));
-            true
-        };
+        let mut to = Recorder::default();
         assert!(batch.wants_read());
-        batch
-            .push(&mut superpacket(88, 740), true, &mut deliver)
-            .unwrap();
+        let (mut read, len) = superpacket(88, 740);
+        batch.push(&mut read, len, true, &mut to).unwrap();
         assert!(
             !batch.wants_read(),
-            "100 segments left: no room for another read"
+            "100 segments pending: no room for another read"
         );
-        assert!(batch.hand_over(&mut deliver));
+        assert!(batch.flush(&mut to));
         assert!(batch.wants_read());
-        let sizes: Vec<usize> = delivered.iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = to.flushed.iter().map(Vec::len).collect();
         assert_eq!(sizes, [128, 128, 128, 128, 128, 100]);
-        let seqs = sequence_numbers(&delivered);
+        assert_eq!(to.reads_done, 1);
+        let seqs = sequence_numbers(&to.flushed);
         assert_eq!(seqs.len(), 740, "none dropped");
         for (i, (_, seq)) in seqs.iter().enumerate() {
             assert_eq!(*seq, 1000 + 88 * i as u32, "segment {i} in order");
@@ -171,54 +214,53 @@ mod tests {
     #[test]
     fn usual_superpackets_are_not_cut_and_a_stopped_device_stops_the_split() {
         let mut batch = TunBatch::new(TUN_BATCH);
-        let mut delivered: Vec<Vec<Vec<u8>>> = Vec::new();
-        let mut deliver = |bufs: &mut [Vec<u8>], sizes: &[usize]| {
-            delivered.push(copy_out(bufs, sizes));
-            true
-        };
+        let mut to = Recorder::default();
         // 47 + 47 segments (64 KB at MSS 1380): both fit, then no room for a third.
         for _ in 0..2 {
             assert!(batch.wants_read());
-            batch
-                .push(&mut superpacket(1380, 47), true, &mut deliver)
-                .unwrap();
+            let (mut read, len) = superpacket(1380, 47);
+            batch.push(&mut read, len, true, &mut to).unwrap();
         }
         assert!(!batch.wants_read());
-        assert!(batch.hand_over(&mut deliver));
-        assert_eq!(delivered.len(), 1);
-        assert_eq!(delivered[0].len(), 94);
+        assert!(batch.flush(&mut to));
+        assert_eq!(to.flushed.len(), 1);
+        assert_eq!(to.flushed[0].len(), 94);
+        assert_eq!(to.reads_done, 2, "each read ends with nothing held");
+        assert!(batch.flush(&mut to), "nothing pending: no flush");
+        assert_eq!(to.flushed.len(), 1);
 
-        let mut calls = 0;
-        let mut gone = |_: &mut [Vec<u8>], _: &[usize]| {
-            calls += 1;
-            false
+        let mut gone = Recorder {
+            gone_after: Some(1),
+            ..Recorder::default()
         };
-        batch
-            .push(&mut superpacket(88, 740), true, &mut gone)
-            .unwrap();
-        assert_eq!(calls, 1, "the split stops at the first refused hand-over");
+        let (mut read, len) = superpacket(88, 740);
+        batch.push(&mut read, len, true, &mut gone).unwrap();
+        assert_eq!(
+            gone.flushed.len(),
+            1,
+            "the split stops at the first failed flush"
+        );
+        assert_eq!(gone.reads_done, 1);
     }
 
     #[test]
     fn bare_packets_fill_the_batch_one_each() {
         let mut batch = TunBatch::new(2);
-        let mut delivered = Vec::new();
-        let mut deliver = |bufs: &mut [Vec<u8>], sizes: &[usize]| {
-            delivered.push(
-                bufs.iter()
-                    .zip(sizes)
-                    .map(|(b, s)| b[..*s].to_vec())
-                    .collect::<Vec<_>>(),
-            );
-            true
-        };
+        let mut to = Recorder::default();
         for byte in 1..=3u8 {
-            batch.push(&mut [byte; 60], false, &mut deliver).unwrap();
+            let mut read = [byte; 60 + PAD_ROOM];
+            batch.push(&mut read, 60, false, &mut to).unwrap();
         }
-        assert!(batch.hand_over(&mut deliver));
+        assert!(batch.flush(&mut to));
         assert_eq!(
-            delivered,
+            to.flushed,
             [vec![vec![1; 60], vec![2; 60]], vec![vec![3; 60]]]
         );
+        // A read without room behind it is refused, not cut.
+        assert_eq!(
+            batch.push(&mut [4; 60], 60, false, &mut to),
+            Err(SplitError::NoRoom)
+        );
+        assert_eq!(to.reads_done, 4);
     }
 }

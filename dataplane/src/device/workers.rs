@@ -41,8 +41,10 @@ use quinn_udp::RecvMeta;
 
 use super::handshakes;
 use super::shared::{heartbeat_slot, ExitReason, HeartbeatOf, Shared};
-use super::tun_batch::{TunBatch, TUN_BATCH};
-use crate::engine::new_scratch;
+use super::tun_batch::{Deliver, TunBatch, TUN_BATCH};
+use crate::engine::{new_scratch, Batch, SCRATCH_LEN};
+use crate::offload::PAD_ROOM;
+use crate::outbox::Outbox;
 use crate::stats::DropReason;
 use crate::sys::poll_fds;
 use crate::udp::UdpSockets;
@@ -97,37 +99,71 @@ pub(super) fn max_segments(shared: &Shared, sockets: &UdpSockets, worker: usize)
         .unwrap_or(1)
 }
 
-pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
-    let queue = shared.tun.queue(worker);
-    let offload = shared.tun.offload();
-    // One read (a superpacket, or a packet up to the largest MTU) lands here first; its
-    // packets are then split or copied into the batch.
-    let mut original = vec![0u8; VNET_HDR_LEN + BUF_LEN];
-    let mut batch = TunBatch::new(TUN_BATCH);
-    let mut scratch = new_scratch();
-    let mut outbox = shared.outbox();
-    let mut view = SocketView::new(&shared);
-    // Hands a batch to the engine and makes the syscalls; false once the TUN is gone.
-    let mut deliver = |packets: &mut [Vec<u8>], sizes: &[usize]| {
+/// Where a TUN thread's packets go: sealed by the engine into the outbox as they are read,
+/// then sent.
+struct TunSink<'s> {
+    shared: &'s Shared,
+    worker: usize,
+    queue: &'s tun_rs::SyncDevice,
+    /// The engine's batch while a read's packets are handed over: it holds the
+    /// configuration's read lock, so it ends before every syscall.
+    batch: Option<Batch<'s>>,
+    scratch: Box<[u8; SCRATCH_LEN]>,
+    outbox: Outbox,
+    view: SocketView,
+}
+
+impl Deliver for TunSink<'_> {
+    fn packet(&mut self, buf: &mut [u8], len: usize) {
+        let shared = self.shared;
+        let mut batch = self.batch.get_or_insert_with(|| shared.engine.batch());
         // The kernel never hands us more than the TUN's MTU: a larger packet means the MTU
         // was just raised (`ip link set mtu`). Follow it now, not at the next timer tick, or
         // the engine would answer "too big" with the old MTU and poison the sender's PMTU.
-        if shared.follow_link_mtu && sizes.iter().any(|&n| n > shared.engine.mtu()) {
+        if shared.follow_link_mtu && len > batch.mtu() {
+            self.batch = None;
             shared.refresh_mtu();
+            batch = self.batch.insert(shared.engine.batch());
         }
-        {
-            let mut batch = shared.engine.batch();
-            for (buf, len) in packets.iter_mut().zip(sizes) {
-                batch.handle_tun_packet(buf, *len, &mut scratch, &mut outbox);
-            }
-        }
-        view.refresh(&shared);
-        let segments = max_segments(&shared, &view.sockets, worker);
-        let flushed = outbox.flush(queue, view.sockets.worker(worker), segments, &shared.engine);
+        batch.handle_tun_packet(buf, len, &mut self.scratch, &mut self.outbox);
+    }
+
+    fn read_done(&mut self) {
+        self.batch = None;
+    }
+
+    fn flush(&mut self) -> bool {
+        self.batch = None;
+        let shared = self.shared;
+        self.view.refresh(shared);
+        let segments = max_segments(shared, &self.view.sockets, self.worker);
+        let sockets = self.view.sockets.worker(self.worker);
+        let flushed = self
+            .outbox
+            .flush(self.queue, sockets, segments, &shared.engine);
         if flushed.is_err() {
             shared.finish(ExitReason::TunGone);
         }
         flushed.is_ok()
+    }
+}
+
+pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
+    let queue = shared.tun.queue(worker);
+    let offload = shared.tun.offload();
+    // One read (a superpacket, or a packet up to the largest MTU) lands here, with room for
+    // the padding behind its last packet; its packets are handed over where they lie.
+    let mut read = vec![0u8; VNET_HDR_LEN + BUF_LEN + PAD_ROOM];
+    let read_max = read.len() - PAD_ROOM;
+    let mut batch = TunBatch::new(TUN_BATCH);
+    let mut sink = TunSink {
+        shared: &shared,
+        worker,
+        queue,
+        batch: None,
+        scratch: new_scratch(),
+        outbox: shared.outbox(),
+        view: SocketView::new(&shared),
     };
     let fd = queue.as_raw_fd();
     let heartbeat = heartbeat_slot(HeartbeatOf::Tun(worker), shared.workers());
@@ -169,7 +205,7 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
             continue;
         }
         while batch.wants_read() {
-            let n = match queue.recv(&mut original) {
+            let n = match queue.recv(&mut read[..read_max]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -182,14 +218,11 @@ pub(crate) fn tun_loop(shared: Arc<Shared>, worker: usize) {
                     return;
                 }
             };
-            if batch
-                .push(&mut original[..n], offload, &mut deliver)
-                .is_err()
-            {
+            if batch.push(&mut read, n, offload, &mut sink).is_err() {
                 shared.engine.stats().drop(DropReason::MalformedPacket);
             }
         }
-        if !batch.hand_over(&mut deliver) {
+        if !batch.flush(&mut sink) {
             return;
         }
         shared.follow_burst();

@@ -292,6 +292,11 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// The MTU this batch works to.
+    pub fn mtu(&self) -> usize {
+        self.config.mtu
+    }
+
     /// The slot of the peer whose allowed IPs hold `addr`, remembered for the next packet:
     /// a superpacket's segments share their destination and a GRO run's datagrams their
     /// inner source, so most of a batch's lookups are the one before (the batch holds the

@@ -14,10 +14,10 @@
 //! The first input byte picks the TUN mode (see [`run`]):
 //! - plain (even): the rest is one packet, handed over twice: in a buffer of exactly its
 //!   length, then with spare room for padding;
-//! - with offloads (odd): the rest is one read with a virtio-net header in front. It goes
-//!   through `offload::Split`, a batch of reused buffers at a time as the TUN worker does
-//!   (a superpacket may have more segments than a batch), and every packet that comes out is
-//!   routed from the buffer the split left it in.
+//! - with offloads (odd): the rest is one read with a virtio-net header in front. It is split
+//!   in place as the TUN worker does (`offload::InPlace`), every packet routed from where the
+//!   split left it before the next is made, and the packets are checked to be exactly those
+//!   of the copying `offload::Split` (a batch of reused buffers at a time).
 //!
 //! Invariants per routed packet, checked against the harness's own header reading and a naive
 //! longest-prefix table:
@@ -138,46 +138,44 @@ impl World {
         self.route_in(&mut buf, packet.len());
     }
 
-    /// A read with a virtio-net header: split as the TUN worker does — [`SPLIT_BUFFERS`] at a
-    /// time, each batch routed from the buffers the split left its packets in before the next
-    /// batch is split into the same buffers. Returns the datagrams sent to the established
-    /// peer.
+    /// A read with a virtio-net header: split in place as the TUN worker does
+    /// ([`offload::InPlace`]), each packet routed from where the split left it (the engine
+    /// pads over the bytes behind it, the next segment's) before the next is split. The
+    /// packets must be exactly those of the copying split ([`offload::Split`], a batch of
+    /// [`SPLIT_BUFFERS`] reused buffers at a time), which must refuse the same reads. Returns
+    /// the datagrams sent to the established peer.
     fn route_read(&mut self, read: &[u8]) -> usize {
+        let copied = split_in_batches(read);
         let mut buffer = read.to_vec();
-        // The worker's buffers are reused from read to read: start them dirty.
-        let mut bufs = vec![vec![0xee; 100]; SPLIT_BUFFERS];
-        let mut sizes = vec![usize::MAX; SPLIT_BUFFERS];
-        let Ok(mut split) = offload::Split::new(&mut buffer) else {
-            return 0;
+        // The worker's read buffer is reused from read to read: the room behind starts dirty.
+        buffer.resize(read.len() + PAD_ROOM, 0xee);
+        let mut split = match offload::InPlace::new(&mut buffer, read.len()) {
+            Ok(split) => split,
+            Err(e) => {
+                assert_eq!(copied.err(), Some(e), "the splits refuse different reads");
+                return 0;
+            }
+        };
+        let Ok(copied) = copied else {
+            panic!("the in-place split took a read the copying split refused");
         };
         let mut packets = Vec::new();
         let mut delivered = 0;
-        loop {
-            let before = split.remaining();
-            let Ok(count) = split.next_into(&mut bufs, &mut sizes) else {
-                // Refused part-way: what came before was routed, the rest is dropped.
-                return delivered;
-            };
-            assert_eq!(
-                count,
-                before.min(SPLIT_BUFFERS),
-                "split gave {count} packets with {before} due"
+        while let Some((buf, size)) = split.next_packet() {
+            assert!(
+                size <= buf.len() && buf.len() - size >= PAD_ROOM,
+                "a {size}-byte packet in a {}-byte buffer: no room to pad",
+                buf.len()
             );
-            for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
-                assert!(
-                    size <= buf.len() && buf.len() - size >= PAD_ROOM,
-                    "a {size}-byte packet in a {}-byte buffer: no room to pad",
-                    buf.len()
-                );
-                packets.push(buf[..size].to_vec());
-            }
-            for (buf, &size) in bufs.iter_mut().zip(&sizes).take(count) {
-                delivered += self.route_in(buf, size);
-            }
-            if split.remaining() == 0 {
-                break;
-            }
+            packets.push(buf[..size].to_vec());
+            delivered += self.route_in(buf, size);
         }
+        assert!(
+            packets == copied,
+            "in place: {} packets, not those of the copying split ({})",
+            packets.len(),
+            copied.len()
+        );
         check_split(read, &packets);
         delivered
     }
@@ -301,6 +299,34 @@ fn check_icmp_error(packet: &[u8], destination: Option<IpAddr>, reply: &[u8]) {
     if let Err(e) = etherparse::SlicedPacket::from_ip(reply) {
         panic!("ICMP error does not parse: {e}");
     }
+}
+
+/// The packets of `read` by the copying split, [`SPLIT_BUFFERS`] reused (dirty) buffers at a
+/// time, each batch checked to leave every packet room to pad.
+fn split_in_batches(read: &[u8]) -> Result<Vec<Vec<u8>>, offload::SplitError> {
+    let mut buffer = read.to_vec();
+    let mut bufs = vec![vec![0xee; 100]; SPLIT_BUFFERS];
+    let mut sizes = vec![usize::MAX; SPLIT_BUFFERS];
+    let mut split = offload::Split::new(&mut buffer)?;
+    let mut packets = Vec::new();
+    while split.remaining() > 0 {
+        let before = split.remaining();
+        let count = split.next_into(&mut bufs, &mut sizes)?;
+        assert_eq!(
+            count,
+            before.min(SPLIT_BUFFERS),
+            "split gave {count} packets with {before} due"
+        );
+        for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
+            assert!(
+                size <= buf.len() && buf.len() - size >= PAD_ROOM,
+                "a {size}-byte packet in a {}-byte buffer: no room to pad",
+                buf.len()
+            );
+            packets.push(buf[..size].to_vec());
+        }
+    }
+    Ok(packets)
 }
 
 /// What `split` did with one read, checked against the read itself.
