@@ -1,11 +1,14 @@
-//! The TUN thread's batch: its reads' packets handed to the engine where they lie — a
-//! superpacket split in place, segment by segment ([`InPlace`]), so no payload is copied on
-//! the way to the AEAD — and the syscalls made once a batch's worth has been handed over or
-//! the queue is drained. A superpacket may have more segments than a batch (up to 65,535;
-//! over 700 in 64 KB at TCP's smallest MSS): the batch is then flushed full and the split
-//! goes on, so no segment is dropped for want of room.
+//! The TUN thread's batch: its reads' packets handed to the engine, and the syscalls made
+//! once a batch's worth has been handed over or the queue is drained. A superpacket is split
+//! where it lies, segment by segment ([`InPlace`]), and handed over as it is split, so no
+//! payload is copied on the way to the AEAD; a read of one packet is copied into a buffer of
+//! the batch and handed over with the others at the flush — the engine works under its
+//! configuration's read lock, which must not be held across a read, and one hold per batch
+//! rather than per packet keeps small packets cheap. A superpacket may have more segments
+//! than a batch (up to 65,535; over 700 in 64 KB at TCP's smallest MSS): the batch is then
+//! flushed full and the split goes on, so no segment is dropped for want of room.
 
-use crate::offload::{InPlace, SplitError, PAD_ROOM};
+use crate::offload::{copy_into, InPlace, SplitError};
 
 /// Packets one TUN thread hands over between flushes (one 64 KiB superpacket of 1380-byte
 /// segments is 48).
@@ -17,11 +20,11 @@ const READ_ROOM: usize = 64;
 
 /// Where a batch's packets go.
 pub(super) trait Deliver {
-    /// One packet at `buf[..len]`; `buf[len..]` ([`PAD_ROOM`] bytes) is room it may write
-    /// over, the packet itself it must leave as it is.
+    /// One packet at `buf[..len]`; `buf[len..]` ([`PAD_ROOM`](crate::offload::PAD_ROOM) bytes or more) is room it may
+    /// write over, the packet itself it must leave as it is.
     fn packet(&mut self, buf: &mut [u8], len: usize);
-    /// A read's packets are all handed over: the next step is a syscall (so nothing may stay
-    /// locked).
+    /// A read's packets are handed over: the next step is a syscall, so nothing may stay
+    /// locked.
     fn read_done(&mut self);
     /// Makes the syscalls for the packets handed over since the last flush; false once the
     /// device is gone.
@@ -30,30 +33,40 @@ pub(super) trait Deliver {
 
 /// See the module documentation.
 pub(super) struct TunBatch {
-    /// Most packets between flushes.
-    slots: usize,
+    /// Grown to what reads need, then reused (single packets are copied into them).
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Packets in `bufs[..copied]`, not handed over yet.
+    copied: usize,
     /// Packets handed over since the last flush.
-    pending: usize,
+    handed: usize,
 }
 
 impl TunBatch {
     pub(super) fn new(slots: usize) -> TunBatch {
+        let slots = slots.max(1);
         TunBatch {
-            slots: slots.max(1),
-            pending: 0,
+            bufs: vec![Vec::new(); slots],
+            sizes: vec![0; slots],
+            copied: 0,
+            handed: 0,
         }
     }
 
     /// Whether to take another read before flushing.
     pub(super) fn wants_read(&self) -> bool {
-        self.pending + READ_ROOM.min(self.slots) <= self.slots
+        self.held() + READ_ROOM.min(self.bufs.len()) <= self.bufs.len()
     }
 
-    /// Hands over one read, `buf[..len]`: a bare packet (`offload` false), or a virtio-net
-    /// header and a packet or superpacket. `buf` must have [`PAD_ROOM`] bytes behind the read.
-    /// Whenever the batch is full with packets of the read still to come, flushes and goes
-    /// on; stops when the flush finds the device gone. A malformed read is an error: the
-    /// packets before it in the batch stay handed over.
+    fn held(&self) -> usize {
+        self.copied + self.handed
+    }
+
+    /// Takes one read, `buf[..len]`: a bare packet (`offload` false), or a virtio-net header
+    /// and a packet or superpacket, in which case `buf` must have [`PAD_ROOM`](crate::offload::PAD_ROOM) bytes behind
+    /// the read. Whenever the batch is full with packets of the read still to come, flushes
+    /// and goes on; stops when the flush finds the device gone. A malformed read is an error:
+    /// the packets before it stay in the batch.
     pub(super) fn push(
         &mut self,
         buf: &mut [u8],
@@ -61,51 +74,61 @@ impl TunBatch {
         offload: bool,
         deliver: &mut impl Deliver,
     ) -> Result<(), SplitError> {
-        let result = self.hand_over_read(buf, len, offload, deliver);
-        deliver.read_done();
-        result
-    }
-
-    fn hand_over_read(
-        &mut self,
-        buf: &mut [u8],
-        len: usize,
-        offload: bool,
-        deliver: &mut impl Deliver,
-    ) -> Result<(), SplitError> {
         if !offload {
-            let packet = buf
-                .get_mut(..len.saturating_add(PAD_ROOM))
-                .ok_or(SplitError::NoRoom)?;
-            self.one(packet, len, deliver);
+            let packet = buf.get(..len).ok_or(SplitError::TooShort)?;
+            self.copy(packet, deliver);
             return Ok(());
         }
         let mut split = InPlace::new(buf, len)?;
+        if split.remaining() == 1 {
+            if let Some((packet, len)) = split.next_packet() {
+                self.copy(&packet[..len], deliver);
+            }
+            return Ok(());
+        }
+        // The packets read before go first.
+        self.hand_over_copied(deliver);
         while let Some((packet, len)) = split.next_packet() {
-            if !self.one(packet, len, deliver) {
+            deliver.packet(packet, len);
+            self.handed += 1;
+            if self.held() == self.bufs.len() && !self.flush(deliver) {
                 break;
             }
         }
+        deliver.read_done();
         Ok(())
     }
 
-    /// Hands one packet over and flushes a full batch; false when that found the device gone.
-    fn one(&mut self, packet: &mut [u8], len: usize, deliver: &mut impl Deliver) -> bool {
-        deliver.packet(packet, len);
-        self.pending += 1;
-        self.pending < self.slots || self.flush(deliver)
+    /// Copies one packet into the batch, flushing a full one first.
+    fn copy(&mut self, packet: &[u8], deliver: &mut impl Deliver) {
+        if self.held() == self.bufs.len() && !self.flush(deliver) {
+            return;
+        }
+        copy_into(&mut self.bufs[self.copied], packet);
+        self.sizes[self.copied] = packet.len();
+        self.copied += 1;
     }
 
-    /// Makes the syscalls for what was handed over (unless nothing was). Returns what the
-    /// flush did: false when the device is gone.
+    fn hand_over_copied(&mut self, deliver: &mut impl Deliver) {
+        let copied = std::mem::take(&mut self.copied);
+        for (buf, &len) in self.bufs.iter_mut().zip(&self.sizes).take(copied) {
+            deliver.packet(buf, len);
+        }
+        self.handed += copied;
+    }
+
+    /// Hands over what was copied and makes the syscalls for everything handed over (unless
+    /// nothing was). Returns what the flush did: false when the device is gone.
     pub(super) fn flush(&mut self, deliver: &mut impl Deliver) -> bool {
-        std::mem::take(&mut self.pending) == 0 || deliver.flush()
+        self.hand_over_copied(deliver);
+        std::mem::take(&mut self.handed) == 0 || deliver.flush()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::offload::PAD_ROOM;
     use crate::vnet::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN};
     use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
     use tun_rs::VirtioNetHdr;
@@ -149,7 +172,7 @@ mod tests {
 
     impl Deliver for Recorder {
         fn packet(&mut self, buf: &mut [u8], len: usize) {
-            assert_eq!(buf.len(), len + PAD_ROOM, "padding room");
+            assert!(buf.len() >= len + PAD_ROOM, "padding room");
             self.handed.push(buf[..len].to_vec());
             buf[len..].fill(0xee);
         }
@@ -248,19 +271,42 @@ mod tests {
         let mut batch = TunBatch::new(2);
         let mut to = Recorder::default();
         for byte in 1..=3u8 {
-            let mut read = [byte; 60 + PAD_ROOM];
-            batch.push(&mut read, 60, false, &mut to).unwrap();
+            batch.push(&mut [byte; 60], 60, false, &mut to).unwrap();
         }
         assert!(batch.flush(&mut to));
         assert_eq!(
             to.flushed,
             [vec![vec![1; 60], vec![2; 60]], vec![vec![3; 60]]]
         );
-        // A read without room behind it is refused, not cut.
         assert_eq!(
-            batch.push(&mut [4; 60], 60, false, &mut to),
-            Err(SplitError::NoRoom)
+            to.reads_done, 0,
+            "copied packets are handed over at the flush"
         );
-        assert_eq!(to.reads_done, 4);
+    }
+
+    #[test]
+    fn packets_keep_the_order_of_their_reads() {
+        let mut batch = TunBatch::new(TUN_BATCH);
+        let mut to = Recorder::default();
+        let (mut one, one_len) = superpacket(1380, 1);
+        batch.push(&mut one, one_len, true, &mut to).unwrap();
+        assert!(
+            to.handed.is_empty(),
+            "a single packet is copied, not handed over yet"
+        );
+        let (mut three, three_len) = superpacket(100, 3);
+        batch.push(&mut three, three_len, true, &mut to).unwrap();
+        assert_eq!(
+            to.handed.len(),
+            4,
+            "the copied packet goes before the superpacket"
+        );
+        assert_eq!(to.reads_done, 1);
+        let (mut last, last_len) = superpacket(1380, 1);
+        batch.push(&mut last, last_len, true, &mut to).unwrap();
+        assert!(batch.flush(&mut to));
+        let lengths: Vec<usize> = to.flushed[0].iter().map(Vec::len).collect();
+        assert_eq!(lengths, [1420, 140, 140, 140, 1420]);
+        sequence_numbers(&to.flushed);
     }
 }
