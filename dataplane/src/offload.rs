@@ -692,24 +692,26 @@ mod tests {
     }
 
     #[test]
-    fn split_over_batches_gives_exactly_the_packets_of_one_split() {
+    fn split_over_batches_or_in_place_gives_exactly_the_packets_of_one_split() {
         for (v6, tcp, mss, segments, short) in [
             (false, true, 88, 740, 0),
             (true, true, 88, 743, 50),
             (false, true, 536, 122, 1),
             (true, true, 1380, 47, 700),
+            (false, true, 1448, 45, 1447),
+            (false, true, 100, 1, 37),
+            // Segments shorter than the headers: in place, each header overlaps the last.
             (false, false, 8, 4000, 3),
+            (false, false, 1, 300, 0),
             (true, false, 1200, 54, 0),
         ] {
             let read = superpacket(v6, tcp, mss, segments, short);
-            let (mut bufs, mut sizes) = buffers(segments);
-            let n = split(&mut read.clone(), &mut bufs, &mut sizes).unwrap();
-            assert_eq!(n, segments);
-            let whole: Vec<Vec<u8>> = bufs
-                .iter()
-                .zip(&sizes)
-                .map(|(b, s)| b[..*s].to_vec())
-                .collect();
+            let whole = split_whole(&read);
+            assert_eq!(whole.len(), segments);
+            assert!(
+                split_in_place(&read) == whole,
+                "in place: v6 {v6}, tcp {tcp}, MSS {mss}, {segments} segments"
+            );
             for batch in [1, 7, 64, 128, segments] {
                 assert!(
                     split_in_batches(&read, batch) == whole,
@@ -725,55 +727,38 @@ mod tests {
         }
     }
 
+    /// Every packet of `read` by one [`split`] (a buffer for each).
+    fn split_whole(read: &[u8]) -> Vec<Vec<u8>> {
+        let count = Split::new(&mut read.to_vec()).unwrap().remaining();
+        let (mut bufs, mut sizes) = buffers(count);
+        let n = split(&mut read.to_vec(), &mut bufs, &mut sizes).unwrap();
+        assert_eq!(n, count);
+        bufs.iter()
+            .zip(&sizes)
+            .map(|(b, s)| b[..*s].to_vec())
+            .collect()
+    }
+
     /// Splits `read` in place as the TUN worker does, writing over each packet's room as the
     /// engine's padding may (with garbage, not zeros, to catch a byte not put back).
     fn split_in_place(read: &[u8]) -> Vec<Vec<u8>> {
         let mut buf = read.to_vec();
         buf.extend_from_slice(&[0xa5; PAD_ROOM]);
+        let total = Split::new(&mut read.to_vec()).unwrap().remaining();
         let mut split = InPlace::new(&mut buf, read.len()).unwrap();
         let mut packets = Vec::new();
         while let Some((packet, len)) = split.next_packet() {
             assert_eq!(packet.len(), len + PAD_ROOM, "padding room");
             packets.push(packet[..len].to_vec());
             packet[len..].fill(0xee);
-            assert_eq!(split.remaining() + packets.len(), {
-                let mut b = read.to_vec();
-                Split::new(&mut b).unwrap().remaining()
-            });
+            assert_eq!(split.remaining() + packets.len(), total);
         }
         assert!(split.next_packet().is_none());
         packets
     }
 
     #[test]
-    fn in_place_gives_exactly_the_packets_of_a_copying_split() {
-        for (v6, tcp, mss, segments, short) in [
-            (false, true, 1380, 47, 0),
-            (false, true, 1448, 45, 1447),
-            (true, true, 1380, 47, 700),
-            (true, true, 88, 743, 50),
-            (false, true, 536, 122, 1),
-            (false, false, 1200, 54, 3),
-            // Segments shorter than the headers: each header overlaps the one before.
-            (true, false, 8, 4000, 0),
-            (false, false, 1, 300, 0),
-            (false, true, 100, 1, 37),
-        ] {
-            let read = superpacket(v6, tcp, mss, segments, short);
-            let (mut bufs, mut sizes) = buffers(segments);
-            let n = split(&mut read.clone(), &mut bufs, &mut sizes).unwrap();
-            let copied: Vec<Vec<u8>> = bufs
-                .iter()
-                .zip(&sizes)
-                .take(n)
-                .map(|(b, s)| b[..*s].to_vec())
-                .collect();
-            assert!(
-                split_in_place(&read) == copied,
-                "v6 {v6}, tcp {tcp}, MSS {mss}, {segments} segments"
-            );
-        }
-        // A plain packet, its checksum completed, is lent once.
+    fn in_place_lends_a_plain_packet_once_its_checksum_completed() {
         let (read, _) = tcp_superpacket(1380, 1);
         let mut plain = header(F_NEEDS_CSUM, GSO_NONE, 0, 20, 16).to_vec();
         plain.extend_from_slice(&read[VNET_HDR_LEN..]);

@@ -11,7 +11,8 @@ use std::hint::black_box;
 
 use boringtun::noise::TunnResult;
 use tailsk8s_aead_bench::{
-    all, ipv4_packet, seal_data_message, tunn_pair, TransportAead, DATA_HEADER_LEN, TAG_LEN,
+    all, ipv4_packet, median, rounds_from_args, seal_data_message, tunn_pair, TransportAead,
+    DATA_HEADER_LEN, TAG_LEN,
 };
 
 /// This thread's CPU time so far, in ns (schedstat's first field).
@@ -32,16 +33,8 @@ fn per_op(n: u64, mut f: impl FnMut()) -> f64 {
     (thread_cpu_ns() - t0) as f64 / n as f64
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let rounds: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(7);
+    let rounds = rounds_from_args(7);
     #[cfg(feature = "openssl")]
     eprintln!("openssl: {}", tailsk8s_aead_bench::OpenSsl::version());
     let key = [0x5au8; 32];

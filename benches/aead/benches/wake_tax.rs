@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tailsk8s_aead_bench::{median, rounds_from_args};
 use tailsk8s_noise::aead::Aead;
 
 const SIZE: usize = 1420;
@@ -41,16 +42,8 @@ fn ticks_per_ns() -> f64 {
     (c1 - c0) as f64 / (t1 - t0).as_nanos() as f64
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    let rounds: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5);
+    let rounds = rounds_from_args(5);
     let aead = Aead::new(&[7; 32]);
     let input = vec![0x55u8; SIZE];
     let mut out = vec![0u8; SIZE + 16];

@@ -388,6 +388,20 @@ pub fn tunn_pair() -> (Tunn, Tunn) {
     (a, b)
 }
 
+/// The median of `v` (sorted in place): what the benches report over their rounds.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The rounds a bench runs: its first numeric argument, else `default`.
+pub fn rounds_from_args(default: usize) -> usize {
+    std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
