@@ -184,7 +184,10 @@ pub fn write_table(status: &Status, now: SystemTime, out: &mut dyn Write) -> std
                 }),
                 p.rx_bytes.to_string(),
                 p.tx_bytes.to_string(),
-                p.drops.iter().map(|d| d.count).sum::<u64>().to_string(),
+                p.drops
+                    .iter()
+                    .fold(0u64, |sum, d| sum.saturating_add(d.count))
+                    .to_string(),
                 p.public_key.clone(),
             ]
         })
@@ -237,9 +240,8 @@ mod tests {
     use super::*;
     use crate::observe::{DropCount, PeerStatus, SourceStatus};
 
-    #[test]
-    fn the_table_shows_peers_source_and_drops_and_json_round_trips() {
-        let status = Status {
+    fn sample() -> Status {
+        Status {
             interface: "tsk0".into(),
             workers: 2,
             offload: false,
@@ -286,7 +288,12 @@ mod tests {
                     count: 0,
                 },
             ],
-        };
+        }
+    }
+
+    #[test]
+    fn the_table_shows_peers_source_and_drops_and_json_round_trips() {
+        let status = sample();
         let mut out = Vec::new();
         write_table(&status, UNIX_EPOCH + Duration::from_secs(1000), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -315,5 +322,17 @@ mod tests {
         assert!(text.ends_with("drops     no_route 3\n"), "{text}");
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+    }
+
+    #[test]
+    fn drop_counts_past_u64_saturate_instead_of_overflowing() {
+        // A status socket is only the router's, but what it says is still read, not trusted.
+        let mut status = sample();
+        status.peers[0].drops[0].count = u64::MAX;
+        let mut out = Vec::new();
+        write_table(&status, UNIX_EPOCH + Duration::from_secs(1000), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let row = text.lines().find(|l| l.starts_with("node-b")).unwrap();
+        assert!(row.contains(&u64::MAX.to_string()), "{row}");
     }
 }

@@ -44,7 +44,9 @@ fn parse(args: &[OsString]) -> anyhow::Result<Option<Invocation>> {
         match arg.to_str() {
             Some("-f") | Some("--foreground") => foreground = true,
             Some("--version") | Some("-v") => {
-                println!(
+                // A closed stdout (`| head -c0`) is the reader's choice, not a crash.
+                let _ = writeln!(
+                    std::io::stdout(),
                     "tailsk8s {} (wireguard-go compatible entry point)",
                     env!("CARGO_PKG_VERSION")
                 );

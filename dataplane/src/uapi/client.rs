@@ -102,9 +102,17 @@ pub fn parse_get_reply<'a>(
             ("last_handshake_time_sec", Some(_)) => handshake_sec = number_of(value)?,
             ("last_handshake_time_nsec", Some(peer)) => {
                 let nsec = number_of(value)?;
-                peer.last_handshake = (handshake_sec != 0 || nsec != 0).then(|| {
-                    UNIX_EPOCH + Duration::from_secs(handshake_sec) + Duration::from_nanos(nsec)
-                });
+                peer.last_handshake = if handshake_sec == 0 && nsec == 0 {
+                    None
+                } else {
+                    // A time the clock cannot hold is a bad reply, not a panic.
+                    Some(
+                        UNIX_EPOCH
+                            .checked_add(Duration::from_secs(handshake_sec))
+                            .and_then(|t| t.checked_add(Duration::from_nanos(nsec)))
+                            .ok_or_else(|| bad("handshake time out of range"))?,
+                    )
+                };
             }
             ("tx_bytes", Some(peer)) => peer.tx_bytes = number_of(value)?,
             ("rx_bytes", Some(peer)) => peer.rx_bytes = number_of(value)?,
@@ -195,6 +203,26 @@ mod tests {
         assert!(parse_get_reply(["listen_port=x", "errno=0"]).is_err());
         assert!(parse_get_reply(["nonsense"]).is_err());
         assert!(parse_get_reply(["listen_port=1"]).is_err(), "no errno");
+    }
+
+    #[test]
+    fn a_handshake_time_past_the_clock_is_a_bad_reply() {
+        let peer = format!(
+            "public_key={}",
+            Key::generate_private().public_key().to_hex()
+        );
+        for (sec, nsec) in [(u64::MAX, 0), (i64::MAX as u64, u64::MAX)] {
+            let sec = format!("last_handshake_time_sec={sec}");
+            let nsec = format!("last_handshake_time_nsec={nsec}");
+            let reply = [peer.as_str(), sec.as_str(), nsec.as_str(), "errno=0"];
+            assert!(
+                matches!(
+                    parse_get_reply(reply),
+                    Err(ClientError::BadReply { line: 3, .. })
+                ),
+                "{sec} {nsec}"
+            );
+        }
     }
 
     #[test]
