@@ -124,8 +124,17 @@ mod wide {
             // SAFETY: `chunk` is 64 readable bytes; the load is unaligned.
             let v = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
             if let Some(to) = to {
-                // SAFETY: `to` takes `piece.len()` bytes, so 64 from `at`.
-                unsafe { _mm512_storeu_si512(to.add(at).cast(), v) };
+                // SAFETY: `to` takes `piece.len()` bytes, so 64 from `at`; the store is
+                // unaligned. Written as one instruction: from a plain store LLVM makes a
+                // `memcpy` of the whole piece ahead of the loop, a second pass over it.
+                unsafe {
+                    std::arch::asm!(
+                        "vmovdqu64 zmmword ptr [{to}], {v}",
+                        to = in(reg) to.add(at),
+                        v = in(zmm_reg) v,
+                        options(nostack, preserves_flags),
+                    )
+                };
             }
             at += 64;
             low = _mm512_add_epi32(low, _mm512_and_si512(v, low_half));
