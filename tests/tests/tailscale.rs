@@ -142,12 +142,24 @@ fn wait_for_peers(
         // node's table): until they are in, a pod's packet gets "no route" from its node.
         let mut routes: Vec<IpNet> = expected.iter().flat_map(|(_, ips)| ips.clone()).collect();
         routes.sort();
-        wait_for(
-            &format!("router {}'s node to route {routes:?}", i + 1),
-            deadline,
-            || (routed(topology, &routers[i], i) == routes).then_some(()),
-        );
+        wait_for_routes(topology, &routers[i], i, &routes, deadline);
     }
+}
+
+/// Waits for router `i`'s node to route exactly `routes` (sorted) to its TUN. The routes
+/// follow the device's peers, so a dump that shows a peer does not yet mean its routes are in.
+fn wait_for_routes(
+    topology: &Topology,
+    router: &ConfigRouter<'_>,
+    i: usize,
+    routes: &[IpNet],
+    deadline: Duration,
+) {
+    wait_for(
+        &format!("router {}'s node to route {routes:?}", i + 1),
+        deadline,
+        || (routed(topology, router, i) == routes).then_some(()),
+    );
 }
 
 /// The prefixes router `i`'s node routes to its TUN from the router's table.
@@ -567,7 +579,7 @@ fn a_reload_beside_a_tailscale_source_changes_the_static_peers_only() {
     let mut gone_routes = gone.allowed_ips.clone();
     gone_routes.extend(pod_cidrs_of(topology, &[1]));
     gone_routes.sort();
-    assert_eq!(routed(topology, &router1, 0), gone_routes);
+    wait_for_routes(topology, &router1, 0, &gone_routes, DISCOVERY);
     let hs_12 = handshake_of(&router1, keys[1].public()).expect("1↔2 handshake");
     let hs_21 = handshake_of(&router2, keys[0].public()).expect("2↔1 handshake");
     let tx_12 = router1
@@ -604,9 +616,12 @@ fn a_reload_beside_a_tailscale_source_changes_the_static_peers_only() {
         || (peer_set(&router1.dump().ok()?) == after).then_some(()),
     );
     // The removed static peer's routes went with it, the new one's came.
-    assert_eq!(
-        routed(topology, &router1, 0),
-        pod_cidrs_of(topology, &[1, 2])
+    wait_for_routes(
+        topology,
+        &router1,
+        0,
+        &pod_cidrs_of(topology, &[1, 2]),
+        Duration::from_secs(10),
     );
     all_pods_ping(topology, &[0], &[2]);
     all_pods_ping(topology, &[2], &[0]);
@@ -867,7 +882,7 @@ fn unapproved_pod_cidrs_are_not_routed_and_announcements_answer_only_tagged_tail
         let mut routes = topology.nodes()[other].pod_cidrs();
         routes.extend(node3_v4.iter().copied());
         routes.sort();
-        assert_eq!(routed(topology, &routers[i], i), routes);
+        wait_for_routes(topology, &routers[i], i, &routes, DISCOVERY);
     }
     wait_for_peers(&routers, topology, keys, &[0, 1, 2], &[2], DISCOVERY);
     let pod1 = &topology.nodes()[0].pods()[0];
