@@ -37,25 +37,60 @@ pub fn ping(ns: &Netns, addr: IpAddr, count: u32) -> anyhow::Result<()> {
 
 /// Pings `addr` from inside `ns`; succeeds when `count` replies arrive before `deadline`.
 /// Use a short deadline to check that something is NOT reachable.
+///
+/// `ping -w` gives up at the first ICMP error (a node without the route yet answers "net
+/// unreachable"), long before its deadline: such an early exit is retried with the time
+/// left, so a route that appears within the deadline is waited for like a lost reply.
 pub fn ping_with_deadline(
     ns: &Netns,
     addr: IpAddr,
     count: u32,
     deadline: Duration,
 ) -> anyhow::Result<()> {
-    let seconds = deadline.as_secs().max(1).to_string();
-    let count = count.to_string();
-    let addr = addr.to_string();
-    ns.exec(
-        "ping",
-        &["-n", "-q", "-c", &count, "-i", "0.2", "-w", &seconds, &addr],
-    )
-    .with_context(|| {
-        format!(
-            "ping {addr} from {} ({count} replies within {seconds} s)",
-            ns.name()
-        )
-    })
+    let start = Instant::now();
+    let count_arg = count.to_string();
+    let addr_arg = addr.to_string();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        // `-w` takes whole seconds: the first attempt gets the whole deadline (at least 1 s),
+        // a retry whatever whole seconds are left.
+        let left = deadline.saturating_sub(start.elapsed());
+        let seconds = if attempts == 1 {
+            deadline.as_secs().max(1)
+        } else {
+            left.as_secs()
+        };
+        let result = ns.exec(
+            "ping",
+            &[
+                "-n",
+                "-q",
+                "-c",
+                &count_arg,
+                "-i",
+                "0.2",
+                "-w",
+                &seconds.to_string(),
+                &addr_arg,
+            ],
+        );
+        let error = match result {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let left = deadline.saturating_sub(start.elapsed());
+        if left < Duration::from_secs(1) {
+            return Err(error).with_context(|| {
+                format!(
+                    "ping {addr} from {} ({count} replies within {} s, {attempts} attempt(s))",
+                    ns.name(),
+                    deadline.as_secs().max(1)
+                )
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// What a [`tcp_transfer`] saw at both ends.

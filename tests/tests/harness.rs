@@ -3,7 +3,9 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
 
 use tailsk8s_e2e::{
     ping, ping_with_deadline, require_netns, tcp_transfer, Impl, Mesh, Netns, TopologyBuilder,
@@ -94,6 +96,37 @@ fn pods_reach_each_other_over_the_bridge_but_not_across_nodes_without_a_tunnel()
             b0.ip(v6)
         );
     }
+}
+
+#[test]
+fn a_ping_waits_for_a_route_that_appears_within_its_deadline() {
+    if !require_netns() {
+        return;
+    }
+    // Until the routes below exist, node a answers pod a0's pings with "net unreachable",
+    // which makes `ping -w` give up at once: the helper must keep trying until its deadline.
+    let topo = TopologyBuilder::new(2).pods_per_node(1).build().unwrap();
+    let [a, b] = topo.nodes() else {
+        panic!("two nodes")
+    };
+    let (a0, b0) = (&a.pods()[0], &b.pods()[0]);
+    let delay = Duration::from_millis(1500);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(delay);
+            for (from, to) in [(a, b), (b, a)] {
+                for cidr in to.pod_cidrs().iter().filter(|c| matches!(c, IpNet::V4(_))) {
+                    let (cidr, via) = (cidr.to_string(), to.underlay_v4().to_string());
+                    from.netns()
+                        .ip(&["route", "add", &cidr, "via", &via])
+                        .unwrap();
+                }
+            }
+        });
+        ping(a0.netns(), b0.ip(false), 1).unwrap();
+    });
+    assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
 }
 
 #[test]
