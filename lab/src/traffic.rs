@@ -50,18 +50,14 @@ pub fn ping_with_deadline(
     let start = Instant::now();
     let count_arg = count.to_string();
     let addr_arg = addr.to_string();
+    // `-w` takes whole seconds: the first attempt gets the whole deadline (at least 1 s), a
+    // retry the whole seconds left.
+    let mut seconds = deadline.as_secs().max(1);
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        // `-w` takes whole seconds: the first attempt gets the whole deadline (at least 1 s),
-        // a retry whatever whole seconds are left.
-        let left = deadline.saturating_sub(start.elapsed());
-        let seconds = if attempts == 1 {
-            deadline.as_secs().max(1)
-        } else {
-            left.as_secs()
-        };
-        let result = ns.exec(
+        let seconds_arg = seconds.to_string();
+        let error = match ns.exec(
             "ping",
             &[
                 "-n",
@@ -71,11 +67,10 @@ pub fn ping_with_deadline(
                 "-i",
                 "0.2",
                 "-w",
-                &seconds.to_string(),
+                &seconds_arg,
                 &addr_arg,
             ],
-        );
-        let error = match result {
+        ) {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
@@ -89,6 +84,7 @@ pub fn ping_with_deadline(
                 )
             });
         }
+        seconds = left.as_secs();
         std::thread::sleep(Duration::from_millis(100));
     }
 }
